@@ -1,0 +1,352 @@
+"""The expanded generator: one checkpoint holding the source domain and every new domain.
+
+On disk (a folder, or a Hugging Face Hub repo with the same files)::
+
+    config.json              architecture, alpha, base model, format version
+    model.safetensors        generator.* (rosinality keys), latent_avg, basis.* (SeFA basis, dormancy)
+    domains.json             the domains registry: name -> direction, method, prompt/images, ...
+    discriminator.safetensors  optional, rosinality keys; needed only to keep training with a GAN loss
+    README.md                generated model card (+ samples.png when the model is small enough)
+
+Writes are atomic (the folder is assembled beside the target and renamed into place) and loading
+is strict: every key must be present and no unknown key may appear.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin, snapshot_download
+from safetensors.torch import save_file
+from torch import nn
+
+from .domains import BASE_DOMAIN, Domain, unknown_domain_error, validate_domains
+from .generators.stylegan2 import Discriminator, Generator, StyleGAN2Config
+from .subspace.basis import LatentBasis, sefa
+from .utils.io import atomic_path, read_json, read_safetensors
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "expander.expanded_generator"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DOMAINS_FILE = "domains.json"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+SAMPLES_FILE = "samples.png"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing files, has the wrong format, or does not match its config."""
+
+
+class ExpandedGenerator(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="expander",
+    tags=["domain-expansion", "stylegan2", "gan"],
+    repo_url="https://github.com/expander-ai/expander",
+):
+    """A StyleGAN2 generator + its SeFA latent basis + the registry of repurposed directions.
+
+    Args:
+        generator: a :class:`StyleGAN2Config` as a dict (``StyleGAN2Config.to_dict()``).
+        alpha: default distance of repurposed subspaces from the base subspace (paper: 20 for a 512-d W).
+        num_dormant: how many of the least significant directions count as dormant (free for new domains).
+        base_model: where the parent generator came from (Hub id, file, or "expander/world").
+        description: one line for the model card.
+    """
+
+    def __init__(self, generator: dict, alpha: float = 20.0, num_dormant: Optional[int] = None, base_model: str = "", description: str = ""):
+        super().__init__()
+        self.generator = Generator(StyleGAN2Config.from_dict(dict(generator)))
+        self.basis = LatentBasis(self.generator.style_dim)
+        self.discriminator: Optional[Discriminator] = None
+        self.alpha = float(alpha)
+        self.num_dormant = int(num_dormant) if num_dormant is not None else self.generator.style_dim // 2
+        if not 0 < self.num_dormant <= self.generator.style_dim:
+            raise ValueError(f"num_dormant must be in 1..{self.generator.style_dim}, got {num_dormant}")
+        self.base_model = base_model
+        self.description = description
+        self._domains: list[Domain] = []
+
+    # ---- construction -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_generator(cls, generator: Generator, discriminator: Optional[Discriminator] = None, alpha: float = 20.0, num_dormant: Optional[int] = None, base_model: str = "", description: str = "") -> "ExpandedGenerator":
+        """Wrap a pretrained generator: copy its weights and compute the SeFA basis (no domains yet)."""
+        model = cls(generator.config.to_dict(), alpha=alpha, num_dormant=num_dormant, base_model=base_model, description=description)
+        model.generator.load_state_dict(generator.state_dict(), strict=True)
+        model.generator.style.w_avg.copy_(generator.w_avg)
+        directions, singular_values = sefa(model.generator.style_affine_weights().values())
+        model.basis.directions.copy_(directions)
+        model.basis.singular_values.copy_(singular_values)
+        model.basis.mean.copy_(generator.w_avg)
+        if discriminator is not None:
+            model.discriminator = Discriminator(discriminator.config)
+            model.discriminator.load_state_dict(discriminator.state_dict(), strict=True)
+        return model
+
+    # ---- domains ----------------------------------------------------------------------------------
+
+    @property
+    def domains(self) -> tuple[Domain, ...]:
+        return tuple(self._domains)
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self._domains]
+
+    def set_domains(self, domains: Iterable[Domain]) -> None:
+        """Replace the registry (validated) and re-pin the base subspace to the new repurposed set."""
+        domains = validate_domains(domains, self.generator.style_dim)
+        self._domains = list(domains)
+        self.basis.set_repurposed(d.direction for d in domains)
+
+    def get_domain(self, name: str) -> Domain:
+        for domain in self._domains:
+            if domain.name == name:
+                return domain
+        raise unknown_domain_error(name, self.domain_names)
+
+    def domain_alpha(self, domain: Domain) -> float:
+        return float(domain.alpha) if domain.alpha is not None else self.alpha
+
+    def dormant_directions(self) -> list[int]:
+        """The ``num_dormant`` most dormant directions, most dormant first."""
+        return self.basis.dormant_order()[: self.num_dormant]
+
+    def free_directions(self) -> list[int]:
+        """Dormant directions no domain uses yet, most dormant first."""
+        taken = {d.direction for d in self._domains}
+        return [k for k in self.dormant_directions() if k not in taken]
+
+    def add_domain(self, domain: Domain, force: bool = False) -> Domain:
+        """Register a domain; ``direction=-1`` picks the most dormant free direction.
+
+        A direction already taken, or one that is not dormant, is refused unless ``force``.
+        """
+        if domain.direction == -1:
+            free = self.free_directions()
+            if not free:
+                raise ValueError(f"all {self.num_dormant} dormant directions are taken; pass an explicit direction with force=True")
+            domain.direction = free[0]
+        self.basis.check_index(domain.direction)
+        taken = {d.direction: d.name for d in self._domains}
+        if domain.direction in taken:
+            raise ValueError(f"direction {domain.direction} is already used by domain {taken[domain.direction]!r}; pick a free one (free: {self.free_directions()[:8]}...)")
+        if domain.direction not in self.dormant_directions() and not force:
+            raise ValueError(
+                f"direction {domain.direction} is not dormant (the dormant ones are the last {self.num_dormant} by the dormancy curve); "
+                "repurposing it would change the source domain. Use a free dormant direction, or force it if you mean it."
+            )
+        self.set_domains(self._domains + [domain])
+        return domain
+
+    # ---- latents and sampling ---------------------------------------------------------------------
+
+    def shifts_for(self, strengths: dict[str, float]) -> dict[int, float]:
+        """{domain name: strength} -> {direction: alpha * strength}; 'base' contributes nothing."""
+        shifts: dict[int, float] = {}
+        for name, strength in strengths.items():
+            if name == BASE_DOMAIN:
+                continue
+            domain = self.get_domain(name)
+            shifts[domain.direction] = self.domain_alpha(domain) * float(strength)
+        return shifts
+
+    def random_latents(self, n: int, seed: int = 0, truncation_psi: float = 1.0) -> torch.Tensor:
+        """Mapped w (n, D) from seeded z (the same seed gives the same identities in every domain)."""
+        rng = torch.Generator().manual_seed(int(seed))
+        z = torch.randn(n, self.generator.style_dim, generator=rng).to(self.basis.mean.device)
+        return self.generator.mapping(z, truncation_psi=truncation_psi)
+
+    def domain_latents(self, w: torch.Tensor, strengths: dict[str, float]) -> torch.Tensor:
+        """Move w into the (composed) repurposed subspace: project to base, add alpha * s * v_k."""
+        return self.basis.repurposed_latent(w, self.shifts_for(strengths))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        domain: str = BASE_DOMAIN,
+        n: int = 16,
+        seed: int = 0,
+        strength: float = 1.0,  # 0 = base subspace, 1 = trained domain, in between = traversal
+        compose: Sequence[str] = (),  # extra domains added at full strength
+        truncation_psi: float = 1.0,
+        noise_mode: str = "const",
+        batch_size: int = 32,
+    ) -> torch.Tensor:
+        """Images (n, 3, R, R) in [-1, 1] from ``domain`` (``'base'`` = the source domain)."""
+        strengths = {domain: strength}
+        for extra in compose:
+            strengths[extra] = 1.0
+        if domain != BASE_DOMAIN:
+            self.get_domain(domain)  # fail before any work on an unknown name
+        w = self.domain_latents(self.random_latents(n, seed, truncation_psi), strengths)
+        return torch.cat([self.generator.synthesis(chunk, noise_mode=noise_mode) for chunk in w.split(batch_size)]).clamp(-1, 1)
+
+    @torch.no_grad()
+    def traverse(self, domain: str, n: int = 4, seed: int = 0, max_strength: float = 1.0, steps: int = 7, truncation_psi: float = 1.0) -> torch.Tensor:
+        """Images along the domain's direction, strengths -s..s: (n, steps, 3, R, R)."""
+        direction = self.get_domain(domain)
+        amounts = torch.linspace(-max_strength, max_strength, steps) * self.domain_alpha(direction)
+        w = self.basis.traverse(self.random_latents(n, seed, truncation_psi), direction.direction, amounts)  # (n, S, D)
+        images = self.generator.synthesis(w.flatten(0, 1)).clamp(-1, 1)
+        return images.view(n, steps, *images.shape[1:])
+
+    def forward(self, z: torch.Tensor, strengths: Optional[dict[str, float]] = None, truncation_psi: float = 1.0) -> torch.Tensor:
+        w = self.generator.mapping(z, truncation_psi)
+        return self.generator.synthesis(self.domain_latents(w, strengths or {}))
+
+    # ---- serialization ----------------------------------------------------------------------------
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "generator": self.generator.config.to_dict(),
+            "alpha": self.alpha,
+            "num_dormant": self.num_dormant,
+            "base_model": self.base_model,
+            "description": self.description,
+            "has_discriminator": self.discriminator is not None,
+        }
+
+    def weights_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
+        tensors["latent_avg"] = self.generator.w_avg
+        tensors.update({f"basis.{k}": v for k, v in self.basis.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_directory = Path(save_directory)
+        save_file(self.weights_dict(), str(save_directory / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        if self.discriminator is not None:
+            d_state = {k: v.detach().cpu().contiguous() for k, v in self.discriminator.state_dict().items()}
+            save_file(d_state, str(save_directory / DISCRIMINATOR_FILE))
+        (save_directory / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+        (save_directory / DOMAINS_FILE).write_text(json.dumps({"domains": [d.to_dict() for d in self._domains]}, indent=2) + "\n")
+        from .model_card import write_model_card  # local import: pulls in plotting only when saving
+
+        write_model_card(self, save_directory)
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        push_to_hub: bool = False,
+        repo_id: Optional[str] = None,
+        config: Any = None,  # accepted for PyTorchModelHubMixin.push_to_hub; config.json is always config_dict()
+        model_card_kwargs: Any = None,  # likewise; the card is generated by expander.model_card
+        **push_kwargs: Any,
+    ) -> Optional[str]:
+        """Write the checkpoint folder atomically (it replaces ``save_directory`` in one rename)."""
+        with atomic_path(save_directory) as tmp:
+            tmp.mkdir()
+            super().save_pretrained(tmp)
+        if push_to_hub:
+            return self.push_to_hub(repo_id=repo_id or Path(save_directory).name, **push_kwargs)
+        return None
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: Any = None,
+        map_location: str = "cpu",
+        **unused: Any,
+    ) -> "ExpandedGenerator":
+        folder = Path(model_id)
+        if not folder.is_dir():
+            folder = Path(
+                snapshot_download(
+                    repo_id=model_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                )
+            )
+        return cls.load_folder(folder, map_location=map_location)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "ExpandedGenerator":
+        """Load from a local folder or a Hub repo id (``revision=`` pins a commit). Strict."""
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), **kwargs)
+
+    @classmethod
+    def load_folder(cls, folder: str | Path, map_location: str = "cpu") -> "ExpandedGenerator":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder not found: {folder}")
+        config = read_json(folder / CONFIG_FILE, what="model config")
+        if config.get("format") != FORMAT_NAME:
+            raise CheckpointError(
+                f"{folder} is not an expander checkpoint (config.json has format={config.get('format')!r}, expected {FORMAT_NAME!r}). "
+                "To start from a plain StyleGAN2 checkpoint use `expander import` / ExpandedGenerator.from_generator."
+            )
+        if int(config.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(f"{folder} was written by a newer expander (format {config['format_version']}); upgrade expander")
+        try:
+            model = cls(config["generator"], alpha=config["alpha"], num_dormant=config.get("num_dormant"), base_model=config.get("base_model", ""), description=config.get("description", ""))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{folder / CONFIG_FILE} is invalid: {err}") from None
+
+        tensors = read_safetensors(folder / WEIGHTS_FILE, what="model weights")
+        model._load_weights(tensors, source=folder / WEIGHTS_FILE)
+        if config.get("has_discriminator"):
+            model.discriminator = Discriminator(model.generator.config)
+            d_state = read_safetensors(folder / DISCRIMINATOR_FILE, what="discriminator weights")
+            _strict_load(model.discriminator, d_state, folder / DISCRIMINATOR_FILE)
+
+        registry = read_json(folder / DOMAINS_FILE, what="domains registry")
+        try:
+            domains = [Domain.from_dict(entry) for entry in registry["domains"]]
+            model.set_domains(domains)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise CheckpointError(f"invalid domains registry {folder / DOMAINS_FILE}: {err}") from None
+        return model.to(map_location).eval()
+
+    def _load_weights(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
+        expected = set(self.weights_dict())
+        _check_keys(expected, set(tensors), source)
+        basis_state = {k[len("basis.") :]: v for k, v in tensors.items() if k.startswith("basis.")}
+        # The dormancy curve may be empty (not measured yet): resize the buffer before a strict load.
+        self.basis.dormancy = torch.zeros_like(basis_state["dormancy"])
+        try:
+            self.generator.load_state_dict({k[len("generator.") :]: v for k, v in tensors.items() if k.startswith("generator.")}, strict=True)
+            self.generator.style.w_avg.copy_(tensors["latent_avg"])
+            self.basis.load_state_dict(basis_state, strict=True)
+        except RuntimeError as err:  # shape mismatches
+            raise CheckpointError(f"{source} does not match its config.json: {err}") from None
+
+
+def _check_keys(expected: set[str], found: set[str], source: Path) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        raise CheckpointError(f"{source} does not match its config.json: {'; '.join(parts)}")
+
+
+def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    _check_keys(set(module.state_dict()), set(state), source)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{source} does not match its config.json: {err}") from None

@@ -1,0 +1,265 @@
+"""The ``expander`` command line. Thin: every command parses, calls the library, and reports."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import torch
+
+from .domains import BASE_DOMAIN
+
+MODEL_HELP = "Registered model name, model folder, or Hub repo id (default: the registry's default model)."
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _load(model: Optional[str], device: str = "cpu"):
+    from .hub import load_model
+
+    try:
+        return load_model(model, device=device)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        _fail(str(err))
+
+
+class _Group(click.Group):
+    """Turns library errors that reach the top into one clean line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from .domains import UnknownDomainError
+
+        try:
+            return super().invoke(ctx)
+        except UnknownDomainError as err:
+            raise click.ClickException(str(err)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.version_option(package_name="expander")
+def main(verbose: bool) -> None:
+    """expander: teach one StyleGAN2 many new domains on its dormant latent directions.
+
+    \b
+    Quick start (runs offline on a CPU with the built-in portraits world):
+      expander domains
+      expander sample --domain base -n 16 --out base.png
+      expander directions --out curve.png
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--domain", default=BASE_DOMAIN, show_default=True, help="Domain name; 'base' is the source domain.")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("-n", "--num", "num", default=16, show_default=True, type=click.IntRange(1, 1024), help="Number of images.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the latents (same seed = same identities in every domain).")
+@click.option("--strength", default=1.0, show_default=True, type=float, help="Position along the domain direction: 0 = base, 1 = domain.")
+@click.option("--compose", default="", help="Comma-separated extra domains added at full strength, e.g. 'glasses,hat'.")
+@click.option("--truncation", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Truncation psi towards the mean w.")
+@click.option("--nrow", default=None, type=int, help="Images per row of the grid.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG grid.")
+def sample(domain, model, num, seed, strength, compose, truncation, nrow, device, out):
+    """Sample a grid of images from one domain (or a composition of domains).
+
+    \b
+    Example:
+      expander sample --domain base -n 16 --seed 0 --out base.png
+      expander sample --domain zombie --compose hat --strength 1.0 --out zombie_hat.png
+    """
+    from .utils.images import save_grid
+
+    generator = _load(model, device)
+    extras = [name.strip() for name in compose.split(",") if name.strip()]
+    images = generator.sample(domain, n=num, seed=seed, strength=strength, compose=extras, truncation_psi=truncation)
+    save_grid(images, out, nrow=nrow)
+    click.echo(f"wrote {num} images of {domain!r} to {out}")
+
+
+@main.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+def domains(model):
+    """List the domains of a model: name, direction, method, prompt.
+
+    \b
+    Example:
+      expander domains --model world-portraits
+    """
+    generator = _load(model)
+    rows = [("name", "direction", "method", "alpha", "steps", "prompt / images"), (BASE_DOMAIN, "-", "source", "-", "-", "-")]
+    for d in generator.domains:
+        rows.append((d.name, str(d.direction), d.method, f"{generator.domain_alpha(d):g}", str(d.steps), d.prompt or d.images or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i == 0:
+            click.echo("  ".join("-" * w for w in widths))
+    free = generator.free_directions()
+    click.echo(f"\n{len(generator.domains)} domains; {len(free)} free dormant directions (next: {free[:5]})")
+
+
+@main.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG plot.")
+@click.option("--recompute", is_flag=True, help="Measure the dormancy curve again instead of using the stored one.")
+@click.option("--samples", default=16, show_default=True, help="Random latents per direction when measuring.")
+@click.option("--perceptual", default="auto", show_default=True, help="Distance for the curve: auto (world net for world models, else LPIPS-VGG), world, lpips-vgg, lpips-alex.")
+def directions(model, out, recompute, samples, perceptual):
+    """Plot the SeFA spectrum and the dormancy curve (perceptual change per direction).
+
+    \b
+    Example:
+      expander directions --out curve.png
+    """
+    from .plots import plot_directions
+    from .subspace.dormancy import dormancy_curve
+
+    generator = _load(model)
+    curve = generator.basis.dormancy
+    if recompute or curve.numel() == 0:
+        from .guidance.perceptual import load_perceptual
+
+        distance = load_perceptual(perceptual, generator)
+        curve = dormancy_curve(generator.generator, generator.basis, distance, n_samples=samples)
+    plot_directions(generator, curve, out)
+    quarter = len(curve) // 4
+    head, tail = curve[:quarter].mean().item(), curve[-quarter:].mean().item()
+    click.echo(f"wrote {out}: first quarter changes images {head:.4f}, last quarter {tail:.4f} (ratio {head / max(tail, 1e-12):.1f}x)")
+
+
+@main.command()
+@click.option("--domain", required=True, help="Domain to traverse.")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("-n", "--num", "num", default=4, show_default=True, type=click.IntRange(1, 64), help="Number of identities (rows).")
+@click.option("--steps", default=7, show_default=True, type=click.IntRange(2, 33), help="Images per row.")
+@click.option("--max-strength", default=1.0, show_default=True, type=float, help="Strips run from -s to +s.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+def traverse(domain, model, num, steps, max_strength, seed, out):
+    """Images along a domain's direction, from -s to +s (0 = base subspace).
+
+    \b
+    Example:
+      expander traverse --domain zombie --steps 9 --max-strength 1.5 --out strip.png
+    """
+    from .utils.images import save_grid
+
+    generator = _load(model)
+    strip = generator.traverse(domain, n=num, seed=seed, max_strength=max_strength, steps=steps)
+    save_grid(strip.flatten(0, 1), out, nrow=steps)
+    click.echo(f"wrote {num}x{steps} traversal of {domain!r} to {out}")
+
+
+@main.command()
+@click.argument("repo_id")
+@click.option("--revision", default=None, help="Branch, tag or commit (default: main). The registry pins the exact commit.")
+@click.option("--name", default=None, help="Name in the local registry (default: the repo name).")
+def pull(repo_id, revision, name):
+    """Download a model from the Hugging Face Hub and add it to the local registry.
+
+    \b
+    Example:
+      expander pull expander-ai/ffhq-expanded-100 --revision main
+      expander sample --model ffhq-expanded-100 --domain zombie --out z.png
+    """
+    from .hub import pull as pull_model
+    from .registry import user_registry_path
+
+    try:
+        entry = pull_model(repo_id, revision=revision, name=name)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    except Exception as err:  # huggingface_hub raises many network/cache error types
+        _fail(f"could not download {repo_id}: {err}")
+    click.echo(f"pulled {repo_id}@{entry.source['revision'][:10]} as {entry.name!r} ({len(entry.domains)} domains) into {user_registry_path()}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--message", default="Upload expanded generator", show_default=True)
+def push(model, repo_id, private, message):
+    """Upload a model (name or folder) to a Hugging Face Hub repo (needs `hf auth login`).
+
+    \b
+    Example:
+      expander push ./my-expanded me/portraits-expanded --private
+    """
+    from .hub import push as push_model
+
+    try:
+        url = push_model(model, repo_id, private=private, commit_message=message)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    click.echo(f"pushed to {url}")
+
+
+@main.command()
+@click.argument("model", required=False)
+def info(model):
+    """Show a model's architecture, basis, domains and location.
+
+    \b
+    Example:
+      expander info world-portraits
+    """
+    from .hub import resolve_model_folder
+
+    try:
+        folder, name = resolve_model_folder(model)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    generator = _load(str(folder))
+    config = generator.generator.config
+    n_params = sum(p.numel() for p in generator.generator.parameters())
+    click.echo(f"model:        {name}")
+    click.echo(f"folder:       {folder}")
+    click.echo(f"base model:   {generator.base_model or '-'}")
+    if generator.description:
+        click.echo(f"description:  {generator.description}")
+    click.echo(f"architecture: StyleGAN2 {config.resolution}x{config.resolution}, W dim {config.style_dim}, {config.n_mlp}-layer mapping, {n_params / 1e6:.2f}M parameters")
+    click.echo(f"basis:        SeFA, dormancy curve {'measured' if generator.basis.dormancy.numel() else 'not measured'}, {generator.num_dormant} dormant directions reserved")
+    click.echo(f"alpha:        {generator.alpha:g}")
+    click.echo(f"domains:      {len(generator.domains)} ({', '.join(generator.domain_names) or 'none yet'})")
+    click.echo(f"discriminator: {'yes' if generator.discriminator is not None else 'no'}")
+
+
+@main.command(name="import")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the expanded checkpoint.")
+@click.option("--allow-pickle", is_flag=True, help="Opt in to reading an NVIDIA .pkl (read with a restricted unpickler; no code is run).")
+@click.option("--alpha", default=20.0, show_default=True, help="Default distance of repurposed subspaces.")
+@click.option("--num-dormant", default=None, type=int, help="Directions reserved as dormant (default: half of W).")
+def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
+    """Turn a StyleGAN2 checkpoint (rosinality .pt or NVIDIA .pkl) into an expandable model.
+
+    \b
+    Example:
+      expander import stylegan2-ffhq-config-f.pt --out ffhq-expandable
+      expander import ffhq.pkl --allow-pickle --out ffhq-expandable
+    """
+    from .checkpoint import ExpandedGenerator
+    from .generators.convert import load_nvidia_pickle, load_rosinality_checkpoint
+
+    try:
+        if checkpoint.endswith(".pkl"):
+            G, D = load_nvidia_pickle(checkpoint, allow_pickle=allow_pickle)
+        else:
+            G, D = load_rosinality_checkpoint(checkpoint)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(str(err))
+    model = ExpandedGenerator.from_generator(G, D, alpha=alpha, num_dormant=num_dormant, base_model=str(Path(checkpoint).name))
+    model.save_pretrained(out)
+    click.echo(f"wrote {out}; run `expander directions --model {out} --recompute --out curve.png` to measure its dormancy curve")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Finding, pulling and pushing expanded models: registry names, local folders and Hub repos."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from huggingface_hub import HfApi, snapshot_download
+
+from .checkpoint import ExpandedGenerator
+from .registry import PACKAGE_ROOT, ModelEntry, Registry, entry_for_model, is_repo_id, load_registries, register_user_model
+
+logger = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def _entry_folder(entry: ModelEntry, local_files_only: bool = False) -> Path:
+    source = entry.source
+    if "package" in source:
+        folder = PACKAGE_ROOT / source["package"]
+    elif "path" in source:
+        folder = Path(source["path"]).expanduser()
+    else:
+        folder = Path(snapshot_download(repo_id=source["repo_id"], revision=source["revision"], local_files_only=local_files_only))
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"model {entry.name!r} points to {folder}, which does not exist; pull it again or fix the registry")
+    return folder
+
+
+def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registry] = None, revision: Optional[str] = None) -> tuple[Path, str]:
+    """Map ``model`` (None = default, a registry name, a folder, or a Hub repo id) to a local folder.
+
+    Returns (folder, display name).
+    """
+    registry = registry or load_registries()
+    if model is None:
+        if not registry.default_model:
+            raise ModelNotFoundError("no --model given and the registry has no default_model")
+        model = registry.default_model
+    if model in registry.models:
+        return _entry_folder(registry.models[model]), model
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path, str(path)
+    if is_repo_id(model):
+        return Path(snapshot_download(repo_id=model, revision=revision)), model
+    known = ", ".join(sorted(registry.models)) or "none"
+    raise ModelNotFoundError(
+        f"model {model!r} not found: it is not a registered model ({known}), not a folder, and not a Hub repo id (org/name). "
+        "Run `expander pull ORG/NAME` to fetch one from the Hub."
+    )
+
+
+def load_model(model: Optional[str] = None, device: str = "cpu", revision: Optional[str] = None) -> ExpandedGenerator:
+    folder, _ = resolve_model_folder(model, revision=revision)
+    return ExpandedGenerator.load_folder(folder, map_location=device)
+
+
+def pull(repo_id: str, revision: Optional[str] = None, name: Optional[str] = None, cache_dir: Optional[str] = None) -> ModelEntry:
+    """Download a Hub repo (``snapshot_download``), validate it loads, and record it in the user registry.
+
+    The entry pins the exact commit that was downloaded, so later loads are reproducible.
+    """
+    folder = Path(snapshot_download(repo_id=repo_id, revision=revision, cache_dir=cache_dir))
+    model = ExpandedGenerator.load_folder(folder)  # validates before anything is recorded
+    commit = folder.name  # snapshot folders are named by commit hash
+    entry = entry_for_model(name or repo_id.split("/")[-1], {"repo_id": repo_id, "revision": commit}, model)
+    register_user_model(entry)
+    return entry
+
+
+def push(model: Optional[str], repo_id: str, private: bool = False, token: Optional[str] = None, commit_message: str = "Upload expanded generator") -> str:
+    """Upload a model folder (resolved like :func:`resolve_model_folder`) to a Hub repo; returns the commit URL."""
+    folder, _ = resolve_model_folder(model)
+    ExpandedGenerator.load_folder(folder)  # never publish a checkpoint that does not load
+    api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model")
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,70 @@
+"""Model card (README.md) for an expanded generator, with a sample grid when it is cheap to render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .utils.images import save_grid
+
+if TYPE_CHECKING:
+    from .checkpoint import ExpandedGenerator
+
+# Rendering one row per domain is quick up to 256 px on a CPU; above that the card skips the grid.
+MAX_GRID_RESOLUTION = 256
+GRID_COLUMNS = 6
+MAX_GRID_ROWS = 12
+
+
+def write_model_card(model: "ExpandedGenerator", folder: Path) -> None:
+    from .checkpoint import SAMPLES_FILE
+
+    has_grid = model.generator.resolution <= MAX_GRID_RESOLUTION
+    if has_grid:
+        rows = [model.sample("base", n=GRID_COLUMNS, seed=0)]
+        rows += [model.sample(name, n=GRID_COLUMNS, seed=0) for name in model.domain_names[: MAX_GRID_ROWS - 1]]
+        save_grid(torch.cat(rows), folder / SAMPLES_FILE, nrow=GRID_COLUMNS)
+
+    config = model.generator.config
+    tags = ["domain-expansion", "stylegan2", "gan", "expander"]
+    lines = ["---", "library_name: expander", "tags:"] + [f"- {t}" for t in tags]
+    if model.base_model and "/" in model.base_model and not model.base_model.startswith(("expander/", "/", ".")):
+        lines.append(f"base_model: {model.base_model}")
+    lines += ["---", "", f"# Expanded StyleGAN2 ({config.resolution}x{config.resolution}, {len(model.domains)} new domains)", ""]
+    if model.description:
+        lines += [model.description, ""]
+    lines += [
+        "One generator, many domains: each domain below lives on its own repurposed *dormant* direction of the",
+        "latent space (Nitzan et al., *Domain Expansion of Image Generators*, CVPR 2023); the base subspace keeps",
+        "the source domain of the parent generator.",
+        "",
+        f"- parent generator: `{model.base_model or 'unknown'}`",
+        f"- W dimension: {config.style_dim}, dormant directions reserved: {model.num_dormant}, default alpha: {model.alpha:g}",
+        "",
+    ]
+    if has_grid:
+        lines += [f"![samples: first row is the source domain, then one row per domain]({SAMPLES_FILE})", ""]
+    lines += ["| domain | direction | method | prompt / images | alpha | steps |", "|---|---|---|---|---|---|", "| base | - | (source) | - | - | - |"]
+    for d in model.domains:
+        source = d.prompt or d.images or ""
+        lines.append(f"| {d.name} | {d.direction} | {d.method} | {source} | {model.domain_alpha(d):g} | {d.steps} |")
+    first = model.domain_names[0] if model.domains else "base"
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "pip install expander",
+        f'expander sample --model <this repo id> --domain "{first}" -n 16 --out grid.png',
+        "```",
+        "",
+        "```python",
+        "from expander import ExpandedGenerator",
+        'model = ExpandedGenerator.from_pretrained("<this repo id>")',
+        f'images = model.sample("{first}", n=16, seed=0)  # (16, 3, H, W) in [-1, 1]',
+        "```",
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(lines))

@@ -1,0 +1,210 @@
+"""The zoo index (``registry.json``): model name -> where it lives, its base model and its domains.
+
+Schema (``schema_version`` 1)::
+
+    {
+      "schema_version": 1,
+      "default_model": "world-portraits",          # used when no --model is given
+      "models": {
+        "<name>": {
+          "description": "one line",
+          "source": {"package": "world/weights/portraits"}            # a folder inside the installed package
+                  | {"repo_id": "org/name", "revision": "<40-hex commit>"}   # Hub repo, pinned
+                  | {"path": "/some/folder"},                          # a local folder
+          "base_model": "what the parent generator is",
+          "resolution": 64,
+          "domains": {"<domain>": {"direction": 120, "alpha": 20.0, "method": "nada"}}
+        }
+      }
+    }
+
+Two files share this schema: the built-in zoo (the repository's top-level ``registry.json``, shipped
+inside the package) and the user's registry (``$EXPANDER_HOME/registry.json``, default
+``~/.cache/expander``), where ``expander pull`` records models. User entries win on a name clash.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .domains import METHODS
+from .utils.io import read_json, write_json
+
+SCHEMA_VERSION = 1
+PACKAGE_ROOT = Path(__file__).resolve().parent
+BUILTIN_REGISTRY = PACKAGE_ROOT / "registry.json"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class RegistryError(ValueError):
+    """A registry file that does not follow the schema; the message names the entry and the fix."""
+
+
+def expander_home() -> Path:
+    return Path(os.environ.get("EXPANDER_HOME", Path.home() / ".cache" / "expander"))
+
+
+def user_registry_path() -> Path:
+    return expander_home() / "registry.json"
+
+
+def is_repo_id(text: str) -> bool:
+    return bool(_REPO_ID.match(text)) and not Path(text).exists()
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    source: dict[str, str]
+    description: str = ""
+    base_model: str = ""
+    resolution: int = 0
+    domains: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "source": dict(self.source),
+            "base_model": self.base_model,
+            "resolution": self.resolution,
+            "domains": {k: dict(v) for k, v in self.domains.items()},
+        }
+
+    def location(self) -> str:
+        """Human-readable location: package path, repo@revision or folder."""
+        if "package" in self.source:
+            return f"package:{self.source['package']}"
+        if "repo_id" in self.source:
+            return f"{self.source['repo_id']}@{self.source['revision'][:10]}"
+        return self.source["path"]
+
+
+def _validate_entry(name: str, data: Any, where: str) -> ModelEntry:
+    prefix = f"{where}: model {name!r}"
+    if not _MODEL_NAME.match(name):
+        raise RegistryError(f"{where}: invalid model name {name!r} (letters, digits, '_', '-', '.')")
+    if not isinstance(data, dict):
+        raise RegistryError(f"{prefix} must be an object")
+    allowed = {"description", "source", "base_model", "resolution", "domains"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RegistryError(f"{prefix} has unknown keys {unknown}; allowed: {sorted(allowed)}")
+    source = data.get("source")
+    if not isinstance(source, dict):
+        raise RegistryError(f"{prefix} needs a 'source' object")
+    kinds = [k for k in ("package", "repo_id", "path") if k in source]
+    if len(kinds) != 1:
+        raise RegistryError(f"{prefix}: source must have exactly one of 'package', 'repo_id', 'path', got {sorted(source)}")
+    if "repo_id" in source:
+        if set(source) != {"repo_id", "revision"}:
+            raise RegistryError(f"{prefix}: a Hub source needs exactly 'repo_id' and 'revision' (a pinned 40-character commit)")
+        if not _COMMIT.match(str(source["revision"])):
+            raise RegistryError(f"{prefix}: revision {source['revision']!r} is not a 40-character commit hash; pin the exact commit")
+    elif set(source) != set(kinds):
+        raise RegistryError(f"{prefix}: source has unknown keys {sorted(set(source) - set(kinds))}")
+    resolution = data.get("resolution", 0)
+    if not isinstance(resolution, int) or (resolution and resolution & (resolution - 1)):
+        raise RegistryError(f"{prefix}: resolution must be a power of two, got {resolution!r}")
+    domains = data.get("domains", {})
+    if not isinstance(domains, dict):
+        raise RegistryError(f"{prefix}: domains must be an object name -> {{direction, alpha, method}}")
+    directions: dict[int, str] = {}
+    for domain_name, spec in domains.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("direction"), int):
+            raise RegistryError(f"{prefix}: domain {domain_name!r} needs an integer 'direction'")
+        extra = sorted(set(spec) - {"direction", "alpha", "method"})
+        if extra:
+            raise RegistryError(f"{prefix}: domain {domain_name!r} has unknown keys {extra}")
+        if spec["direction"] < 0:
+            raise RegistryError(f"{prefix}: domain {domain_name!r} has a negative direction")
+        if spec["direction"] in directions:
+            raise RegistryError(f"{prefix}: domains {directions[spec['direction']]!r} and {domain_name!r} share direction {spec['direction']}")
+        if "alpha" in spec and not (isinstance(spec["alpha"], (int, float)) and spec["alpha"] > 0):
+            raise RegistryError(f"{prefix}: domain {domain_name!r} alpha must be a positive number")
+        if "method" in spec and spec["method"] not in METHODS:
+            raise RegistryError(f"{prefix}: domain {domain_name!r} method must be one of {list(METHODS)}")
+        directions[spec["direction"]] = domain_name
+    return ModelEntry(
+        name=name,
+        source=dict(source),
+        description=str(data.get("description", "")),
+        base_model=str(data.get("base_model", "")),
+        resolution=resolution,
+        domains={k: dict(v) for k, v in domains.items()},
+    )
+
+
+@dataclass
+class Registry:
+    models: dict[str, ModelEntry] = field(default_factory=dict)
+    default_model: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "registry") -> "Registry":
+        if not isinstance(data, dict):
+            raise RegistryError(f"{where} must be a JSON object")
+        unknown = sorted(set(data) - {"schema_version", "default_model", "models"})
+        if unknown:
+            raise RegistryError(f"{where} has unknown top-level keys {unknown}")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise RegistryError(f"{where}: schema_version must be {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
+        models = data.get("models", {})
+        if not isinstance(models, dict):
+            raise RegistryError(f"{where}: 'models' must be an object")
+        registry = cls({name: _validate_entry(name, entry, where) for name, entry in models.items()}, data.get("default_model"))
+        if registry.default_model is not None and registry.default_model not in registry.models:
+            raise RegistryError(f"{where}: default_model {registry.default_model!r} is not one of its models")
+        return registry
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Registry":
+        path = Path(path)
+        return cls.from_dict(read_json(path, what="registry"), where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+        if self.default_model:
+            data["default_model"] = self.default_model
+        data["models"] = {name: entry.to_dict() for name, entry in sorted(self.models.items())}
+        return data
+
+    def save(self, path: str | Path) -> None:
+        Registry.from_dict(self.to_dict(), where=str(path))  # never write an invalid file
+        write_json(path, self.to_dict())
+
+    def merged(self, other: "Registry") -> "Registry":
+        """``other``'s entries on top of ours (user registry over the built-in zoo)."""
+        return Registry({**self.models, **other.models}, other.default_model or self.default_model)
+
+
+def load_registries() -> Registry:
+    """Built-in zoo merged with the user's registry (if it exists)."""
+    registry = Registry.load(BUILTIN_REGISTRY)
+    user = user_registry_path()
+    if user.exists():
+        registry = registry.merged(Registry.load(user))
+    return registry
+
+
+def entry_for_model(name: str, source: dict[str, str], model: Any, description: str = "") -> ModelEntry:
+    """Registry entry describing an :class:`~expander.checkpoint.ExpandedGenerator`."""
+    domains: dict[str, dict[str, Any]] = {}
+    for domain in model.domains:
+        domains[domain.name] = {"direction": domain.direction, "alpha": model.domain_alpha(domain), "method": domain.method}
+    return ModelEntry(name, source, description or model.description, model.base_model, model.generator.resolution, domains)
+
+
+def register_user_model(entry: ModelEntry) -> Path:
+    """Add (or replace) a model in the user registry, atomically."""
+    path = user_registry_path()
+    registry = Registry.load(path) if path.exists() else Registry()
+    registry.models[entry.name] = entry
+    registry.save(path)
+    return path
+

@@ -1,0 +1,142 @@
+"""Atomic file and folder writes, and training state (modules + optimizers + RNG) in safetensors.
+
+Every write goes to a temporary sibling first and is moved into place with ``os.replace``, so a
+crash or a validation error never leaves a half-written checkpoint, registry or state behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it onto ``path`` (file or folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if not target.exists():
+            raise RuntimeError(f"nothing was written for {path}")
+        if path.is_dir() and target.is_dir():
+            # Swap folders: move the old one aside first so the new one lands in one rename.
+            backup = tmp / (path.name + ".old")
+            os.replace(path, backup)
+            os.replace(target, path)
+        else:
+            os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err}); restore it or re-create it") from None
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a message that says which file is broken and what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError / OSError variants
+        raise ValueError(
+            f"{what} {path} is not a readable safetensors file ({err}). It may be truncated or corrupt: "
+            "download or save it again."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Training state: flattened into one safetensors file + one JSON file (no pickle anywhere).
+# --------------------------------------------------------------------------------------------------
+
+
+def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}/state/{param_id}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    meta[prefix] = {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "/state/"):
+            _, _, param_id, key = name.split("/", 3)
+            state.setdefault(int(param_id), {})[key] = value
+    for param_id, values in meta[prefix]["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta[prefix]["param_groups"]})
+
+
+def save_training_state(
+    folder: str | os.PathLike,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+    info: dict[str, Any],
+) -> None:
+    """Save everything needed to resume bit-for-bit: weights, optimizer moments, RNG states, step."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"info": info}
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            tensors[f"module/{name}/{key}"] = value.detach().cpu().contiguous()
+    for name, optimizer in optimizers.items():
+        _flatten_optimizer(f"optim/{name}", optimizer, tensors, meta)
+    for name, rng in generators.items():
+        tensors[f"rng/{name}"] = rng.get_state()
+    tensors["rng/torch_global"] = torch.get_rng_state()
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_training_state(
+    folder: str | os.PathLike,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+) -> dict[str, Any]:
+    """Restore what :func:`save_training_state` wrote (strictly); returns its ``info``."""
+    folder = Path(folder)
+    tensors = read_safetensors(folder / "state.safetensors", what="training state")
+    meta = read_json(folder / "state.json", what="training state")
+    for name, module in modules.items():
+        prefix = f"module/{name}/"
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    for name, optimizer in optimizers.items():
+        _unflatten_optimizer(f"optim/{name}", optimizer, tensors, meta)
+    for name, rng in generators.items():
+        rng.set_state(tensors[f"rng/{name}"])
+    torch.set_rng_state(tensors["rng/torch_global"])
+    return meta["info"]

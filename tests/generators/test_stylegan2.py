@@ -1,0 +1,77 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expander.generators.stylegan2 import Discriminator, Generator, ModulatedConv2d, StyleGAN2Config
+
+from ..conftest import tiny_config
+
+
+def grouped_modulated_conv(layer: ModulatedConv2d, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """The textbook StyleGAN2 modulated conv: per-sample weights through a grouped convolution."""
+    batch = x.shape[0]
+    k, c_in, c_out = layer.kernel_size, layer.in_channels, layer.out_channels
+    weight = layer.scale * layer.weight * layer.modulation(style).view(batch, 1, c_in, 1, 1)  # (B, O, I, k, k)
+    if layer.demodulate:
+        weight = weight * torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + 1e-8).view(batch, c_out, 1, 1, 1)
+    x = x.reshape(1, batch * c_in, *x.shape[2:])
+    if layer.upsample:
+        weight = weight.transpose(1, 2).reshape(batch * c_in, c_out, k, k)
+        out = F.conv_transpose2d(x, weight, stride=2, groups=batch)
+        return layer.blur(out.view(batch, c_out, *out.shape[2:]))
+    out = F.conv2d(x, weight.reshape(batch * c_out, c_in, k, k), padding=layer.padding, groups=batch)
+    return out.view(batch, c_out, *out.shape[2:])
+
+
+@pytest.mark.parametrize("upsample,demodulate,kernel", [(False, True, 3), (True, True, 3), (False, False, 1)])
+def test_modulated_conv_matches_grouped_reference(upsample, demodulate, kernel):
+    layer = ModulatedConv2d(6, 5, kernel, style_dim=8, demodulate=demodulate, upsample=upsample)
+    x, style = torch.randn(3, 6, 8, 8), torch.randn(3, 8)
+    torch.testing.assert_close(layer(x, style), grouped_modulated_conv(layer, x, style), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("resolution", [16, 32, 64])
+def test_generator_shapes_and_w_plus(resolution):
+    G = Generator(tiny_config(resolution))
+    z = torch.randn(2, 32)
+    w = G.mapping(z)
+    image = G.synthesis(w)
+    assert image.shape == (2, 3, resolution, resolution)
+    w_plus = w.unsqueeze(1).repeat(1, G.n_latent, 1)
+    torch.testing.assert_close(G.synthesis(w_plus), image)
+    assert Discriminator(tiny_config(resolution))(image).shape == (2, 1)
+
+
+def test_rosinality_key_layout():
+    keys = set(Generator(tiny_config()).state_dict())
+    for key in ["style.1.weight", "style.2.bias", "input.input", "conv1.conv.weight", "conv1.conv.modulation.weight",
+                "conv1.noise.weight", "conv1.activate.bias", "to_rgb1.conv.weight", "to_rgb1.bias", "convs.0.conv.blur.kernel",
+                "convs.1.conv.weight", "to_rgbs.0.upsample.kernel", "noises.noise_0", "noises.noise_4"]:
+        assert key in keys, key
+    assert not any("w_avg" in k for k in keys)  # kept outside, as rosinality's latent_avg
+    d_keys = set(Discriminator(tiny_config()).state_dict())
+    for key in ["convs.0.0.weight", "convs.0.1.bias", "convs.1.conv1.0.weight", "convs.1.conv2.0.kernel", "convs.1.skip.1.weight",
+                "final_conv.0.weight", "final_linear.0.weight", "final_linear.1.bias"]:
+        assert key in d_keys, key
+
+
+def test_const_noise_is_deterministic_and_truncation_pulls_to_mean(tiny_generator):
+    z = torch.randn(4, 32)
+    torch.testing.assert_close(tiny_generator(z), tiny_generator(z))
+    w = tiny_generator.mapping(z, truncation_psi=0.0)
+    torch.testing.assert_close(w, tiny_generator.w_avg.expand_as(w))
+
+
+def test_synthesis_parameters_exclude_mapping(tiny_generator):
+    names = {id(p) for p in tiny_generator.style.parameters()}
+    assert all(id(p) not in names for p in tiny_generator.synthesis_parameters())
+    assert len(tiny_generator.synthesis_parameters()) + len(list(tiny_generator.style.parameters())) == len(list(tiny_generator.parameters()))
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="power of two"):
+        StyleGAN2Config(resolution=48)
+    with pytest.raises(ValueError, match="no width"):
+        StyleGAN2Config(resolution=32, channels={4: 8, 8: 8})
+    with pytest.raises(ValueError, match="unknown StyleGAN2Config keys"):
+        StyleGAN2Config.from_dict({"resolution": 16, "bogus": 1})

@@ -1,0 +1,140 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from expander.checkpoint import CheckpointError, ExpandedGenerator
+from expander.domains import Domain, UnknownDomainError
+
+
+@pytest.fixture
+def expanded(tiny_generator, tiny_discriminator) -> ExpandedGenerator:
+    model = ExpandedGenerator.from_generator(tiny_generator, tiny_discriminator, alpha=3.0, num_dormant=8, base_model="tiny-random")
+    model.add_domain(Domain("zombie", direction=-1, method="nada", prompt="a zombie", steps=10))
+    model.add_domain(Domain("sketch", direction=-1, method="sds", prompt="a sketch"))
+    return model
+
+
+def test_round_trip_is_exact(expanded, tmp_path):
+    expanded.save_pretrained(tmp_path / "m")
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == ["README.md", "config.json", "discriminator.safetensors", "domains.json", "model.safetensors", "samples.png"]
+    loaded = ExpandedGenerator.from_pretrained(tmp_path / "m")
+    for key, value in expanded.weights_dict().items():
+        assert torch.equal(value, loaded.weights_dict()[key]), key
+    assert [d.to_dict() for d in loaded.domains] == [d.to_dict() for d in expanded.domains]
+    assert loaded.alpha == 3.0 and loaded.num_dormant == 8 and loaded.base_model == "tiny-random"
+    torch.testing.assert_close(loaded.sample("zombie", n=3, seed=1), expanded.sample("zombie", n=3, seed=1))
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "library_name: expander" in card and "| zombie |" in card
+
+
+def test_rosinality_weights_survive_unchanged(tiny_generator, tmp_path):
+    """Original key layout -> strict load -> expanded checkpoint -> back: bit-identical."""
+    original = {k: v.clone() for k, v in tiny_generator.state_dict().items()}
+    model = ExpandedGenerator.from_generator(tiny_generator)
+    model.save_pretrained(tmp_path / "m")
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    restored = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
+    assert restored.keys() == original.keys()
+    for key in original:
+        assert torch.equal(restored[key], original[key]), key
+    assert torch.equal(tensors["latent_avg"], tiny_generator.w_avg)
+
+
+def test_add_domain_picks_free_dormant_directions_and_refuses_bad_ones(expanded):
+    dormant = expanded.dormant_directions()
+    assert [d.direction for d in expanded.domains] == dormant[:2]
+    with pytest.raises(ValueError, match="already used"):
+        expanded.add_domain(Domain("again", direction=dormant[0]))
+    with pytest.raises(ValueError, match="not dormant"):
+        expanded.add_domain(Domain("loud", direction=0))
+    expanded.add_domain(Domain("loud", direction=0), force=True)
+    with pytest.raises(IndexError, match="out of range"):
+        expanded.add_domain(Domain("far", direction=999))
+    with pytest.raises(ValueError, match="duplicate domain name"):
+        expanded.add_domain(Domain("zombie", direction=-1))
+    with pytest.raises(ValueError, match="reserved"):
+        expanded.add_domain(Domain("base", direction=-1))
+
+
+def test_base_samples_ignore_repurposed_coordinates_and_domains_differ(expanded):
+    base = expanded.sample("base", n=4, seed=0)
+    zombie = expanded.sample("zombie", n=4, seed=0)
+    assert base.shape == (4, 3, 16, 16) and not torch.allclose(base, zombie)
+    torch.testing.assert_close(expanded.sample("zombie", n=4, seed=0, strength=0.0), base)
+    composed = expanded.sample("zombie", n=2, seed=0, compose=["sketch"])
+    assert composed.shape == (2, 3, 16, 16)
+    assert expanded.traverse("zombie", n=2, steps=5).shape == (2, 5, 3, 16, 16)
+
+
+def test_unknown_domain_lists_close_matches(expanded):
+    with pytest.raises(UnknownDomainError, match="Did you mean 'zombie'"):
+        expanded.sample("zombi")
+
+
+def _saved(expanded, tmp_path):
+    folder = tmp_path / "m"
+    expanded.save_pretrained(folder)
+    return folder
+
+
+def test_corrupt_weights_are_reported(expanded, tmp_path):
+    folder = _saved(expanded, tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        ExpandedGenerator.from_pretrained(folder)
+
+
+def test_missing_and_unexpected_keys_are_named(expanded, tmp_path):
+    folder = _saved(expanded, tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors.pop("generator.conv1.conv.weight")
+    tensors["generator.bogus"] = torch.zeros(1)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing keys \['generator.conv1.conv.weight'\].*unexpected keys \['generator.bogus'\]"):
+        ExpandedGenerator.from_pretrained(folder)
+
+
+def test_registry_with_duplicate_direction_is_refused(expanded, tmp_path):
+    folder = _saved(expanded, tmp_path)
+    registry = json.loads((folder / "domains.json").read_text())
+    registry["domains"][1]["direction"] = registry["domains"][0]["direction"]
+    (folder / "domains.json").write_text(json.dumps(registry))
+    with pytest.raises(CheckpointError, match="both use direction"):
+        ExpandedGenerator.from_pretrained(folder)
+
+
+def test_registry_with_out_of_range_direction_is_refused(expanded, tmp_path):
+    folder = _saved(expanded, tmp_path)
+    registry = json.loads((folder / "domains.json").read_text())
+    registry["domains"][0]["direction"] = 32
+    (folder / "domains.json").write_text(json.dumps(registry))
+    with pytest.raises(CheckpointError, match="out of range 0..31"):
+        ExpandedGenerator.from_pretrained(folder)
+
+
+def test_wrong_format_and_missing_folder(tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"hidden_size": 3}))
+    with pytest.raises(CheckpointError, match="not an expander checkpoint"):
+        ExpandedGenerator.from_pretrained(tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="config not found"):
+        ExpandedGenerator.load_folder(tmp_path)
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(expanded, tmp_path, monkeypatch):
+    folder = _saved(expanded, tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    expanded.add_domain(Domain("third", direction=-1))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("expander.checkpoint.save_file", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        expanded.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left behind

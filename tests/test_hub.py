@@ -1,0 +1,64 @@
+"""Pulling and loading from a Hugging Face cache that the test builds itself (HF_HUB_OFFLINE=1)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from expander.checkpoint import ExpandedGenerator
+from expander.domains import Domain
+from expander.hub import ModelNotFoundError, pull, resolve_model_folder
+from expander.registry import Registry, user_registry_path
+
+COMMIT = "a" * 40
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny_generator, monkeypatch):
+    """A cache folder laid out like huggingface_hub's: models--org--tiny/{refs/main, snapshots/<sha>/...}."""
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--org--tiny"
+    snapshot = repo / "snapshots" / COMMIT
+    model = ExpandedGenerator.from_generator(tiny_generator, num_dormant=8, base_model="tiny")
+    model.add_domain(Domain("zombie", direction=-1, prompt="a zombie"))
+    model.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
+    return cache, model
+
+
+def test_pull_records_pinned_commit_and_loads(hub_cache):
+    _, original = hub_cache
+    entry = pull("org/tiny", revision="main")
+    assert entry.source == {"repo_id": "org/tiny", "revision": COMMIT}
+    assert entry.domains == {"zombie": {"direction": original.get_domain("zombie").direction, "alpha": original.alpha, "method": "nada"}}
+    registry = Registry.load(user_registry_path())
+    assert "tiny" in registry.models
+    from expander.hub import load_model
+
+    loaded = load_model("tiny")
+    torch.testing.assert_close(loaded.sample("zombie", n=2), original.sample("zombie", n=2))
+    # A repo id works directly too, from the same cache.
+    folder, _ = resolve_model_folder("org/tiny")
+    assert folder.name == COMMIT
+
+
+def test_pull_of_a_broken_repo_records_nothing(hub_cache):
+    cache, _ = hub_cache
+    snapshot = cache / "models--org--tiny" / "snapshots" / COMMIT
+    (snapshot / "domains.json").write_text(json.dumps({"domains": [{"name": "a", "direction": 999}]}))
+    with pytest.raises(ValueError, match="out of range"):
+        pull("org/tiny")
+    assert not user_registry_path().exists()
+
+
+def test_unknown_model_message(hub_cache):
+    with pytest.raises(ModelNotFoundError, match="not a registered model"):
+        resolve_model_folder("definitely not a model")
+    with pytest.raises(Exception):
+        pull("org/missing")  # not in the cache and offline
+    assert not user_registry_path().exists()

@@ -1,0 +1,67 @@
+import json
+import subprocess
+
+import pytest
+
+from expander.registry import BUILTIN_REGISTRY, Registry, RegistryError
+
+VALID = {
+    "schema_version": 1,
+    "default_model": "a",
+    "models": {
+        "a": {"source": {"package": "world/weights/portraits"}, "resolution": 64, "domains": {"zombie": {"direction": 120, "alpha": 4.0, "method": "nada"}}},
+        "b": {"source": {"repo_id": "org/name", "revision": "0123456789abcdef0123456789abcdef01234567"}, "resolution": 1024},
+    },
+}
+
+
+def test_shipped_registry_is_valid_and_default_model_loads():
+    registry = Registry.load(BUILTIN_REGISTRY)
+    assert registry.default_model in registry.models
+    from expander.hub import load_model
+
+    model = load_model()  # the default model, offline
+    entry = registry.models[registry.default_model]
+    assert model.generator.resolution == entry.resolution
+    assert set(model.domain_names) == set(entry.domains)
+    for name, spec in entry.domains.items():
+        assert model.get_domain(name).direction == spec["direction"]
+
+
+def test_packaged_registry_is_the_top_level_file():
+    top_level = BUILTIN_REGISTRY.resolve()
+    assert top_level.name == "registry.json" and top_level.parent.name != "expander"
+
+
+def test_round_trip():
+    registry = Registry.from_dict(VALID)
+    assert Registry.from_dict(registry.to_dict()).to_dict() == registry.to_dict()
+    assert registry.models["b"].location().startswith("org/name@0123456789")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(schema_version=2), "schema_version must be 1"),
+        (lambda d: d["models"]["a"]["domains"].update(other={"direction": 120}), "share direction 120"),
+        (lambda d: d["models"]["b"]["source"].update(revision="main"), "not a 40-character commit"),
+        (lambda d: d["models"]["a"].update(source={"package": "x", "path": "y"}), "exactly one of"),
+        (lambda d: d["models"]["a"].update(colour="red"), "unknown keys"),
+        (lambda d: d.update(default_model="zzz"), "default_model 'zzz'"),
+        (lambda d: d["models"]["a"]["domains"]["zombie"].update(method="magic"), "method must be one of"),
+        (lambda d: d["models"]["a"].update(resolution=48), "power of two"),
+    ],
+)
+def test_invalid_registries_are_refused(mutate, message):
+    data = json.loads(json.dumps(VALID))
+    mutate(data)
+    with pytest.raises(RegistryError, match=message):
+        Registry.from_dict(data)
+
+
+def test_save_refuses_invalid_and_writes_nothing(tmp_path):
+    registry = Registry.from_dict(VALID)
+    registry.models["a"].domains["twin"] = {"direction": 120}
+    with pytest.raises(RegistryError):
+        registry.save(tmp_path / "registry.json")
+    assert list(tmp_path.iterdir()) == []
