@@ -41,3 +41,31 @@ def tiny_generator() -> Generator:
 def tiny_discriminator() -> Discriminator:
     torch.manual_seed(1)
     return Discriminator(tiny_config())
+
+
+TINY_VOCAB = ["<pad>", "<unk>", "<bos>", "<eos>", "a", "an", "photo", "portrait", "picture", "image", "of", "person", "zombie", "sketch", "with", "glasses"]
+
+
+@pytest.fixture
+def tiny_clip_dir(tmp_path):
+    """A random transformers CLIPModel + word-level tokenizer saved like a Hub repo (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(TINY_VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-clip"
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder

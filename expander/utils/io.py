@@ -90,7 +90,7 @@ def _unflatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith(prefix + "/state/"):
-            _, _, param_id, key = name.split("/", 3)
+            param_id, key = name[len(prefix + "/state/") :].split("/", 1)
             state.setdefault(int(param_id), {})[key] = value
     for param_id, values in meta[prefix]["scalars"].items():
         state.setdefault(int(param_id), {}).update(values)

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..losses.adversarial import loss_d_logistic, loss_g_nonsaturating, loss_r1
 from ..generators.stylegan2 import Discriminator, Generator, StyleGAN2Config
 from ..utils.io import atomic_path, load_training_state, save_training_state
 from . import renderer
@@ -114,12 +114,9 @@ def train_world_gan(out_dir: str | Path, config: Optional[GanTrainingConfig] = N
         _requires_grad(D, True)
         with torch.no_grad():
             fake = G.synthesis(_mixed_latents(G, config.batch_size, config.mixing_prob, rng), noise_mode="random")
-        loss_d = F.softplus(D(fake)).mean() + F.softplus(-D(real)).mean()
+        loss_d = loss_d_logistic(D(real), D(fake))
         if step % config.r1_every == 0:
-            real.requires_grad_(True)
-            (grad,) = torch.autograd.grad(D(real).sum(), real, create_graph=True)
-            loss_r1 = grad.square().flatten(1).sum(1).mean()
-            loss_d = loss_d + config.r1_gamma / 2 * loss_r1 * config.r1_every
+            loss_d = loss_d + config.r1_gamma / 2 * loss_r1(D, real) * config.r1_every
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
@@ -128,7 +125,7 @@ def train_world_gan(out_dir: str | Path, config: Optional[GanTrainingConfig] = N
         _requires_grad(G, True)
         _requires_grad(D, False)
         fake = G.synthesis(_mixed_latents(G, config.batch_size, config.mixing_prob, rng), noise_mode="random")
-        loss_g = F.softplus(-D(fake)).mean()
+        loss_g = loss_g_nonsaturating(D(fake))
         loss = loss_g + config.lambda_affine_decay * _affine_decay(G)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()

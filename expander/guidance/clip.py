@@ -1,0 +1,122 @@
+"""Frozen CLIP guidance (transformers ``CLIPModel``): one or an ensemble of models, built once.
+
+The same class serves the world's tiny CLIP and real Hub CLIPs (``openai/clip-vit-base-patch32``
++ ``openai/clip-vit-base-patch16`` for real models). Image preprocessing stays in torch so the
+NADA gradient flows back into the generator.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Prompt templates averaged for the NADA text direction (StyleGAN-NADA uses ImageNet-style templates).
+DEFAULT_TEMPLATES = ("a photo of {}.", "a portrait of {}.", "a picture of {}.", "an image of {}.", "{}.")
+
+
+def clip_pixel_values(images: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """[-1, 1] images (B, 3, H, W) -> CLIP pixel values (B, 3, S, S), differentiable."""
+    x = (images + 1) / 2
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def load_clip(name_or_path: str, device: str = "cpu"):
+    """(CLIPModel, tokenizer) from a Hub id or folder, frozen and in eval mode."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(name_or_path)
+
+
+def _as_tensor(output) -> torch.Tensor:
+    # transformers 5 may return a model output object instead of a tensor from get_*_features.
+    if torch.is_tensor(output):
+        return output
+    for name in ("text_embeds", "image_embeds", "pooler_output"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    raise TypeError(f"unexpected CLIP output {type(output)}")
+
+
+def out_of_vocabulary(tokenizer, prompt: str) -> list[str]:
+    """Words of ``prompt`` that a word-level tokenizer maps to its unknown token."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    words = prompt.lower().replace(",", " ").replace(".", " ").split()
+    return [w for w in words if tokenizer.convert_tokens_to_ids(w) == unk]
+
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ClipEncoder:
+    model: object  # transformers.CLIPModel
+    tokenizer: object
+    image_mean: Sequence[float] = OPENAI_MEAN
+    image_std: Sequence[float] = OPENAI_STD
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device: str = "cpu") -> "ClipEncoder":
+        """Model + tokenizer + the normalisation of its image processor (OpenAI's if it has none)."""
+        from transformers import CLIPImageProcessor
+
+        model, tokenizer = load_clip(name_or_path, device)
+        try:
+            processor = CLIPImageProcessor.from_pretrained(name_or_path)
+            return cls(model, tokenizer, tuple(processor.image_mean), tuple(processor.image_std))
+        except (OSError, ValueError):
+            return cls(model, tokenizer)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(N, D) L2-normalised text embeddings; warns about words the tokenizer does not know."""
+        unknown = sorted({w for p in prompts for w in out_of_vocabulary(self.tokenizer, p)})
+        if unknown:
+            warnings.warn(f"CLIP does not know the words {unknown}; they are ignored. Rephrase the prompt with known words.", stacklevel=3)
+        tokens = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            features = _as_tensor(self.model.get_text_features(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)))
+        return F.normalize(features.float(), dim=-1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images -> (N, D) L2-normalised embeddings; differentiable w.r.t. images."""
+        pixels = clip_pixel_values(images, self.image_size, self.image_mean, self.image_std)
+        return F.normalize(_as_tensor(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+
+class ClipGuidance:
+    """An ensemble of frozen CLIP encoders; NADA averages its loss over them."""
+
+    def __init__(self, encoders: Sequence[ClipEncoder], templates: Sequence[str] = DEFAULT_TEMPLATES):
+        if not encoders:
+            raise ValueError("ClipGuidance needs at least one CLIP model")
+        self.encoders = list(encoders)
+        self.templates = tuple(templates)
+
+    @classmethod
+    def from_pretrained(cls, names: Sequence[str], device: str = "cpu", templates: Sequence[str] = DEFAULT_TEMPLATES) -> "ClipGuidance":
+        return cls([ClipEncoder.from_pretrained(name, device) for name in names], templates)
+
+    def text_direction(self, encoder: ClipEncoder, source: str, target: str) -> torch.Tensor:
+        """Normalised mean over templates of (normalised target - normalised source) embeddings: (D,)."""
+        target_emb = encoder.encode_text([t.format(target) for t in self.templates]).mean(0)
+        source_emb = encoder.encode_text([t.format(source) for t in self.templates]).mean(0)
+        return F.normalize(target_emb - source_emb, dim=-1)

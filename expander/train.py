@@ -1,0 +1,277 @@
+"""Expansion training: the loop only (losses live in ``expander.losses``, guidance is injected).
+
+Each step (Nitzan et al., Sec. 3):
+
+1. sample z, map to w with the frozen mapping network;
+2. project onto the base subspace (every repurposed coordinate pinned to the mean);
+3. for the domains of this step, add alpha_k * v_k;
+4. ONE batched synthesis call for [base latents, replayed existing-domain latents, new-domain latents];
+5. losses: each new domain's adaptation loss on its own samples (grouped by method, so each guidance
+   model runs once per step), replay (L2 + perceptual to the frozen parent) on the base and the
+   replayed subspaces, and the GAN loss on base fakes when a discriminator and real data exist;
+6. weighted sum, one optimizer step on the synthesis network only.
+
+A fixed number of domains is drawn per step, so a step costs the same for 5 or 100 domains.
+State is checkpointed every ``checkpoint_every`` steps; ``resume`` continues bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import ExpandedGenerator
+from .domains import Domain
+from .losses import loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_r1, loss_replay
+from .utils.io import load_training_state, save_training_state
+
+logger = logging.getLogger(__name__)
+
+PerceptualDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RealSampler = Callable[[int, torch.Generator], torch.Tensor]  # (n, rng) -> real images (n, 3, R, R)
+
+
+@dataclass
+class ExpansionConfig:
+    steps: int = 300
+    batch_size: int = 4  # latents per trained domain per step
+    base_batch_size: int = 8  # base-subspace latents per step (replay + GAN)
+    domains_per_step: int = 4  # new domains per step: cost does not grow with the number of domains
+    replay_domains_per_step: int = 2  # existing domains replayed per step (so add-domain forgets nothing)
+    lr: float = 0.002
+    betas: tuple = (0.0, 0.99)
+    lambda_nada: float = 1.0
+    lambda_sds: float = 1.0
+    lambda_mystyle: float = 1.0
+    lambda_replay_l2: float = 10.0  # paper: ~10
+    lambda_replay_perceptual: float = 10.0  # paper: ~10
+    lambda_gan: float = 0.1  # used only with a discriminator and real images
+    r1_gamma: float = 0.1
+    r1_every: int = 16
+    source_prompt: str = "a portrait of a person"
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExpansionConfig":
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; allowed: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+@dataclass
+class Guidance:
+    """Frozen models, built once by the caller and passed in."""
+
+    perceptual: PerceptualDistance
+    clip: Optional[object] = None  # expander.guidance.clip.ClipGuidance, for nada
+    teacher: Optional[object] = None  # diffusion teacher, for sds
+    mystyle_targets: dict = field(default_factory=dict)  # domain name -> (images (N,3,R,R), w_inversions (N,D))
+
+
+def _choose(items: list, k: int, rng: torch.Generator) -> list:
+    """``k`` items drawn without replacement (all of them when there are fewer), in a stable order."""
+    if len(items) <= k:
+        return list(items)
+    picks = torch.randperm(len(items), generator=rng)[:k].tolist()
+    return [items[i] for i in sorted(picks)]
+
+
+@dataclass
+class _Group:
+    """Latents of one domain in one step."""
+
+    kind: str  # "train" (adaptation loss) or "replay" (held to the parent)
+    domain: Domain
+    w_domain: torch.Tensor  # (B, D) in the domain's repurposed subspace
+    w_base: torch.Tensor  # (B, D) the same latents in the base subspace
+    targets: Optional[torch.Tensor] = None  # (B, 3, R, R) mystyle reconstruction targets
+
+
+class Expander:
+    """Holds what one expansion run needs: the model, its frozen parent, optimizers, RNG, guidance."""
+
+    def __init__(self, model: ExpandedGenerator, new_domains: list[Domain], guidance: Guidance, config: Optional[ExpansionConfig] = None, real_sampler: Optional[RealSampler] = None):
+        self.model, self.guidance, self.real_sampler = model, guidance, real_sampler
+        self.config = config = config or ExpansionConfig()
+        new_names = [d.name for d in new_domains]
+        missing = sorted(set(new_names) - set(model.domain_names))
+        if missing:
+            raise ValueError(f"domains {missing} must be added to the model (model.add_domain) before training")
+        self.trained = [model.get_domain(n) for n in new_names]
+        self.replayed = [d for d in model.domains if d.name not in new_names]
+        for domain in self.trained:
+            _check_guidance(domain, guidance)
+
+        G = model.generator
+        self.parent = copy.deepcopy(G).eval()  # frozen parent for replay
+        self.parent.requires_grad_(False)
+        G.requires_grad_(False)
+        self.params = G.synthesis_parameters()  # the mapping network and the basis stay fixed
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizers = {"G": torch.optim.Adam(self.params, lr=config.lr, betas=config.betas)}
+        self.modules: dict[str, torch.nn.Module] = {"G": G}
+        self.D = model.discriminator if (real_sampler is not None and config.lambda_gan > 0) else None
+        if self.D is not None:
+            # Lazy R1 rescales Adam's hyper-parameters (StyleGAN2 appendix B).
+            ratio = config.r1_every / (config.r1_every + 1)
+            self.optimizers["D"] = torch.optim.Adam(self.D.parameters(), lr=config.lr * ratio, betas=tuple(b**ratio for b in config.betas))
+            self.modules["D"] = self.D
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.step_index = 0
+
+    # ---- state ------------------------------------------------------------------------------------
+
+    def save_state(self, folder: str | Path) -> None:
+        save_training_state(folder, self.modules, self.optimizers, {"rng": self.rng}, {"step": self.step_index, "config": asdict(self.config)})
+
+    def load_state(self, folder: str | Path) -> None:
+        self.step_index = load_training_state(folder, self.modules, self.optimizers, {"rng": self.rng})["step"]
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    def _sample_w(self, n: int) -> torch.Tensor:
+        z = torch.randn(n, self.model.generator.style_dim, generator=self.rng).to(self.model.basis.mean.device)
+        with torch.no_grad():
+            return self.model.generator.mapping(z)
+
+    def _groups(self) -> list[_Group]:
+        model, basis, config = self.model, self.model.basis, self.config
+        groups = []
+        for kind, domains, k in (("replay", self.replayed, config.replay_domains_per_step), ("train", self.trained, config.domains_per_step)):
+            for domain in _choose(domains, k, self.rng):
+                targets = None
+                if kind == "train" and domain.method == "mystyle":
+                    images, w_inverted = self.guidance.mystyle_targets[domain.name]
+                    picks = torch.randint(len(images), (config.batch_size,), generator=self.rng)
+                    w_base, targets = basis.project_base(w_inverted[picks]), images[picks]
+                else:
+                    w_base = basis.project_base(self._sample_w(config.batch_size))
+                w_domain = w_base + model.domain_alpha(domain) * basis.directions[:, domain.direction]
+                groups.append(_Group(kind, domain, w_domain, w_base, targets))
+        return groups
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        """Sample latents, run ONE synthesis call, return the weighted losses of this step."""
+        config, G, guidance = self.config, self.model.generator, self.guidance
+        w_base = self.model.basis.project_base(self._sample_w(config.base_batch_size))  # (Nb, D)
+        groups = self._groups()
+        # NADA/SDS compare each domain image with the same latent's base image (appendix D.2).
+        needs_reference = [g for g in groups if g.kind == "train" and g.domain.method in ("nada", "sds")]
+        batches = [w_base] + [g.w_domain for g in groups] + [g.w_base for g in needs_reference]
+        images = G.synthesis(torch.cat(batches)).split([len(b) for b in batches])  # ONE batched call
+        base_images, group_images = images[0], images[1 : 1 + len(groups)]
+        references = dict(zip((id(g) for g in needs_reference), images[1 + len(groups) :]))
+
+        weighted: dict[str, torch.Tensor] = {}
+
+        def add(name: str, value: torch.Tensor) -> None:
+            weighted[name] = weighted.get(name, 0) + value
+
+        # Replay: the base subspace and the replayed domains' subspaces stay where the parent had them.
+        replay_pairs = [(w_base, base_images)] + [(g.w_domain, img) for g, img in zip(groups, group_images) if g.kind == "replay"]
+        replay_w = torch.cat([w for w, _ in replay_pairs])
+        with torch.no_grad():
+            parent_images = self.parent.synthesis(replay_w)
+        loss_l2, loss_perceptual = loss_replay(torch.cat([img for _, img in replay_pairs]), parent_images, guidance.perceptual)
+        add("loss_replay_l2", config.lambda_replay_l2 * loss_l2)
+        add("loss_replay_perceptual", config.lambda_replay_perceptual * loss_perceptual)
+
+        # Adaptation losses, averaged over this step's trained domains.
+        n_train = max(1, sum(g.kind == "train" for g in groups))
+        for group, domain_images in zip(groups, group_images):
+            domain = group.domain
+            if group.kind != "train":
+                continue
+            if domain.method == "nada":
+                source = domain.source_prompt or config.source_prompt
+                add("loss_nada", config.lambda_nada / n_train * loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt))
+            elif domain.method == "sds":
+                add("loss_sds", config.lambda_sds / n_train * guidance.teacher.loss(domain_images, references[id(group)], domain.prompt, self.rng))
+            elif domain.method == "mystyle":
+                loss = (domain_images - group.targets).square().mean() + guidance.perceptual(domain_images, group.targets).mean()
+                add("loss_mystyle", config.lambda_mystyle / n_train * loss)
+
+        if self.D is not None:
+            add("loss_gan", config.lambda_gan * loss_g_nonsaturating(self.D(base_images)))
+            self._discriminator_step(base_images.detach())
+        return weighted
+
+    def _discriminator_step(self, fake_images: torch.Tensor) -> None:
+        D, config = self.D, self.config
+        real = self.real_sampler(len(fake_images), self.rng).to(fake_images.device)
+        D.requires_grad_(True)
+        loss = loss_d_logistic(D(real), D(fake_images))
+        if self.step_index % config.r1_every == 0:
+            loss = loss + config.r1_gamma / 2 * config.r1_every * loss_r1(D, real)
+        self.optimizers["D"].zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizers["D"].step()
+        D.requires_grad_(False)
+
+    def step(self) -> dict[str, float]:
+        losses = self.losses()
+        optimizer = self.optimizers["G"]
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        self.step_index += 1
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def finish(self) -> ExpandedGenerator:
+        for domain in self.trained:
+            domain.steps += self.step_index
+        self.model.generator.requires_grad_(False)
+        return self.model.eval()
+
+
+def _check_guidance(domain: Domain, guidance: Guidance) -> None:
+    if domain.method in ("nada", "sds") and not (domain.prompt or "").strip():
+        raise ValueError(f"domain {domain.name!r} needs a non-empty prompt")
+    if domain.method == "nada" and guidance.clip is None:
+        raise ValueError(f"domain {domain.name!r} uses nada but no CLIP guidance was given")
+    if domain.method == "sds" and guidance.teacher is None:
+        raise ValueError(f"domain {domain.name!r} uses sds but no diffusion teacher was given")
+    if domain.method == "mystyle" and domain.name not in guidance.mystyle_targets:
+        raise ValueError(f"domain {domain.name!r} uses mystyle but has no inverted target images")
+    if domain.method == "manual":
+        raise ValueError(f"domain {domain.name!r} is 'manual': it has no training loss")
+
+
+def expand(
+    model: ExpandedGenerator,
+    new_domains: list[Domain],
+    guidance: Guidance,
+    config: Optional[ExpansionConfig] = None,
+    state_dir: Optional[str | Path] = None,
+    resume: bool = False,
+    real_sampler: Optional[RealSampler] = None,
+    progress: bool = True,
+) -> ExpandedGenerator:
+    """Train ``new_domains`` (already registered in ``model``) into ``model`` in place and return it.
+
+    Every other domain of ``model`` is replayed (held in place). With ``state_dir``, the full training
+    state is saved every ``checkpoint_every`` steps, and ``resume=True`` continues from it exactly.
+    """
+    trainer = Expander(model, new_domains, guidance, config, real_sampler)
+    config = trainer.config
+    if resume and state_dir is not None and (Path(state_dir) / "state.json").exists():
+        trainer.load_state(state_dir)
+        logger.info("resumed expansion at step %d", trainer.step_index)
+    bar = tqdm(total=config.steps, initial=trainer.step_index, disable=not progress, desc="expand")
+    while trainer.step_index < config.steps:
+        losses = trainer.step()
+        bar.update(1)
+        bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()})
+        if state_dir is not None and (trainer.step_index % config.checkpoint_every == 0 or trainer.step_index == config.steps):
+            trainer.save_state(state_dir)
+    bar.close()
+    return trainer.finish()

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from expander.checkpoint import ExpandedGenerator
+from expander.domains import Domain
+from expander.guidance.clip import ClipGuidance
+from expander.train import ExpansionConfig, Expander, Guidance, expand
+
+
+def pixel_distance(a, b):
+    return (a - b).abs().mean(dim=(1, 2, 3))
+
+
+@pytest.fixture
+def model(tiny_generator, tiny_discriminator):
+    model = ExpandedGenerator.from_generator(tiny_generator, tiny_discriminator, alpha=3.0, num_dormant=8)
+    model.add_domain(Domain("zombie", direction=-1, prompt="a zombie"))
+    model.add_domain(Domain("sketch", direction=-1, prompt="a sketch"))
+    return model
+
+
+@pytest.fixture
+def guidance(tiny_clip_dir):
+    return Guidance(perceptual=pixel_distance, clip=ClipGuidance.from_pretrained([str(tiny_clip_dir)]))
+
+
+SMALL = dict(steps=4, batch_size=2, base_batch_size=2, checkpoint_every=2)
+
+
+def test_nada_step_trains_synthesis_only(model, guidance):
+    mapping_before = {k: v.clone() for k, v in model.generator.style.state_dict().items()}
+    synthesis_before = [p.clone() for p in model.generator.synthesis_parameters()]
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL))
+    losses = trainer.step()
+    assert set(losses) == {"loss_replay_l2", "loss_replay_perceptual", "loss_nada"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    for k, v in model.generator.style.state_dict().items():
+        assert torch.equal(v, mapping_before[k]), k
+    assert any(not torch.equal(a, b) for a, b in zip(synthesis_before, model.generator.synthesis_parameters()))
+
+
+def test_resume_gives_the_same_weights(model, guidance, tmp_path):
+    reference = ExpandedGenerator.from_pretrained  # a pristine copy of the input model each time
+    model.save_pretrained(tmp_path / "start")
+    a = reference(tmp_path / "start")
+    expand(a, list(a.domains), guidance, ExpansionConfig(**SMALL), progress=False)
+    b = reference(tmp_path / "start")
+    expand(b, list(b.domains), guidance, ExpansionConfig(**{**SMALL, "steps": 2}), state_dir=tmp_path / "state", progress=False)
+    c = reference(tmp_path / "start")  # a fresh process would reload the input model, then the state
+    expand(c, list(c.domains), guidance, ExpansionConfig(**SMALL), state_dir=tmp_path / "state", resume=True, progress=False)
+    for key, value in a.weights_dict().items():
+        assert torch.equal(value, c.weights_dict()[key]), key
+    assert [d.steps for d in c.domains] == [4, 4]
+
+
+def test_gan_loss_with_real_images(model, guidance):
+    real = lambda n, rng: torch.rand(n, 3, 16, 16, generator=rng) * 2 - 1  # noqa: E731
+    trainer = Expander(model, [model.get_domain("zombie")], guidance, ExpansionConfig(**SMALL), real_sampler=real)
+    losses = trainer.step()
+    assert "loss_gan" in losses and len(trainer.replayed) == 1
+
+
+def test_bad_domains_are_refused(model, guidance):
+    model.add_domain(Domain("empty", direction=-1, prompt="  "))
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        Expander(model, [model.get_domain("empty")], guidance)
+    with pytest.raises(ValueError, match="must be added"):
+        Expander(model, [Domain("ghost", direction=1, prompt="x")], guidance)
+    with pytest.raises(ValueError, match="no CLIP"):
+        Expander(model, [model.get_domain("zombie")], Guidance(perceptual=pixel_distance))
