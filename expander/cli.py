@@ -261,5 +261,84 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
     click.echo(f"wrote {out}; run `expander directions --model {out} --recompute --out curve.png` to measure its dormancy curve")
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--steps", default=None, type=int, help="Override the recipe's training steps.")
+@click.option("--out", default=None, help="Override the recipe's output folder.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last saved step.")
+@click.option("--force", is_flag=True, help="Allow non-dormant directions named in the recipe.")
+def expand(recipe, steps, out, resume, force):
+    """Joint expansion of a model with every domain of a recipe file (see recipes/).
+
+    \b
+    Example:
+      expander expand recipes/world-nada-10.yaml
+      expander expand recipes/world-nada-10.yaml --resume
+    """
+    from .expansion import run_expansion
+    from .recipes import Recipe
+
+    try:
+        plan = Recipe.load(recipe)
+        if steps is not None:
+            plan.training.steps = steps
+        model = run_expansion(plan.model, plan.domains, out or plan.out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force)
+    except (FileNotFoundError, ValueError, IndexError) as err:
+        _fail(str(err))
+    click.echo(f"wrote {out or plan.out} with {len(model.domains)} domains: {', '.join(model.domain_names)}")
+
+
+@main.command(name="add-domain")
+@click.argument("prompt", required=False)
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--method", type=click.Choice(["nada", "sds", "mystyle"]), default=None, help="Default: nada for a prompt, mystyle with --images.")
+@click.option("--images", default=None, help="Folder of photos of one subject (mystyle), or world:subject:SEED.")
+@click.option("--name", default=None, help="Domain name (default: derived from the prompt or the folder).")
+@click.option("--direction", default=-1, show_default=True, type=int, help="Direction to repurpose; -1 = the most dormant free one.")
+@click.option("--alpha", default=None, type=float, help="Distance of the new subspace (default: the model's alpha).")
+@click.option("--steps", default=150, show_default=True, type=click.IntRange(1))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder (default: the model folder, or $EXPANDER_HOME/models/NAME for registered models).")
+@click.option("--force", is_flag=True, help="Allow a non-dormant direction.")
+@click.option("--seed", default=0, show_default=True)
+def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed):
+    """Add one domain to an existing expanded model; existing domains are replayed, not forgotten.
+
+    \b
+    Example:
+      expander add-domain "a portrait of a person with glasses" --name glasses
+      expander add-domain --images photos/me --name me --steps 300
+    """
+    from .domains import Domain
+    from .expansion import run_expansion
+    from .hub import resolve_model_folder
+    from .registry import expander_home, load_registries
+    from .train import ExpansionConfig
+
+    method = method or ("mystyle" if images else "nada")
+    if method in ("nada", "sds") and not (prompt or "").strip():
+        _fail(f"a {method} domain needs a non-empty PROMPT, e.g. expander add-domain \"a portrait of a zombie\"")
+    if method == "mystyle" and not images:
+        _fail("a mystyle domain needs --images FOLDER")
+    name = name or _slug(prompt or Path(images).name)
+    try:
+        folder, model_name = resolve_model_folder(model)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    registered = model_name in load_registries().models
+    out = Path(out) if out else (expander_home() / "models" / model_name if registered else folder)
+    domain = Domain(name=name, direction=direction, method=method, prompt=prompt, images=images, alpha=alpha)
+    config = ExpansionConfig(steps=steps, seed=seed, domains_per_step=1)
+    try:
+        result = run_expansion(str(folder), [domain], out, config, name=model_name if registered else None, force=force)
+    except (FileNotFoundError, ValueError, IndexError) as err:
+        _fail(str(err))
+    click.echo(f"added {name!r} on direction {result.get_domain(name).direction}; wrote {out} ({len(result.domains)} domains)")
+
+
+def _slug(text: str) -> str:
+    words = [w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split() if w not in {"a", "an", "the", "of", "with", "portrait", "person", "photo"}]
+    return "-".join(words[:4]) or "domain"
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

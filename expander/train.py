@@ -49,6 +49,10 @@ class ExpansionConfig:
     lambda_nada: float = 1.0
     lambda_sds: float = 1.0
     lambda_mystyle: float = 1.0
+    lambda_sds_directional: float = 1.0  # SDS directional regularizer (0 = off)
+    sds_t_min: float = 0.02  # SDS timestep range, as fractions of the teacher's steps
+    sds_t_max: float = 0.5
+    sds_guidance_scale: float = 7.5
     lambda_replay_l2: float = 10.0  # paper: ~10
     lambda_replay_perceptual: float = 10.0  # paper: ~10
     lambda_gan: float = 0.1  # used only with a discriminator and real images

@@ -1,0 +1,86 @@
+"""From a recipe or an `add-domain` call to a saved, registered expanded checkpoint.
+
+Everything that can be checked is checked before training starts, and the result is written
+atomically at the end, so a bad input or a crash never leaves a half-written checkpoint or registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .checkpoint import ExpandedGenerator
+from .domains import Domain
+from .hub import load_model
+from .losses.mystyle import invert_images
+from .registry import entry_for_model, register_user_model
+from .train import ExpansionConfig, expand
+
+logger = logging.getLogger(__name__)
+
+
+def load_domain_images(source: str, resolution: int) -> torch.Tensor:
+    """Images of a mystyle domain: a folder, or ``world:subject:SEED`` (one world identity, 10 poses)."""
+    if source.startswith("world:subject:"):
+        from .world.renderer import render, subject_factors
+
+        seed = int(source.rsplit(":", 1)[1])
+        images = render(subject_factors(10, torch.Generator().manual_seed(seed)))
+        if images.shape[-1] != resolution:
+            images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+        return images
+    from .utils.images import load_image_folder
+
+    return load_image_folder(source, resolution)
+
+
+def run_expansion(
+    model: Optional[str],
+    domains: list[Domain],
+    out: str | Path,
+    config: Optional[ExpansionConfig] = None,
+    guidance_spec: Optional[dict[str, Any]] = None,
+    name: Optional[str] = None,
+    resume: bool = False,
+    force: bool = False,
+    real_data: bool = True,
+    progress: bool = True,
+    inversion_steps: int = 200,
+) -> ExpandedGenerator:
+    """Load the parent, register ``domains`` on free dormant directions, train, save to ``out``, register."""
+    from .guidance.build import build_guidance
+
+    config = config or ExpansionConfig()
+    out = Path(out)
+    parent = load_model(model)
+    for domain in domains:
+        parent.add_domain(domain, force=force)  # validates names and directions before any work
+    guidance = build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config)
+    for domain in domains:
+        if domain.method == "mystyle":
+            images = load_domain_images(domain.images, parent.generator.resolution)
+            w = invert_images(parent.generator, images, guidance.perceptual, steps=inversion_steps, progress=progress)
+            guidance.mystyle_targets[domain.name] = (images, w)
+    real_sampler = _world_real_sampler(parent) if real_data else None
+    state_dir = out.parent / f".{out.name}.state"
+    expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress)
+    parent.save_pretrained(out)
+    if name:
+        register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent))
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return parent
+
+
+def _world_real_sampler(model: ExpandedGenerator):
+    """Real source-domain images for the GAN loss: renders, for world models; none for others."""
+    from .guidance.perceptual import is_world_model
+
+    if not is_world_model(model) or model.discriminator is None:
+        return None
+    from .world.renderer import sample_portraits
+
+    return lambda n, rng: sample_portraits(n, rng, with_captions=False).images

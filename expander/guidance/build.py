@@ -1,0 +1,49 @@
+"""Build the frozen guidance models an expansion needs, once, from short names.
+
+World parents default to the world's models (offline); real parents to the Hub models named here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from ..checkpoint import ExpandedGenerator
+from .perceptual import is_world_model, load_perceptual
+
+REAL_CLIP = ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16")
+REAL_DIFFUSION = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+WORLD = "world"
+
+
+def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optional[dict[str, Any]] = None, config=None, device: str = "cpu"):
+    """A :class:`expander.train.Guidance` with only what ``methods`` need (``config``: ExpansionConfig)."""
+    from ..losses.sds import ScoreDistillation, SdsConfig
+    from ..train import ExpansionConfig, Guidance
+
+    config = config or ExpansionConfig()
+
+    spec = dict(spec or {})
+    world = is_world_model(model)
+    guidance = Guidance(perceptual=load_perceptual(spec.get("perceptual", "auto"), model))
+    if "nada" in methods:
+        from .clip import ClipEncoder, ClipGuidance
+
+        clip = spec.get("clip", WORLD if world else list(REAL_CLIP))
+        if clip == WORLD:
+            from ..world.clip import WORLD_CLIP_DIR, WORLD_TEMPLATES
+
+            guidance.clip = ClipGuidance([ClipEncoder.from_pretrained(str(WORLD_CLIP_DIR), device)], templates=WORLD_TEMPLATES)
+        else:
+            guidance.clip = ClipGuidance.from_pretrained([clip] if isinstance(clip, str) else list(clip), device=device)
+    if "sds" in methods:
+        diffusion = spec.get("diffusion", WORLD if world else REAL_DIFFUSION)
+        sds = SdsConfig(t_min=config.sds_t_min, t_max=config.sds_t_max, guidance_scale=config.sds_guidance_scale, lambda_directional=config.lambda_sds_directional)
+        if diffusion == WORLD:
+            from ..world.teacher import WorldTeacher
+
+            guidance.teacher = ScoreDistillation(WorldTeacher(), sds)
+        else:
+            from .diffusion import StableDiffusionGuidance
+
+            guidance.teacher = ScoreDistillation(StableDiffusionGuidance.from_pretrained(diffusion, device=device), sds)
+    return guidance

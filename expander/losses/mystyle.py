@@ -1,0 +1,36 @@
+"""MyStyle (Nitzan et al. 2022), few-shot personalisation: invert the subject's images into W with the
+parent generator; training then reconstructs them from the domain's repurposed subspace."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..generators.stylegan2 import Generator
+
+
+def invert_images(
+    generator: Generator,
+    images: torch.Tensor,
+    perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int = 200,
+    lr: float = 0.05,
+    lambda_l2: float = 1.0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Optimise one w per image (starting at the mean w) to reconstruct it: (N, 3, R, R) -> (N, D).
+
+    The generator is frozen; the result lies in W (not W+), as the subspaces are defined in W.
+    """
+    generator.requires_grad_(False)
+    w = generator.w_avg.detach().clone().unsqueeze(0).repeat(len(images), 1).requires_grad_(True)
+    optimizer = torch.optim.Adam([w], lr=lr)
+    for _ in tqdm(range(steps), disable=not progress, desc="inverting images"):
+        reconstruction = generator.synthesis(w)
+        loss = perceptual(reconstruction, images).mean() + lambda_l2 * (reconstruction - images).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return w.detach()

@@ -1,0 +1,123 @@
+"""Expansion recipes: a YAML file that says which model to expand, with which domains and settings.
+
+```yaml
+model: world-portraits            # registered name, folder, or Hub repo id of the parent
+out: runs/world-nada-10           # where the expanded checkpoint is written
+name: world-nada-10               # optional: register the result under this name
+guidance:                         # optional; defaults pick the world's models for world parents
+  clip: [openai/clip-vit-base-patch32, openai/clip-vit-base-patch16]   # or "world"
+  perceptual: auto                # auto | world | lpips-vgg | lpips-alex
+  diffusion: world                # or a diffusers Stable Diffusion id, for sds domains
+training:                         # any expander.train.ExpansionConfig field
+  steps: 300
+  seed: 0
+domains:
+  - {name: glasses, method: nada, prompt: "a portrait of a person with glasses"}
+  - {name: me, method: mystyle, images: photos/me, direction: 100, alpha: 5.0}
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .domains import METHODS, Domain
+from .train import ExpansionConfig
+
+_TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description"}
+_GUIDANCE_KEYS = {"clip", "perceptual", "diffusion"}
+_DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha"}
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class Recipe:
+    model: Optional[str]
+    out: str
+    domains: list[Domain]
+    training: ExpansionConfig
+    name: Optional[str] = None
+    description: str = ""
+    guidance: dict[str, Any] = field(default_factory=dict)
+    path: Optional[Path] = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+        return cls.from_dict(data, where=str(path), base_dir=path.parent)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe", base_dir: Optional[Path] = None) -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where} must be a mapping with keys {sorted(_TOP_KEYS)}")
+        unknown = sorted(set(data) - _TOP_KEYS)
+        if unknown:
+            raise RecipeError(f"{where} has unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
+        if "out" not in data:
+            raise RecipeError(f"{where} needs 'out': the folder for the expanded checkpoint")
+        guidance = data.get("guidance") or {}
+        bad = sorted(set(guidance) - _GUIDANCE_KEYS)
+        if bad:
+            raise RecipeError(f"{where}: unknown guidance keys {bad}; allowed: {sorted(_GUIDANCE_KEYS)}")
+        try:
+            training = ExpansionConfig.from_dict(data.get("training") or {})
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"{where}: {err}") from None
+        entries = data.get("domains")
+        if not isinstance(entries, list) or not entries:
+            raise RecipeError(f"{where} needs a non-empty 'domains' list")
+        domains, seen = [], set()
+        for i, entry in enumerate(entries):
+            domains.append(_domain(entry, f"{where}: domains[{i}]", base_dir))
+            if domains[-1].name in seen:
+                raise RecipeError(f"{where}: duplicate domain name {domains[-1].name!r}")
+            seen.add(domains[-1].name)
+        return cls(data.get("model"), str(data["out"]), domains, training, data.get("name"), data.get("description", ""), guidance)
+
+
+def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
+    if not isinstance(entry, dict):
+        raise RecipeError(f"{where} must be a mapping")
+    unknown = sorted(set(entry) - _DOMAIN_KEYS)
+    if unknown:
+        raise RecipeError(f"{where} has unknown keys {unknown}; allowed: {sorted(_DOMAIN_KEYS)}")
+    if not entry.get("name"):
+        raise RecipeError(f"{where} needs a 'name'")
+    method = entry.get("method") or ("mystyle" if entry.get("images") else "nada")
+    if method not in METHODS or method == "manual":
+        raise RecipeError(f"{where}: method must be nada, sds or mystyle, got {method!r}")
+    if method in ("nada", "sds") and not str(entry.get("prompt") or "").strip():
+        raise RecipeError(f"{where}: a {method} domain needs a non-empty 'prompt'")
+    images = entry.get("images")
+    if method == "mystyle":
+        if not images:
+            raise RecipeError(f"{where}: a mystyle domain needs 'images' (a folder of photos of the subject)")
+        if base_dir is not None and not Path(images).is_absolute() and not str(images).startswith("world:"):
+            images = str((base_dir / images).resolve())
+    direction = entry.get("direction", "auto")
+    if direction in (None, "auto"):
+        direction = -1
+    if not isinstance(direction, int) or isinstance(direction, bool):
+        raise RecipeError(f"{where}: direction must be an integer or 'auto', got {direction!r}")
+    return Domain(
+        name=str(entry["name"]),
+        direction=direction,
+        method=method,
+        prompt=entry.get("prompt"),
+        source_prompt=entry.get("source_prompt"),
+        images=images,
+        alpha=entry.get("alpha"),
+    )
