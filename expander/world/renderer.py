@@ -286,11 +286,16 @@ def _draw_nose(canvas, g, px):
 
 def _draw_beard(canvas, g, px):
     beard = torch.maximum(_ellipse(g["x"], g["y"], 0, 0, g["head_rx"] + 0.01, g["head_ry"] + 0.01), 0.15 - g["y"])
-    return _paint(canvas, _cover(beard, px), g["hair"] * 0.85)
+    return _paint(canvas, _cover(beard, px), _facial_hair(g))
 
 
 def _draw_moustache(canvas, g, px):
-    return _paint(canvas, _cover(_ellipse(g["x"], g["y"], 0, 0.19, 0.14, 0.035), px), g["hair"] * 0.7)
+    return _paint(canvas, _cover(_ellipse(g["x"], g["y"], 0, 0.19, 0.15, 0.04), px), _facial_hair(g) * 0.8)
+
+
+def _facial_hair(g) -> torch.Tensor:
+    """Darker than the head hair, so beards stay visible on every skin tone."""
+    return 0.45 * g["hair"] + 0.55 * torch.tensor([0.10, 0.07, 0.05])
 
 
 _MOUTH_Y = 0.26

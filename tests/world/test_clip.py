@@ -1,0 +1,187 @@
+"""The world CLIP: Hub-style loading, tokenizer/pooling consistency, encoders, training loop, quality.
+
+Quality checks load the shipped weights (``expander/world/weights/clip``) and use loose thresholds
+(the report of the training run has the exact numbers), so they are not flaky.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from expander.world import clip as world_clip
+from expander.world import renderer
+from expander.world.clip import (
+    EOS_ID,
+    WORLD_CLIP_DIR,
+    WORLD_TEMPLATES,
+    check_vocabulary,
+    clip_pixel_values,
+    contrastive_loss,
+    encode_images,
+    encode_text,
+    load_clip,
+    load_world_clip,
+)
+
+pytestmark = pytest.mark.skipif(not (WORLD_CLIP_DIR / "model.safetensors").exists(), reason="world CLIP weights not trained yet")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_world_clip()
+
+
+def test_loads_through_the_generic_hub_path(world):
+    from transformers import CLIPModel
+
+    model, tokenizer = world
+    assert isinstance(model, CLIPModel) and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    # Exactly what a real user's `load_clip("openai/clip-vit-base-patch32")` does, on the folder.
+    generic, generic_tokenizer = load_clip(str(WORLD_CLIP_DIR))
+    for (name, a), (_, b) in zip(model.state_dict().items(), generic.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert generic_tokenizer("a photo of a zombie")["input_ids"] == tokenizer("a photo of a zombie")["input_ids"]
+    # Only inference files are shipped (resumable training state lives elsewhere).
+    assert not list(WORLD_CLIP_DIR.glob("state*"))
+
+
+def test_guidance_encoder_reads_size_and_normalisation():
+    from expander.guidance.clip import OPENAI_MEAN, ClipEncoder
+
+    encoder = ClipEncoder.from_pretrained(str(WORLD_CLIP_DIR))
+    assert encoder.image_size == 64
+    assert tuple(encoder.image_mean) == pytest.approx(OPENAI_MEAN)
+
+
+def test_tokenizer_and_text_config_agree_on_special_tokens(world):
+    model, tokenizer = world
+    text = model.config.text_config
+    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2, 3)
+    assert (text.pad_token_id, text.bos_token_id, text.eos_token_id) == (0, 2, EOS_ID)
+    assert text.eos_token_id != 2  # 2 selects transformers' legacy argmax-of-ids pooling
+    assert text.vocab_size == len(tokenizer)
+    ids = tokenizer("A Portrait of a person.")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
+    # Long prompts are truncated to the position table and still end with <eos>.
+    long = tokenizer(["a person with " + " and ".join(["glasses"] * 40)], truncation=True)["input_ids"][0]
+    assert len(long) == text.max_position_embeddings and long[-1] == tokenizer.eos_token_id
+
+
+def test_pooled_text_output_is_the_eos_state(world):
+    model, tokenizer = world
+    prompts = ["a zombie", "a portrait of a person with glasses and a golden crown", "a sketch of a face"]
+    tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+    out = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    eos = (tokens["input_ids"] == tokenizer.eos_token_id).int().argmax(1)  # (N,)
+    assert len(set(eos.tolist())) == len(prompts)  # different lengths: padding follows <eos>
+    expected = out.last_hidden_state[torch.arange(len(prompts)), eos]
+    torch.testing.assert_close(out.pooler_output, expected)
+
+
+def test_every_caption_and_template_is_in_vocabulary(world):
+    _, tokenizer = world
+    labels = torch.rand(256, len(renderer.ATTRIBUTES), generator=torch.Generator().manual_seed(5)) < 0.2
+    rng = torch.Generator().manual_seed(6)
+    texts = renderer.caption(labels, rng) + world_clip.compose_captions(labels, rng)
+    texts += [t.format(world_clip.attribute_prompt(a, p)) for t in WORLD_TEMPLATES for a, ps in renderer.ATTRIBUTE_PHRASES.items() for p in ps]
+    assert [t for t in texts if check_vocabulary(tokenizer, t)] == []
+
+
+def test_out_of_vocabulary_words_warn_and_are_listed(world):
+    model, tokenizer = world
+    assert check_vocabulary(tokenizer, "A portrait of a person with a Jetpack and wings.") == ["jetpack", "wings"]
+    with pytest.warns(UserWarning, match=r"jetpack.*wings"):
+        encode_text(model, tokenizer, ["a portrait of a person with a jetpack", "wings"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_text(model, tokenizer, ["a photo of a portrait of a person with glasses."])
+
+
+def test_subword_tokenizers_have_no_out_of_vocabulary_words():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(unk_token="<unk>")), unk_token="<unk>")
+    assert check_vocabulary(bpe, "anything at all") == []
+
+
+def test_encoders_are_deterministic_and_normalised(world):
+    model, tokenizer = world
+    prompts = ["a portrait of a person", "a zombie wearing a hat"]
+    t1, t2 = encode_text(model, tokenizer, prompts), encode_text(model, tokenizer, prompts)
+    images = renderer.sample_portraits(3, 0, attributes=["glasses"]).images
+    i1, i2 = encode_images(model, images), encode_images(model, images)
+    assert t1.shape == (2, 128) and i1.shape == (3, 128)
+    assert torch.equal(t1, t2) and torch.equal(i1, i2)
+    torch.testing.assert_close(i1.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(t1.norm(dim=-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_gradients_flow_from_image_embeddings_to_pixels(world, size):
+    model, tokenizer = world
+    images = renderer.sample_portraits(2, 1).images
+    images = torch.nn.functional.interpolate(images, size=size, mode="area").requires_grad_(True)
+    direction = encode_text(model, tokenizer, ["a zombie"]) - encode_text(model, tokenizer, ["a portrait of a person"])
+    (1 - (encode_images(model, images) @ direction.t())).sum().backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_clip_pixel_values_normalises_and_resizes():
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    pixels = clip_pixel_values(images, 64, mean, std)
+    expected = ((images + 1) / 2 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(pixels, expected)
+    assert clip_pixel_values(images, 224, mean, std).shape == (2, 3, 224, 224)
+
+
+def test_contrastive_loss_treats_equal_attribute_sets_as_positives():
+    labels = torch.tensor([[0, 0], [0, 0], [1, 0], [0, 1]], dtype=torch.bool)
+    same = (labels[:, None] == labels[None]).all(-1).float()
+    # Logits that score every equal-label pair high are (near) optimal; swapping two classes is not.
+    good = contrastive_loss(20 * same, labels)
+    bad = contrastive_loss(20 * same[[2, 3, 0, 1]], labels)
+    assert good < 0.75 and bad > good + 5  # optimum is log(2)/2 ~ 0.35: the two source rows share mass
+
+
+def test_training_resumes_exactly(tmp_path, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = world_clip.ClipTrainingConfig(steps=4, batch_size=6, warmup=2, save_every=2)
+    straight = world_clip.train_world_clip(tmp_path / "a", config=config, progress=False)
+
+    # Second run: crash on the third batch (after the step-2 checkpoint), then resume.
+    calls = {"n": 0}
+    original = world_clip.sample_training_batch
+
+    def crashing(n, rng):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(n, rng)
+
+    monkeypatch.setattr(world_clip, "sample_training_batch", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        world_clip.train_world_clip(tmp_path / "b", config=config, progress=False)
+    monkeypatch.setattr(world_clip, "sample_training_batch", original)
+    resumed = world_clip.train_world_clip(tmp_path / "b", config=config, progress=False)
+
+    a, _ = load_clip(str(straight))
+    b, _ = load_clip(str(resumed))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_retrieval_and_paraphrase_consistency(world):
+    model, tokenizer = world
+    metrics = world_clip.evaluate_world_clip(model, tokenizer, per_class=16)
+    assert metrics["retrieval_mean"] >= 0.8, world_clip.format_metrics(metrics)
+    assert min(metrics["retrieval_accuracy"].values()) >= 0.4, world_clip.format_metrics(metrics)
+    assert metrics["paraphrase_within"] > metrics["paraphrase_between"] + 0.1
+    assert metrics["paraphrase_fraction"] >= 15 / 17, world_clip.format_metrics(metrics)

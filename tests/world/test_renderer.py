@@ -1,0 +1,92 @@
+import time
+
+import pytest
+import torch
+
+from expander.world import renderer
+from expander.world.renderer import ATTRIBUTE_PHRASES, ATTRIBUTES, SOURCE_FACTORS, render, sample_factors, sample_portraits, subject_factors
+
+
+def test_deterministic_shapes_and_ranges():
+    a, b = sample_portraits(8, 3), sample_portraits(8, 3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not torch.equal(a.images, sample_portraits(8, 4).images)
+    assert a.images.shape == (8, 3, 64, 64) and a.images.min() >= -1 and a.images.max() <= 1
+    assert a.factors.shape == (8, len(SOURCE_FACTORS)) and a.labels.shape == (8, len(ATTRIBUTES))
+    assert len(ATTRIBUTES) >= 16 and len(SOURCE_FACTORS) >= 10
+
+
+def test_source_domain_has_no_attributes_and_is_diverse():
+    batch = sample_portraits(64, 0)
+    assert not batch.labels.any()
+    assert batch.images.std(0).mean() > 0.15  # portraits differ from one another
+    assert all(not any(p in c for a in ATTRIBUTES for p in ATTRIBUTE_PHRASES[a]) for c in batch.captions)
+
+
+def _with_and_without(attribute: str, n: int = 16):
+    factors = sample_factors(n, torch.Generator().manual_seed(1))
+    labels = torch.zeros(n, len(ATTRIBUTES), dtype=torch.bool)
+    plain = render(factors, labels)
+    labels[:, ATTRIBUTES.index(attribute)] = True
+    return plain, render(factors, labels), factors
+
+
+def _face_mean(images: torch.Tensor) -> torch.Tensor:
+    return images[:, :, 34:42, 22:42].mean(dim=(0, 2, 3))  # cheeks/mouth area, roughly centred
+
+
+def test_skin_attributes_change_face_colour_the_expected_way():
+    plain, zombie, _ = _with_and_without("zombie")
+    delta = _face_mean(zombie) - _face_mean(plain)
+    assert delta[1] > delta[0] and delta[1] > delta[2]  # greener
+    plain, blue, _ = _with_and_without("blue_skin")
+    delta = _face_mean(blue) - _face_mean(plain)
+    assert delta[2] > 0.2 and delta[0] < 0
+
+
+def test_sunglasses_darken_the_eyes_and_styles_hold():
+    plain, shades, _ = _with_and_without("sunglasses")
+    eyes = slice(24, 34)
+    assert shades[:, :, eyes, 16:48].mean() < plain[:, :, eyes, 16:48].mean() - 0.2
+    _, sketch, _ = _with_and_without("sketch")
+    assert (sketch - sketch.mean(1, keepdim=True)).abs().max() < 1e-5  # greyscale
+    _, pixel, _ = _with_and_without("pixel_art")
+    blocks = pixel.unfold(2, 4, 4).unfold(3, 4, 4)  # constant on 4x4 blocks
+    assert (blocks - blocks[..., :1, :1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("attribute", ["hat", "crown", "cat_ears"])
+def test_headwear_changes_pixels_above_the_head(attribute):
+    plain, worn, _ = _with_and_without(attribute)
+    assert (worn[:, :, :16] - plain[:, :, :16]).abs().mean() > 0.05
+
+
+def test_every_attribute_is_visible_and_captioned():
+    for attribute in ATTRIBUTES:
+        plain, with_it, _ = _with_and_without(attribute, n=4)
+        assert (with_it - plain).abs().amax(dim=(1, 2, 3)).min() > 0.3, attribute  # a clearly changed region in every image
+        batch = sample_portraits(6, 2, attributes=[attribute])
+        for text in batch.captions:
+            assert any(p in text for p in ATTRIBUTE_PHRASES[attribute]), (attribute, text)
+
+
+def test_conflicting_skin_attributes_keep_the_later_one():
+    batch = sample_portraits(2, 0, attributes=["zombie", "blue_skin"])
+    assert batch.labels[:, ATTRIBUTES.index("blue_skin")].all() and not batch.labels[:, ATTRIBUTES.index("zombie")].any()
+    with pytest.raises(ValueError, match="unknown attributes"):
+        sample_portraits(2, 0, attributes=["wings"])
+
+
+def test_subject_keeps_identity_and_varies_pose():
+    factors = subject_factors(10, torch.Generator().manual_seed(0))
+    fixed = [SOURCE_FACTORS.index(n) for n in ("skin_tone", "hair_colour", "hair_style", "eye_colour", "face_width")]
+    varying = [SOURCE_FACTORS.index(n) for n in ("head_x", "tilt")]
+    assert factors[:, fixed].std(0).max() == 0 and factors[:, varying].std(0).min() > 0
+
+
+def test_speed_smoke():
+    torch.set_num_threads(1)  # thread oversubscription on a busy machine would measure the machine, not us
+    renderer.sample_portraits(64, 0)  # warm-up
+    start = time.perf_counter()
+    sample_portraits(256, 1, attribute_prob=0.15)
+    assert time.perf_counter() - start < 5.0  # ~0.15 s on an idle 2-core CPU; generous for loaded machines
