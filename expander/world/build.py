@@ -1,0 +1,46 @@
+"""`expander world build --what ...`: (re)train one of the world's models and install it in the package.
+
+Training state lives under ``runs/`` (resumable); only the final inference files are copied into
+``expander/world/weights/``. The shipped weights were produced by exactly these calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+
+
+
+def build(what: str, steps: Optional[int] = None, runs: Path = Path("runs"), resume: bool = True) -> Path:
+    runs = Path(runs)
+    if what == "gan":
+        from .gan import GanTrainingConfig, train_world_gan
+
+        config = GanTrainingConfig(steps=steps) if steps else GanTrainingConfig()
+        return train_world_gan(runs / "world-gan", config, resume=resume)
+    if what == "parent":
+        from .models import load_world_perceptual
+        from .parent import PARENT_DIR, build_world_parent, load_gan_export
+
+        export = runs / "world-gan" / "export"
+        if not export.is_dir():
+            raise FileNotFoundError(f"no trained world GAN in {export}; run `expander world build --what gan` first")
+        G, D = load_gan_export(export)
+        build_world_parent(G, D, PARENT_DIR, perceptual=load_world_perceptual())
+        return PARENT_DIR
+    if what == "clip":
+        from .clip import ClipTrainingConfig, evaluate_world_clip, export_world_clip, load_world_clip, train_world_clip
+
+        model_dir = train_world_clip(runs / "world-clip", steps or ClipTrainingConfig.steps, resume=resume)
+        model, tokenizer = load_world_clip(model_dir)
+        return export_world_clip(model_dir, metrics=evaluate_world_clip(model, tokenizer))
+    if what == "classifier":
+        from .classifier import train_world_classifier
+
+        return train_world_classifier(runs / "world-classifier", **({"steps": steps} if steps else {}), resume=resume)
+    if what == "perceptual":
+        from .perceptual import train_world_perceptual
+
+        return train_world_perceptual(runs / "world-perceptual", **({"steps": steps} if steps else {}), resume=resume)
+    raise ValueError(f"unknown world part {what!r}")
