@@ -7,9 +7,12 @@ Shapes are signed-distance fields on a pixel grid, anti-aliased over one pixel a
 to front, all as batched tensor ops (no Python loop over images), so thousands of portraits render
 per second on a CPU.
 
-Conflicts between attributes, resolved in ``ATTRIBUTES`` order (the later one wins):
-skin: ``zombie`` then ``blue_skin``; eyes: ``glasses``, ``sunglasses``, then ``eyepatch`` drawn on
-top (all visible, the patch covers the right eye); whole-image styles apply in the order
+Conflicts between attributes (``CONFLICTS``, applied by ``resolve_conflicts``, by ``render`` and
+by ``sample_portraits``, whose returned labels are the resolved ones): ``zombie`` + ``blue_skin``
+keeps ``blue_skin`` and ``glasses`` + ``sunglasses`` keeps ``sunglasses`` (the later in
+``ATTRIBUTES`` wins). Every other combination stays visible: ``eyepatch`` is drawn over the right
+eye on top of either kind of glasses, ``cat_ears`` are drawn over a ``hat`` (which would otherwise
+hide them), a ``crown`` sits over a ``hat``, and the whole-image styles apply in the order
 ``sketch``, ``pop_art``, ``pixel_art``.
 
 Categorical factors (stored as float indices): ``hair_colour`` (black, brown, blonde, red, grey),
@@ -151,6 +154,7 @@ def render(factors: torch.Tensor, labels: Optional[torch.Tensor] = None, resolut
     """Deterministic rendering of (N, F) factors with (N, A) bool labels -> (N, 3, R, R) in [-1, 1]."""
     if labels is None:
         labels = torch.zeros(factors.shape[0], len(ATTRIBUTES), dtype=torch.bool)
+    labels = resolve_conflicts(labels)
     with torch.no_grad():
         return torch.cat([_render_chunk(f, l, resolution) for f, l in zip(factors.split(RENDER_CHUNK), labels.split(RENDER_CHUNK))])
 
@@ -165,13 +169,12 @@ def _render_chunk(factors: torch.Tensor, labels: torch.Tensor, resolution: int) 
 
     # Head frame: translate, then rotate by the tilt; face features are drawn in (x, y), in units
     # where the head is about 1.2 high (the image is 2 high).
-    cx, cy = (f["head_x"] - 0.5) * 0.24, (f["head_y"] - 0.5) * 0.14 - 0.02
+    cx, cy = (f["head_x"] - 0.5) * 0.24, (f["head_y"] - 0.5) * 0.14 - 0.02  # (N, 1, 1, 1) each
     angle = (f["tilt"] - 0.5) * math.radians(30)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    scale = 1.0 / 1.3  # face features below were laid out for a smaller head; this enlarges the portrait
-    x = (cos * (gx - cx) + sin * (gy - cy)) * scale
-    y = (-sin * (gx - cx) + cos * (gy - cy)) * scale
-    px = pixel * scale  # one pixel, in face units
+    x = (cos * (gx - cx) + sin * (gy - cy)) * _FACE_SCALE  # (N, 1, R, R)
+    y = (-sin * (gx - cx) + cos * (gy - cy)) * _FACE_SCALE
+    px = pixel * _FACE_SCALE  # one pixel, in face units
     skin = _SKIN_LIGHT + (_SKIN_DARK - _SKIN_LIGHT) * factors[:, SOURCE_FACTORS.index("skin_tone"), None]  # (N, 3)
     skin = skin + (_ZOMBIE_SKIN - skin) * labels[:, ATTRIBUTES.index("zombie"), None].float()
     skin = skin + (_BLUE_SKIN - skin) * labels[:, ATTRIBUTES.index("blue_skin"), None].float()
@@ -181,49 +184,98 @@ def _render_chunk(factors: torch.Tensor, labels: torch.Tensor, resolution: int) 
         "skin": skin, "hair": _HAIR[factors[:, SOURCE_FACTORS.index("hair_colour")].long()],
         "eye_dx": 0.13 + 0.08 * f["eye_spacing"], "eye_r": 0.055 + 0.035 * f["eye_size"],
         "style": f["hair_style"], "f": f,
+        "cx": cx, "cy": cy, "cos": cos, "sin": sin,  # the head frame, to find the pixels a feature can touch
     }
 
     # Background: a pastel hue with a soft vertical gradient; shirt and neck are not tilted.
     background = _hsv_to_rgb(factors[:, SOURCE_FACTORS.index("background_hue")], 0.35, 0.95)[:, :, None, None]
     canvas = (background * (1.0 - 0.12 * (gy + 1) / 2)).expand(n, 3, resolution, resolution).contiguous()
     shirt = _hsv_to_rgb(factors[:, SOURCE_FACTORS.index("shirt_hue")], 0.6, 0.7)
-    canvas = _paint(canvas, _cover(_ellipse(gx, gy, cx, 1.18, 0.70, 0.40), pixel), shirt)
-    canvas = _paint(canvas, _cover(_box(x, y, 0, g["head_ry"] * 0.95, 0.11, 0.18), px), skin * 0.9)
+    shirt_rows = slice(max(0, int((1 + _SHIRT_TOP) / pixel) - 2), resolution)  # the shirt only reaches the bottom rows
+    _paint(canvas[:, :, shirt_rows], _cover(_ellipse(gx[..., shirt_rows, :], gy[..., shirt_rows, :], cx, 1.18, 0.70, 0.40), pixel), shirt)
 
-    layers = [
-        (None, _draw_long_hair), (None, _draw_ears), ("elf_ears", _draw_elf_ears), ("cat_ears", _draw_cat_ears),
-        (None, _draw_face), ("zombie", _draw_eye_sockets), (None, _draw_eyes), (None, _draw_nose),
-        ("beard", _draw_beard), ("moustache", _draw_moustache), (None, _draw_mouth), ("fangs", _draw_fangs),
-        ("freckles", _draw_freckles), ("clown_nose", _draw_clown_nose), ("glasses", _draw_glasses),
-        ("sunglasses", _draw_sunglasses), ("eyepatch", _draw_eyepatch), ("hat", _draw_hat), ("crown", _draw_crown),
-    ]
-    for attribute, draw in layers:
-        if attribute is None:
-            canvas = draw(canvas, g, px)
+    for when, draw, box in _LAYERS:
+        if when is None:
+            _draw_layer(draw, canvas, g, px, box)
             continue
-        # Attribute layers are drawn only on the images that carry them (most images carry none).
-        index = labels[:, ATTRIBUTES.index(attribute)].nonzero().squeeze(1)
+        # Conditional layers are drawn only on the images that need them (most images carry no attribute).
+        if callable(when):
+            chosen = when(g)
+        else:
+            required = [ATTRIBUTES.index(a) for a in ((when,) if isinstance(when, str) else when)]
+            chosen = labels[:, required].all(1)
+        index = chosen.nonzero().squeeze(1)
         if len(index):
-            sub = {k: ({kk: vv[index] for kk, vv in v.items()} if isinstance(v, dict) else v[index]) for k, v in g.items()}
-            canvas[index] = draw(canvas[index], sub, px)
-    has = {name: labels[:, i].float().view(n, 1, 1, 1) for i, name in enumerate(ATTRIBUTES)}
-    return _styles(canvas.clamp(0, 1), has, labels) * 2 - 1
+            _draw_layer(draw, canvas, g, px, box, index)
+    return _styles(canvas.clamp(0, 1), labels) * 2 - 1
+
+
+_FACE_SCALE = 1.0 / 1.3  # face units per image unit: the features were laid out for a smaller head; this enlarges the portrait
+_SHIRT_TOP = 0.78  # image units: top of the shirt ellipse (centre 1.18, half-height 0.40)
+USE_WINDOWS = True  # draw small features only inside the rows/columns they can reach; False draws every layer on the full grid (tests compare both)
+
+
+def _window(g: dict, box: tuple[float, float, float], resolution: int) -> tuple[slice, slice]:
+    """Rows and columns, shared by the batch, that hold the face-space box |x| <= w, top <= y <= bottom.
+
+    The box is mapped to the image through every image's head frame (its four corners bound the
+    rotated box), then widened by two pixels for the anti-aliased fringe.
+    """
+    half_width, top, bottom = box
+    corner_x = torch.tensor([-half_width, half_width, -half_width, half_width])  # (4,)
+    corner_y = torch.tensor([top, top, bottom, bottom])
+    cos, sin = g["cos"].view(-1, 1), g["sin"].view(-1, 1)  # (N, 1)
+    image_x = g["cx"].view(-1, 1) + (cos * corner_x - sin * corner_y) / _FACE_SCALE  # (N, 4): inverse of the head frame
+    image_y = g["cy"].view(-1, 1) + (sin * corner_x + cos * corner_y) / _FACE_SCALE
+    pixel = 2.0 / resolution
+
+    def span(low: torch.Tensor, high: torch.Tensor) -> slice:
+        first = max(0, math.floor((low.item() + 1) / pixel) - 2)
+        return slice(first, max(first, min(resolution, math.ceil((high.item() + 1) / pixel) + 2)))
+
+    return span(image_y.min(), image_y.max()), span(image_x.min(), image_x.max())
+
+
+def _draw_layer(draw, canvas: torch.Tensor, g: dict, px: float, box: Optional[tuple[float, float, float]], index: Optional[torch.Tensor] = None) -> None:
+    """Paint one layer into canvas (N, 3, R, R), in place: on the images in ``index`` (None: all),
+    and only inside the window of its face-space box (None: the full grid).
+
+    Pixels outside the window get zero coverage anyway, so the result is identical to drawing on
+    the full grid (tests check it) at a fraction of the cost for small features such as eyes; the
+    window is cut before the images are gathered, so attribute layers copy only their window.
+    """
+    if index is not None:  # the per-image parameters of the chosen images (small tensors)
+        g = {
+            k: v if k in ("x", "y") else ({kk: vv[index] for kk, vv in v.items()} if isinstance(v, dict) else v[index])
+            for k, v in g.items()
+        }
+    rows, cols = _window(g, box, canvas.shape[-1]) if box is not None and USE_WINDOWS else (slice(None), slice(None))
+    x, y, target = g["x"][:, :, rows, cols], g["y"][:, :, rows, cols], canvas[:, :, rows, cols]  # views
+    if index is not None:
+        x, y, target = x[index], y[index], target[index]  # gathered copies of the window only
+    drawn = draw(target, dict(g, x=x, y=y), px)
+    if index is not None:
+        canvas[:, :, rows, cols][index] = drawn  # index_put_ through the view writes into canvas
+    elif drawn.data_ptr() != target.data_ptr():  # a layer that did not paint in place
+        target.copy_(drawn)
 
 
 def _solid(reference: torch.Tensor, rgb: Sequence[float]) -> torch.Tensor:
     return torch.tensor([rgb], dtype=torch.float32).expand(reference.shape[0], 3)
 
 
-def _draw_long_hair(canvas, g, px):
-    is_long = (g["style"] == 1).float()
+def _draw_neck(canvas, g, px):
+    return _paint(canvas, _cover(_box(g["x"], g["y"], 0, g["head_ry"] * 0.95, 0.11, 0.18), px), g["skin"] * 0.9)
+
+
+def _draw_long_hair(canvas, g, px):  # only called for long hair (see _LAYERS)
     hair = torch.minimum(_box(g["x"], g["y"], 0, 0.14, g["head_rx"] + 0.07, 0.40), _ellipse(g["x"], g["y"], 0, -0.04, g["head_rx"] + 0.07, g["head_ry"] + 0.06))
-    return _paint(canvas, is_long * _cover(hair, px), g["hair"])
+    return _paint(canvas, _cover(hair, px), g["hair"])
 
 
 def _draw_ears(canvas, g, px):
-    for side in (-1.0, 1.0):
-        canvas = _paint(canvas, _cover(_ellipse(g["x"], g["y"], side * g["head_rx"], 0.02, 0.07, 0.10), px), g["skin"] * 0.95)
-    return canvas
+    # Both ears at once through |x|: the face is mirror-symmetric and the ears never reach x = 0.
+    return _paint(canvas, _cover(_ellipse(g["x"].abs(), g["y"], g["head_rx"], 0.02, 0.07, 0.10), px), g["skin"] * 0.95)
 
 
 def _draw_elf_ears(canvas, g, px):
@@ -247,12 +299,15 @@ def _draw_cat_ears(canvas, g, px):
 def _draw_face(canvas, g, px):
     x, y, rx, ry = g["x"], g["y"], g["head_rx"], g["head_ry"]
     canvas = _paint(canvas, _cover(_ellipse(x, y, 0, 0, rx, ry), px), g["skin"])
-    # Hair on top: a cap clipped to the upper head (thin for buzz cuts), and a bun on top.
-    is_bun, is_buzz = (g["style"] == 2).float(), (g["style"] == 3).float()
+    # Hair on top: a cap clipped to the upper head (thin for buzz cuts); buns follow in _draw_bun.
+    is_buzz = (g["style"] == 3).float()
     hairline = -ry * (0.30 + 0.25 * is_buzz)
     cap = torch.maximum(_ellipse(x, y, 0, -0.04, rx + 0.05, ry + 0.05), y - hairline)
-    canvas = _paint(canvas, _cover(cap, px) * (1 - 0.55 * is_buzz), g["hair"])
-    return _paint(canvas, is_bun * _cover(_ellipse(x, y, 0, -ry - 0.10, 0.16, 0.13), px), g["hair"])
+    return _paint(canvas, _cover(cap, px) * (1 - 0.55 * is_buzz), g["hair"])
+
+
+def _draw_bun(canvas, g, px):  # only called for buns (see _LAYERS)
+    return _paint(canvas, _cover(_ellipse(g["x"], g["y"], 0, -g["head_ry"] - 0.10, 0.16, 0.13), px), g["hair"])
 
 
 _EYE_Y = -0.05
@@ -266,18 +321,17 @@ def _draw_eye_sockets(canvas, g, px):
 
 
 def _draw_eyes(canvas, g, px):
-    x, y, f, r = g["x"], g["y"], g["f"], g["eye_r"]
+    # Both eyes at once through |x| (mirror-symmetric, brows included; eyes and brows stay clear
+    # of x = 0 for every eye size and spacing), drawn as the right eye.
+    x, y, f, r, ex = g["x"].abs(), g["y"], g["f"], g["eye_r"], g["eye_dx"]
     iris = _EYES[f["eye_colour"].view(-1).long()]
-    for side in (-1.0, 1.0):
-        ex = side * g["eye_dx"]
-        canvas = _paint(canvas, _cover(_ellipse(x, y, ex, _EYE_Y, r * 1.25, r), px), _solid(canvas, (0.98, 0.98, 0.98)))
-        canvas = _paint(canvas, _cover(_ellipse(x, y, ex, _EYE_Y, r * 0.65, r * 0.65), px), iris)
-        canvas = _paint(canvas, _cover(_ellipse(x, y, ex, _EYE_Y, r * 0.3, r * 0.3), px), _solid(canvas, (0, 0, 0)))
-        slope = (f["brow_angle"] - 0.5) * 0.5 * side
-        brow_y = _EYE_Y - r - 0.06 + slope * (x - ex)
-        brow = torch.maximum((y - brow_y).abs() - (0.012 + 0.022 * f["brow_thickness"]), (x - ex).abs() - 0.09)
-        canvas = _paint(canvas, _cover(brow, px), g["hair"] * 0.8)
-    return canvas
+    canvas = _paint(canvas, _cover(_ellipse(x, y, ex, _EYE_Y, r * 1.25, r), px), _solid(canvas, (0.98, 0.98, 0.98)))
+    canvas = _paint(canvas, _cover(_ellipse(x, y, ex, _EYE_Y, r * 0.65, r * 0.65), px), iris)
+    canvas = _paint(canvas, _cover(_ellipse(x, y, ex, _EYE_Y, r * 0.3, r * 0.3), px), _solid(canvas, (0, 0, 0)))
+    slope = (f["brow_angle"] - 0.5) * 0.5
+    brow_y = _EYE_Y - r - 0.06 + slope * (x - ex)
+    brow = torch.maximum((y - brow_y).abs() - (0.012 + 0.022 * f["brow_thickness"]), (x - ex).abs() - 0.09)
+    return _paint(canvas, _cover(brow, px), g["hair"] * 0.8)
 
 
 def _draw_nose(canvas, g, px):
@@ -317,10 +371,14 @@ def _draw_fangs(canvas, g, px):
 
 
 def _draw_freckles(canvas, g, px):
-    for dx, dy in ((0.16, 0.10), (0.21, 0.13), (0.18, 0.16), (0.24, 0.08), (0.13, 0.14)):
-        for side in (-1.0, 1.0):
-            canvas = _paint(canvas, _cover(_ellipse(g["x"], g["y"], side * dx, dy, 0.017, 0.017), px), g["skin"] * 0.55)
-    return canvas
+    # Dots about two pixels wide (smaller ones vanish at 64 px), mirrored onto both cheeks through
+    # |x|, all unioned into one paint; a reddish brown darker than the skin on every tone.
+    mirrored_x = g["x"].abs()
+    dots = None
+    for dx, dy in ((0.15, 0.10), (0.21, 0.12), (0.17, 0.17), (0.25, 0.07), (0.24, 0.18)):
+        dot = _ellipse(mirrored_x, g["y"], dx, dy, 0.024, 0.024)
+        dots = dot if dots is None else torch.minimum(dots, dot)
+    return _paint(canvas, _cover(dots, px), g["skin"] * torch.tensor([0.62, 0.45, 0.35]))
 
 
 def _draw_clown_nose(canvas, g, px):
@@ -368,29 +426,89 @@ def _draw_crown(canvas, g, px):
     return _paint(canvas, _cover(crown, px), _solid(canvas, (0.95, 0.78, 0.15)))
 
 
-def _styles(canvas: torch.Tensor, has: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Whole-image styles, each blended in only where its label is set (in ATTRIBUTES order)."""
-    if not labels[:, [ATTRIBUTES.index(a) for a in ("sketch", "pop_art", "pixel_art")]].any():
-        return canvas
-    luminance = (canvas * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    sobel_x = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]).view(1, 1, 3, 3)
-    padded = F.pad(luminance, (1, 1, 1, 1), mode="replicate")
-    edges = torch.sqrt(F.conv2d(padded, sobel_x) ** 2 + F.conv2d(padded, sobel_x.transpose(2, 3)) ** 2)
-    sketch = (0.97 - 2.2 * edges).clamp(0.05, 1).expand_as(canvas)
-    canvas = canvas + has["sketch"] * (sketch - canvas)
+# Back to front: (when, draw, box). ``when`` is None (every image), attribute name(s) that must all
+# be present, or a function of the drawing parameters giving an (N,) bool mask. ``box`` is
+# (half width, top, bottom) in face units and bounds everything the layer can paint for any factors
+# (maxima: head_rx 0.44, head_ry 0.50, eye_dx 0.21, eye_r 0.09) with a margin; None draws on the
+# full grid. A box too small would clip a shape: test_renderer checks that windowed and full-grid
+# rendering agree exactly.
+_LAYERS = (
+    (None, _draw_neck, (0.16, 0.16, 0.72)),
+    (lambda g: g["style"].view(-1) == 1, _draw_long_hair, None),  # hair styles: short, long, bun, buzz
+    (None, _draw_ears, (0.56, -0.14, 0.18)),
+    ("elf_ears", _draw_elf_ears, (0.80, -0.32, 0.18)),
+    ("cat_ears", _draw_cat_ears, (0.40, -0.86, -0.24)),
+    (None, _draw_face, (0.54, -0.64, 0.56)),
+    (lambda g: g["style"].view(-1) == 2, _draw_bun, (0.22, -0.80, -0.34)),
+    ("zombie", _draw_eye_sockets, (0.42, -0.26, 0.16)),
+    (None, _draw_eyes, (0.37, -0.30, 0.09)),
+    (None, _draw_nose, (0.08, 0.02, 0.18)),
+    ("beard", _draw_beard, (0.50, 0.10, 0.56)),
+    ("moustache", _draw_moustache, (0.26, 0.10, 0.28)),
+    (None, _draw_mouth, (0.20, 0.17, 0.35)),
+    ("fangs", _draw_fangs, (0.14, 0.21, 0.39)),
+    ("freckles", _draw_freckles, (0.31, 0.02, 0.23)),
+    ("clown_nose", _draw_clown_nose, (0.11, 0.00, 0.20)),
+    ("glasses", _draw_glasses, (0.44, -0.28, 0.18)),
+    ("sunglasses", _draw_sunglasses, (0.44, -0.28, 0.18)),
+    ("eyepatch", _draw_eyepatch, (0.48, -0.52, 0.42)),
+    ("hat", _draw_hat, (0.85, -0.80, -0.08)),
+    ("crown", _draw_crown, (0.42, -0.68, -0.22)),
+    (("cat_ears", "hat"), _draw_cat_ears, (0.40, -0.86, -0.24)),  # again, over the hat, which would hide them
+)
 
-    # Pop art: push saturation, then posterise every channel to two levels.
+_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+
+def _styles(canvas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whole-image styles on (N, 3, R, R) in [0, 1], applied in ATTRIBUTES order where labelled.
+
+    Each style processes only the images that carry it (styles cost several full-image passes).
+    """
+    for name, style in (("sketch", _sketch), ("pop_art", _pop_art), ("pixel_art", _pixel_art)):
+        index = labels[:, ATTRIBUTES.index(name)].nonzero().squeeze(1)
+        if len(index):
+            canvas[index] = style(canvas[index])
+    return canvas
+
+
+def _outlines(canvas: torch.Tensor, luminance: torch.Tensor) -> torch.Tensor:
+    """(M, 1, R, R) line strength in [0, 1]: one pixel on the darker side of every colour boundary.
+
+    A 3x3 dilation minus the image gives thin lines, so small features such as eyes stay readable
+    instead of merging into blobs (as gradient-magnitude edges do); the colour term draws outlines
+    between equally bright regions (a face on a background of the same lightness).
+    """
+    darker_luma = F.max_pool2d(F.pad(luminance, (1, 1, 1, 1), mode="replicate"), 3, 1) - luminance
+    darker_colour = (F.max_pool2d(F.pad(canvas, (1, 1, 1, 1), mode="replicate"), 3, 1) - canvas).amax(1, keepdim=True)
+    return (3.0 * (darker_luma + 0.6 * darker_colour)).clamp(0, 1)
+
+
+def _sketch(canvas: torch.Tensor) -> torch.Tensor:
+    """Grey pencil drawing of (M, 3, R, R) in [0, 1]: outlines on white paper, plus a light tone
+    that keeps dark areas (sunglasses, black hair) filled rather than outlined (else sunglasses
+    would read as glasses)."""
+    luminance = (canvas * _LUMA).sum(1, keepdim=True)  # (M, 1, R, R)
+    lines = _outlines(canvas, luminance)
+    return (0.96 - 0.9 * lines - 0.45 * (1 - luminance) ** 2).clamp(0, 1).expand_as(canvas)
+
+
+def _pop_art(canvas: torch.Tensor) -> torch.Tensor:
+    """Push saturation, posterise every channel to two levels (a flat, loud palette), and ink the
+    outlines in black, comic style (posterising can give face and background the same colour)."""
     mean = canvas.mean(1, keepdim=True)
     saturated = (mean + 2.5 * (canvas - mean)).clamp(0, 1)
     pop = torch.where(saturated > 0.5, torch.tensor(0.98), torch.tensor(0.12))
     pop = pop * torch.tensor([1.0, 0.85, 0.95]).view(1, 3, 1, 1)
-    canvas = canvas + has["pop_art"] * (pop - canvas)
+    lines = _outlines(canvas, (canvas * _LUMA).sum(1, keepdim=True))
+    return pop * (1 - 0.9 * lines)
 
-    # Pixel art: 4x4-pixel blocks (at 64 px) with a quantised palette.
+
+def _pixel_art(canvas: torch.Tensor) -> torch.Tensor:
+    """Blocks of R/16 pixels (4x4 at 64 px), nearest-upsampled, with a palette quantised to quarters."""
     side = canvas.shape[-1]
-    blocks = F.interpolate(F.avg_pool2d(canvas, side // 16), size=side, mode="nearest")
-    blocks = torch.round(blocks * 4) / 4
-    return canvas + has["pixel_art"] * (blocks - canvas)
+    blocks = F.interpolate(F.avg_pool2d(canvas, max(1, side // 16)), size=side, mode="nearest")
+    return torch.round(blocks * 4) / 4
 
 
 def _labels_from(attributes, n: int, rng: torch.Generator, attribute_prob: float) -> torch.Tensor:
@@ -404,9 +522,23 @@ def _labels_from(attributes, n: int, rng: torch.Generator, attribute_prob: float
             raise ValueError(f"unknown attributes {unknown}; known: {list(ATTRIBUTES)}")
         labels = torch.zeros(n, len(ATTRIBUTES), dtype=torch.bool)
         labels[:, [ATTRIBUTES.index(a) for a in attributes]] = True
-    # zombie/blue_skin would both recolour the skin: keep the later one (blue_skin).
-    both = labels[:, ATTRIBUTES.index("zombie")] & labels[:, ATTRIBUTES.index("blue_skin")]
-    labels[both, ATTRIBUTES.index("zombie")] = False
+    return resolve_conflicts(labels)
+
+
+# Pairs that cannot both be seen: (loser, winner). The winner is the later one in ATTRIBUTES.
+CONFLICTS: tuple[tuple[str, str], ...] = (("zombie", "blue_skin"), ("glasses", "sunglasses"))
+
+
+def resolve_conflicts(labels: torch.Tensor) -> torch.Tensor:
+    """(N, A) bool labels with every conflicting pair resolved (see CONFLICTS); a new tensor.
+
+    zombie + blue_skin: both recolour the skin, blue_skin is kept. glasses + sunglasses: the dark
+    lenses would hide the glasses' rims, sunglasses are kept. Everything else combines visibly.
+    """
+    labels = labels.bool().clone()
+    for loser, winner in CONFLICTS:
+        both = labels[:, ATTRIBUTES.index(loser)] & labels[:, ATTRIBUTES.index(winner)]
+        labels[both, ATTRIBUTES.index(loser)] = False
     return labels
 
 

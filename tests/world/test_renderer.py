@@ -90,3 +90,70 @@ def test_speed_smoke():
     start = time.perf_counter()
     sample_portraits(256, 1, attribute_prob=0.15)
     assert time.perf_counter() - start < 5.0  # ~0.15 s on an idle 2-core CPU; generous for loaded machines
+
+
+def _extreme_factors(n: int, seed: int) -> torch.Tensor:
+    """Random factors with every continuous factor pushed to 0 or 1 (the corners a window must cover)."""
+    factors = sample_factors(n, torch.Generator().manual_seed(seed))
+    continuous = [i for i, name in enumerate(SOURCE_FACTORS) if name not in renderer.CATEGORICAL]
+    factors[:, continuous] = (torch.rand(n, len(continuous), generator=torch.Generator().manual_seed(seed + 1)) < 0.5).float()
+    return factors
+
+
+@pytest.mark.parametrize("resolution", [64, 48])
+def test_windowed_layers_match_full_grid_rendering(monkeypatch, resolution):
+    # Small features are drawn only inside a window of rows/columns; a box too small would clip them.
+    factors = torch.cat([_extreme_factors(96, 10), sample_factors(32, torch.Generator().manual_seed(11))])
+    labels = torch.rand(len(factors), len(ATTRIBUTES), generator=torch.Generator().manual_seed(12)) < 0.5
+    windowed = render(factors, labels, resolution)
+    monkeypatch.setattr(renderer, "USE_WINDOWS", False)
+    assert torch.equal(windowed, render(factors, labels, resolution))
+
+
+def test_other_resolutions():
+    for resolution, block in ((32, 2), (128, 8)):
+        batch = sample_portraits(4, 0, attributes=["pixel_art", "hat"], resolution=resolution)
+        assert batch.images.shape == (4, 3, resolution, resolution) and batch.images.abs().max() <= 1
+        blocks = batch.images.unfold(2, block, block).unfold(3, block, block)
+        assert (blocks - blocks[..., :1, :1]).abs().max() < 1e-5
+
+
+def test_source_skin_is_always_a_natural_tone():
+    factors = _extreme_factors(64, 20)
+    factors[:, SOURCE_FACTORS.index("skin_tone")] = torch.linspace(0, 1, 64)
+    factors[:, SOURCE_FACTORS.index("hair_style")] = 0  # short hair: the cheeks are bare
+    cheeks = (render(factors)[:, :, 36:40, 28:36].mean(dim=(2, 3)) + 1) / 2  # (N, 3)
+    assert (cheeks[:, 0] > cheeks[:, 1]).all() and (cheeks[:, 1] > cheeks[:, 2]).all()  # red > green > blue: never green/blue
+
+
+def test_glasses_under_sunglasses_resolve_to_sunglasses():
+    both = torch.zeros(3, len(ATTRIBUTES), dtype=torch.bool)
+    both[:, [ATTRIBUTES.index("glasses"), ATTRIBUTES.index("sunglasses")]] = True
+    resolved = renderer.resolve_conflicts(both)
+    assert resolved[:, ATTRIBUTES.index("sunglasses")].all() and not resolved[:, ATTRIBUTES.index("glasses")].any()
+    factors = sample_factors(3, torch.Generator().manual_seed(0))
+    assert torch.equal(render(factors, both), render(factors, resolved))
+    batch = sample_portraits(3, 0, attributes=["glasses", "sunglasses", "eyepatch"])
+    assert batch.labels[:, ATTRIBUTES.index("eyepatch")].all() and not batch.labels[:, ATTRIBUTES.index("glasses")].any()
+
+
+def test_cat_ears_stay_visible_under_a_hat():
+    factors = sample_factors(8, torch.Generator().manual_seed(2))
+    hat = torch.zeros(8, len(ATTRIBUTES), dtype=torch.bool)
+    hat[:, ATTRIBUTES.index("hat")] = True
+    both = hat.clone()
+    both[:, ATTRIBUTES.index("cat_ears")] = True
+    difference = (render(factors, both) - render(factors, hat))[:, :, :20].abs()
+    assert difference.amax(dim=(1, 2, 3)).min() > 0.5
+
+
+def test_sketch_keeps_sunglasses_distinct_from_glasses():
+    # Sketch lines alone would turn dark lenses into rings, i.e. glasses; the tone keeps them filled.
+    factors = sample_factors(8, torch.Generator().manual_seed(3))
+    sketches = {}
+    for worn in ("glasses", "sunglasses"):
+        labels = torch.zeros(8, len(ATTRIBUTES), dtype=torch.bool)
+        labels[:, [ATTRIBUTES.index(worn), ATTRIBUTES.index("sketch")]] = True
+        sketches[worn] = render(factors, labels)[:, :, 20:36, 16:48]  # the eye band
+    differing = ((sketches["sunglasses"] - sketches["glasses"]).abs() > 0.3).float().mean(dim=(1, 2, 3))
+    assert differing.min() > 0.1
