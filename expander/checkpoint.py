@@ -131,6 +131,8 @@ class ExpandedGenerator(
 
         A direction already taken, or one that is not dormant, is refused unless ``force``.
         """
+        if domain.name in self.domain_names:
+            raise ValueError(f"the model already has a domain named {domain.name!r}; choose another name")
         if domain.direction == -1:
             free = self.free_directions()
             if not free:

@@ -300,7 +300,10 @@ def expand(recipe, steps, out, resume, force):
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder (default: the model folder, or $EXPANDER_HOME/models/NAME for registered models).")
 @click.option("--force", is_flag=True, help="Allow a non-dormant direction.")
 @click.option("--seed", default=0, show_default=True)
-def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed):
+@click.option("--clip", "clip_models", multiple=True, help="CLIP for nada: 'world' or a transformers id/folder; repeat for an ensemble (default: world CLIP for world models, ViT-B/32 + ViT-B/16 otherwise).")
+@click.option("--perceptual", default="auto", show_default=True, type=click.Choice(["auto", "world", "lpips-vgg", "lpips-alex"]), help="Distance for replay and mystyle.")
+@click.option("--diffusion", default=None, help="Teacher for sds: 'world' or a diffusers Stable Diffusion id/folder.")
+def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion):
     """Add one domain to an existing expanded model; existing domains are replayed, not forgotten.
 
     \b
@@ -328,8 +331,13 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
     out = Path(out) if out else (expander_home() / "models" / model_name if registered else folder)
     domain = Domain(name=name, direction=direction, method=method, prompt=prompt, images=images, alpha=alpha)
     config = ExpansionConfig(steps=steps, seed=seed, domains_per_step=1)
+    guidance_spec = {"perceptual": perceptual}
+    if clip_models:
+        guidance_spec["clip"] = clip_models[0] if clip_models == ("world",) else list(clip_models)
+    if diffusion:
+        guidance_spec["diffusion"] = diffusion
     try:
-        result = run_expansion(str(folder), [domain], out, config, name=model_name if registered else None, force=force)
+        result = run_expansion(str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, force=force)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     click.echo(f"added {name!r} on direction {result.get_domain(name).direction}; wrote {out} ({len(result.domains)} domains)")

@@ -57,14 +57,20 @@ def run_expansion(
     config = config or ExpansionConfig()
     out = Path(out)
     parent = load_model(model)
+    # Directions named explicitly are reserved first, so an 'auto' domain listed earlier cannot take them.
+    requested = {d.direction for d in domains if d.direction >= 0}
     for domain in domains:
+        if domain.direction < 0:
+            free = [k for k in parent.free_directions() if k not in requested]
+            if free:
+                domain.direction = free[0]
         parent.add_domain(domain, force=force)  # validates names and directions before any work
+    # Read every subject's photos before loading any guidance model: a bad folder fails in a second.
+    subject_images = {d.name: load_domain_images(d.images, parent.generator.resolution) for d in domains if d.method == "mystyle"}
     guidance = build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config)
-    for domain in domains:
-        if domain.method == "mystyle":
-            images = load_domain_images(domain.images, parent.generator.resolution)
-            w = invert_images(parent.generator, images, guidance.perceptual, steps=inversion_steps, progress=progress)
-            guidance.mystyle_targets[domain.name] = (images, w)
+    for domain_name, images in subject_images.items():
+        w = invert_images(parent.generator, images, guidance.perceptual, steps=inversion_steps, progress=progress)
+        guidance.mystyle_targets[domain_name] = (images, w)
     real_sampler = _world_real_sampler(parent) if real_data else None
     state_dir = out.parent / f".{out.name}.state"
     expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress)

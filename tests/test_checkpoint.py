@@ -53,7 +53,7 @@ def test_add_domain_picks_free_dormant_directions_and_refuses_bad_ones(expanded)
     expanded.add_domain(Domain("loud", direction=0), force=True)
     with pytest.raises(IndexError, match="out of range"):
         expanded.add_domain(Domain("far", direction=999))
-    with pytest.raises(ValueError, match="duplicate domain name"):
+    with pytest.raises(ValueError, match="already has a domain named"):
         expanded.add_domain(Domain("zombie", direction=-1))
     with pytest.raises(ValueError, match="reserved"):
         expanded.add_domain(Domain("base", direction=-1))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import string
 
 import pytest
 import torch
@@ -12,8 +10,7 @@ import torch
 from expander.guidance.diffusion import StableDiffusionGuidance, training_schedule
 from expander.losses.sds import ScoreDistillation, SdsConfig, sds_surrogate
 
-RESOLUTION = 16  # the tiny VAE downsamples by 2: 16x16 images -> 8x8 latents, the UNet's sample_size
-TEXT_POSITIONS = 16
+from .conftest import TINY_SD_RESOLUTION as RESOLUTION, TINY_SD_TEXT_POSITIONS as TEXT_POSITIONS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,58 +22,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _write_clip_tokenizer(folder) -> None:
-    """A tiny BPE CLIPTokenizer in SD's on-disk layout (vocab.json + merges.txt + tokenizer_config.json).
-
-    Characters and end-of-word characters cover any lowercase prompt; one merge shows merges are read.
-    """
-    folder.mkdir(parents=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["sk"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\ns k\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": TEXT_POSITIONS, **special}))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd_dir(tmp_path_factory):
-    """Random vae/unet/text_encoder/tokenizer/scheduler saved like a StableDiffusionPipeline repo."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root = tmp_path_factory.mktemp("tiny") / "sd"
-    torch.manual_seed(0)
-    UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
-    ).save_pretrained(root / "unet")
-    AutoencoderKL(
-        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=4, sample_size=RESOLUTION,
-    ).save_pretrained(root / "vae")
-    _write_clip_tokenizer(root / "tokenizer")
-    text_config = CLIPTextConfig(
-        vocab_size=55, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=TEXT_POSITIONS, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )
-    CLIPTextModel(text_config).save_pretrained(root / "text_encoder")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (root / "model_index.json").write_text(json.dumps(index))
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,32 @@ PerceptualDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NAMES = ("auto", "world", "lpips-vgg", "lpips-alex")
 
 
-def lpips_distance(net: str = "vgg", pretrained: bool = True) -> torch.nn.Module:
-    """``lpips.LPIPS`` frozen in eval mode. ``pretrained=False`` builds random weights (tests, offline)."""
-    import lpips
+class LpipsDistance(torch.nn.Module):
+    """``lpips.LPIPS`` frozen in eval mode, upsampling images below ``min_size`` first.
 
-    model = lpips.LPIPS(net=net, pretrained=pretrained, pnet_rand=not pretrained, verbose=False).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    Why: LPIPS' deepest AlexNet/VGG layers need inputs of about 32 px or more (AlexNet's stride-4 stem
+    and three max-pools leave nothing of a 16 px image); real generators are far larger, tiny test
+    models are not.
+    """
+
+    def __init__(self, net: str = "vgg", pretrained: bool = True, min_size: int = 64):
+        super().__init__()
+        import lpips
+
+        self.lpips = lpips.LPIPS(net=net, pretrained=pretrained, pnet_rand=not pretrained, verbose=False).eval()
+        self.min_size = min_size
+        self.requires_grad_(False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) x2 in [-1, 1] -> (B,1,1,1)
+        if min(a.shape[-2:]) < self.min_size:
+            a = torch.nn.functional.interpolate(a, size=(self.min_size, self.min_size), mode="bilinear", align_corners=False)
+            b = torch.nn.functional.interpolate(b, size=(self.min_size, self.min_size), mode="bilinear", align_corners=False)
+        return self.lpips(a, b)
+
+
+def lpips_distance(net: str = "vgg", pretrained: bool = True) -> torch.nn.Module:
+    """LPIPS with an AlexNet or VGG backbone. ``pretrained=False`` builds random weights (tests, offline)."""
+    return LpipsDistance(net, pretrained).eval()
 
 
 def is_world_model(model: "ExpandedGenerator") -> bool:

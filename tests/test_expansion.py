@@ -1,0 +1,228 @@
+"""Recipes, `expander add-domain` / `expand` end to end, and the real-model guidance code paths.
+
+Everything runs on tiny random models saved to tmp_path: the real-model paths (transformers CLIP,
+diffusers Stable Diffusion with its VAE, lpips) are the same classes a user loads from the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from expander.checkpoint import ExpandedGenerator
+from expander.cli import main
+from expander.domains import Domain
+from expander.guidance.clip import ClipGuidance
+from expander.guidance.diffusion import StableDiffusionGuidance
+from expander.guidance.perceptual import lpips_distance
+from expander.losses.mystyle import invert_images
+from expander.losses.sds import ScoreDistillation, SdsConfig
+from expander.recipes import Recipe, RecipeError
+from expander.train import ExpansionConfig, Expander, Guidance
+
+from .conftest import TINY_SD_RESOLUTION
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+# ---- recipes ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse(path):
+    recipe = Recipe.load(path)
+    assert recipe.domains and recipe.out
+    assert len({d.name for d in recipe.domains}) == len(recipe.domains)
+
+
+def test_world_recipe_prompts_are_in_the_world_clip_vocabulary():
+    from expander.guidance.clip import out_of_vocabulary
+    from expander.world.clip import load_world_clip
+
+    _, tokenizer = load_world_clip()
+    for path in RECIPES.glob("world-*.yaml"):
+        for domain in Recipe.load(path).domains:
+            if domain.prompt:
+                assert out_of_vocabulary(tokenizer, domain.prompt) == [], (path.name, domain.prompt)
+
+
+GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zombie"}]}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colour": "red"}, "unknown keys"),
+        ({"training": {"stepz": 3}}, "unknown training settings"),
+        ({"guidance": {"clipp": "world"}}, "unknown guidance keys"),
+        ({"domains": []}, "non-empty 'domains'"),
+        ({"domains": [{"name": "z", "prompt": "a zombie"}, {"name": "z", "prompt": "a ghost"}]}, "duplicate domain name 'z'"),
+        ({"domains": [{"name": "z", "prompt": "   "}]}, "non-empty 'prompt'"),
+        ({"domains": [{"name": "z", "method": "mystyle"}]}, "needs 'images'"),
+        ({"domains": [{"name": "z", "prompt": "x", "method": "paint"}]}, "method must be"),
+        ({"domains": [{"name": "z", "prompt": "x", "direction": "last"}]}, "direction must be an integer"),
+        ({"domains": [{"name": "z", "prompt": "x", "colour": 1}]}, "unknown keys"),
+    ],
+)
+def test_bad_recipes_are_refused_with_a_clear_message(change, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_dict({**GOOD, **change})
+
+
+def test_recipe_that_is_not_yaml(tmp_path):
+    (tmp_path / "r.yaml").write_text("model: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        Recipe.load(tmp_path / "r.yaml")
+
+
+# ---- the real-model code paths: one training step with every guidance kind ---------------------------
+
+
+def test_one_step_with_transformers_clip_diffusers_sd_and_lpips(tiny_generator, tiny_discriminator, tiny_clip_dir, tiny_sd_dir):
+    assert tiny_generator.resolution == TINY_SD_RESOLUTION
+    model = ExpandedGenerator.from_generator(tiny_generator, tiny_discriminator, alpha=3.0, num_dormant=8, base_model="tiny-real")
+    for domain in (Domain("zombie", -1, "nada", prompt="a zombie"), Domain("sketch", -1, "sds", prompt="a sketch"), Domain("me", -1, "mystyle", images="x")):
+        model.add_domain(domain)
+    perceptual = lpips_distance("alex", pretrained=False)  # the lpips package's network, random backbone (offline)
+    teacher = StableDiffusionGuidance.from_pretrained(str(tiny_sd_dir), resolution=TINY_SD_RESOLUTION)
+    subject = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    guidance = Guidance(
+        perceptual=perceptual,
+        clip=ClipGuidance.from_pretrained([str(tiny_clip_dir)]),
+        teacher=ScoreDistillation(teacher, SdsConfig(lambda_directional=1.0)),
+        mystyle_targets={"me": (subject, invert_images(model.generator, subject, perceptual, steps=2, progress=False))},
+    )
+    before = [p.clone() for p in model.generator.synthesis_parameters()]
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(steps=1, batch_size=2, base_batch_size=2, domains_per_step=3))
+    losses = trainer.step()
+    assert {"loss_nada", "loss_sds", "loss_mystyle", "loss_replay_l2", "loss_replay_perceptual"} <= set(losses)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.generator.synthesis_parameters()))
+
+
+# ---- the CLI: add-domain and expand ------------------------------------------------------------------
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def parent_dir(tmp_path, tiny_generator, tiny_discriminator):
+    model = ExpandedGenerator.from_generator(tiny_generator, tiny_discriminator, alpha=3.0, num_dormant=8, base_model="tiny")
+    model.basis.dormancy = torch.linspace(1.0, 0.01, 32)
+    model.save_pretrained(tmp_path / "parent")
+    return tmp_path / "parent"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+GUIDE = ("--perceptual", "lpips-alex")  # lpips' real network; its backbone weights are absent offline
+
+
+@pytest.fixture
+def offline_lpips(monkeypatch):
+    """lpips-alex with a random backbone: the lpips package code path, without torchvision downloads."""
+    import expander.guidance.perceptual as perceptual
+
+    monkeypatch.setattr(perceptual, "lpips_distance", lambda net="vgg", pretrained=True: lpips_distance(net, pretrained=False))
+
+
+def test_add_domain_three_times_keeps_every_domain(parent_dir, tiny_clip_dir, tmp_path, home, offline_lpips):
+    out = tmp_path / "expanded"
+    first = run("add-domain", "a zombie", "--model", parent_dir, "--out", out, "--steps", 2, "--clip", tiny_clip_dir, *GUIDE)
+    assert first.exit_code == 0, first.output
+    assert "added 'zombie'" in first.output
+    for prompt in ("a sketch", "a person with glasses"):
+        result = run("add-domain", prompt, "--model", out, "--out", out, "--steps", 2, "--clip", tiny_clip_dir, *GUIDE)
+        assert result.exit_code == 0, result.output
+    model = ExpandedGenerator.from_pretrained(out)
+    assert model.domain_names == ["zombie", "sketch", "glasses"]
+    assert len({d.direction for d in model.domains}) == 3
+    assert all(d.direction in model.dormant_directions() for d in model.domains)
+    assert all(d.steps == 2 for d in model.domains)
+    assert not list(tmp_path.glob(".expanded.state*")), "training state must be cleaned up"
+
+
+def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lpips):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()).save(photos / f"{i}.png")
+    result = run("add-domain", "--images", photos, "--name", "me", "--model", parent_dir, "--out", tmp_path / "out", "--steps", 2, *GUIDE)
+    assert result.exit_code == 0, result.output
+    model = ExpandedGenerator.from_pretrained(tmp_path / "out")
+    assert model.get_domain("me").method == "mystyle" and model.get_domain("me").images == str(photos)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("   ",), "non-empty PROMPT"),
+        (("--method", "mystyle"), "needs --images"),
+        (("--images", "{empty}"), "has no images"),
+        (("--images", "{unreadable}"), "cannot read image"),
+        (("--images", "{missing}"), "image folder not found"),
+        (("a ghost", "--direction", "{taken}"), "already used"),
+        (("a ghost", "--direction", 0), "not dormant"),
+        (("a ghost", "--direction", 999), "out of range"),
+        (("a ghost", "--name", "zombie"), "already has a domain"),
+    ],
+)
+def test_add_domain_bad_input_writes_nothing(args, message, parent_dir, tmp_path, home, tiny_clip_dir):
+    model = ExpandedGenerator.from_pretrained(parent_dir)
+    model.add_domain(Domain("zombie", direction=-1, prompt="a zombie"))
+    model.save_pretrained(parent_dir)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "broken.png").write_bytes(b"not a png")
+    fill = {"empty": tmp_path / "empty", "unreadable": tmp_path / "unreadable", "missing": tmp_path / "nope", "taken": model.get_domain("zombie").direction}
+    args = [str(a).format(**fill) if isinstance(a, str) else a for a in args]
+    before = _snapshot(parent_dir)
+    result = run("add-domain", *args, "--model", parent_dir, "--steps", 1, "--clip", tiny_clip_dir)
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert _snapshot(parent_dir) == before, "a refused add-domain must not touch the model"
+    assert not (home / "registry.json").exists()
+
+
+def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip_dir, tmp_path, home, offline_lpips):
+    recipe = {
+        "model": str(parent_dir),
+        "out": str(tmp_path / "joint"),
+        "name": "tiny-joint",
+        "guidance": {"clip": str(tiny_clip_dir), "perceptual": "lpips-alex"},
+        "training": {"steps": 2, "batch_size": 2, "base_batch_size": 2},
+        "domains": [{"name": "zombie", "prompt": "a zombie"}, {"name": "sketch", "prompt": "a sketch", "direction": 31}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = run("expand", tmp_path / "r.yaml")
+    assert result.exit_code == 0, result.output
+    model = ExpandedGenerator.from_pretrained(tmp_path / "joint")
+    assert model.get_domain("sketch").direction == 31
+    registry = json.loads((home / "registry.json").read_text())
+    assert "tiny-joint" in registry["models"]
+    sample = run("sample", "--model", "tiny-joint", "--domain", "sketch", "-n", 2, "--out", tmp_path / "s.png")
+    assert sample.exit_code == 0, sample.output
+
+
+def test_expand_recipe_with_a_duplicate_domain_writes_nothing(parent_dir, tmp_path, home):
+    recipe = {"model": str(parent_dir), "out": str(tmp_path / "joint"), "domains": [{"name": "a", "prompt": "x"}, {"name": "a", "prompt": "y"}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = run("expand", tmp_path / "r.yaml")
+    assert result.exit_code != 0 and "duplicate domain name 'a'" in result.output
+    assert not (tmp_path / "joint").exists()
