@@ -413,9 +413,10 @@ def build(what, steps, runs, no_resume):
 @click.option("--parent", default=None, help="Parent model to compare source preservation with (default: the world parent).")
 @click.option("-n", "--num", "num", default=256, show_default=True, help="Samples per domain.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="JSON report (printed when omitted).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the full JSON report here (a summary is always printed).")
 @click.option("--grid", default=None, type=click.Path(dir_okay=False), help="PNG grid: one row per domain.")
-def evaluate(model, parent, num, seed, out, grid):
+@click.option("--classifier-samples", default=2000, show_default=True, help="Held-out renders to re-measure the evaluation classifier's accuracy on (0: skip).")
+def evaluate(model, parent, num, seed, out, grid, classifier_samples):
     """Measure a world model exactly: source preservation, domain success, leakage, alignment, composition.
 
     \b
@@ -433,13 +434,13 @@ def evaluate(model, parent, num, seed, out, grid):
         _fail("`expander eval` measures models of the portraits world (base_model expander/world); this model is not one")
     reference = _load(parent) if parent else _load(None)
     report = metrics.evaluate(generator, n_samples=num, seed=seed, parent=reference)
-    text = json.dumps(report, indent=2)
+    if classifier_samples:
+        report["classifier"] = metrics.classifier_accuracy(n=classifier_samples)
+    click.echo(metrics.format_report(report))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
         click.echo(f"wrote {out}")
-    else:
-        click.echo(text)
     if grid:
         metrics.evaluation_grid(generator, grid, seed=seed)
         click.echo(f"wrote {grid}")

@@ -361,3 +361,33 @@ def classifier_accuracy(n: int = 2000, seed: int = EVAL_SEED, classifier: Any = 
     from .classifier import evaluate_world_classifier, load_world_classifier
 
     return evaluate_world_classifier(classifier if classifier is not None else load_world_classifier(), n=n, seed=seed)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A short plain-text summary of :func:`evaluate`'s report (plus ``report["classifier"]`` if present)."""
+    source = report["source_preservation"]
+    parent_fid = "-" if source["parent_fid"] is None else f"{source['parent_fid']:.2f}"
+    lines = [
+        f"samples per domain: {report['n_samples']} (seed {report['seed']})",
+        f"source preservation: FD to renders {source['fid']:.2f} (parent {parent_fid}; two render sets {source['fid_floor']:.2f})",
+    ]
+    base_rates = report["attribute_rates"]["base"]
+    worst = max(base_rates, key=base_rates.get)
+    lines.append(f"base samples labelled with any attribute: max {base_rates[worst]:.3f} ({worst})")
+    if report["domains"]:
+        lines.append(f"{'domain':<14}{'success':>9}{'max leak':>10}{'perceptual':>12}{'factors kept':>14}")
+        matrix = report["leakage"]["matrix"]
+        for name in report["domains"]:
+            success = report["domain_success"].get(name)
+            leaks = [v for col, v in matrix.get(name, {}).items() if col != name]
+            align = report["alignment"][name]
+            lines.append(
+                f"{name:<14}{success if success is not None else float('nan'):>9.3f}{max(leaks) if leaks else 0.0:>10.3f}"
+                f"{align['perceptual']:>12.4f}{align['factors_preserved']:>14.3f}"
+            )
+        if report["composition"]:
+            lines.append(f"composition (both attributes): mean {report['summary']['mean_composition']}")
+    if "classifier" in report:
+        accuracy = report["classifier"]["attribute_accuracy"]
+        lines.append(f"evaluation classifier on {report['classifier']['n']} held-out renders: min accuracy {min(accuracy.values()):.3f} ({min(accuracy, key=accuracy.get)}), mean {sum(accuracy.values()) / len(accuracy):.3f}")
+    return "\n".join(lines)

@@ -190,3 +190,13 @@ def test_factors_preserved_uses_the_reliable_factors(world_like):
     for entry in report["alignment"].values():
         expected = (entry["per_factor"]["hair_colour"] + entry["per_factor"]["head_x"]) / 2
         assert entry["factors_preserved"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_format_report_summarises_every_domain(world_like):
+    report, _ = _report(world_like)
+    report["classifier"] = {"n": 10, "attribute_accuracy": {"glasses": 0.97, "hat": 0.99}}
+    text = metrics.format_report(report)
+    for name in world_like.domain_names:
+        assert name in text
+    assert f"FD to renders {report['source_preservation']['fid']:.2f}" in text
+    assert "min accuracy 0.970 (glasses)" in text
