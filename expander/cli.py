@@ -274,6 +274,7 @@ def expand(recipe, steps, out, resume, force):
     Example:
       expander expand recipes/world-nada-10.yaml
       expander expand recipes/world-nada-10.yaml --resume
+      accelerate launch --multi_gpu --num_processes 4 -m expander.cli expand recipes/ffhq-nada.yaml
     """
     from .expansion import run_expansion
     from .recipes import Recipe

@@ -51,11 +51,22 @@ def run_expansion(
     progress: bool = True,
     inversion_steps: int = 200,
 ) -> ExpandedGenerator:
-    """Load the parent, register ``domains`` on free dormant directions, train, save to ``out``, register."""
+    """Load the parent, register ``domains`` on free dormant directions, train, save to ``out``, register.
+
+    Under ``accelerate launch`` with several processes, every process trains (data-parallel, see
+    ``expander.distributed``) and only the main one writes the checkpoint and the registry.
+    """
+    from .distributed import is_distributed_launch, place_guidance
     from .guidance.build import build_guidance
 
     config = config or ExpansionConfig()
     out = Path(out)
+    accelerator = None
+    if is_distributed_launch():
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    is_main = accelerator is None or accelerator.is_main_process
     parent = load_model(model)
     # Directions named explicitly are reserved first, so an 'auto' domain listed earlier cannot take them.
     requested = {d.direction for d in domains if d.direction >= 0}
@@ -67,17 +78,29 @@ def run_expansion(
         parent.add_domain(domain, force=force)  # validates names and directions before any work
     # Read every subject's photos before loading any guidance model: a bad folder fails in a second.
     subject_images = {d.name: load_domain_images(d.images, parent.generator.resolution) for d in domains if d.method == "mystyle"}
-    guidance = build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config)
+    if accelerator is None:
+        guidance = build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config)
+    else:  # this rank's device for the parent and the guidance models
+        parent.to(accelerator.device)
+        guidance = place_guidance(build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config, device=str(accelerator.device)), accelerator.device)
+        subject_images = {k: v.to(accelerator.device) for k, v in subject_images.items()}
     for domain_name, images in subject_images.items():
-        w = invert_images(parent.generator, images, guidance.perceptual, steps=inversion_steps, progress=progress)
+        w = invert_images(parent.generator, images, guidance.perceptual, steps=inversion_steps, progress=progress and is_main)
+        if accelerator is not None:
+            from accelerate.utils import broadcast
+
+            w = broadcast(w.contiguous())  # rank 0's inversion, so every rank reconstructs the same targets
         guidance.mystyle_targets[domain_name] = (images, w)
     real_sampler = _world_real_sampler(parent) if real_data else None
     state_dir = out.parent / f".{out.name}.state"
-    expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress)
-    parent.save_pretrained(out)
-    if name:
-        register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent))
-    shutil.rmtree(state_dir, ignore_errors=True)
+    expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator)
+    if is_main:
+        parent.save_pretrained(out)
+        if name:
+            register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent))
+        shutil.rmtree(state_dir, ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # the other ranks return once the checkpoint is in place
     return parent
 
 

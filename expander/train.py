@@ -13,6 +13,10 @@ Each step (Nitzan et al., Sec. 3):
 
 A fixed number of domains is drawn per step, so a step costs the same for 5 or 100 domains.
 State is checkpointed every ``checkpoint_every`` steps; ``resume`` continues bit-for-bit on CPU.
+
+With an ``accelerate.Accelerator`` (``accelerate launch``), every process runs this step on its own
+latents and DDP averages the synthesis (and discriminator) gradients; see ``expander.distributed``
+for how such a run relates to a single-process one.
 """
 
 from __future__ import annotations
@@ -21,15 +25,19 @@ import copy
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import ExpandedGenerator
+from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import Domain
 from .losses import loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_r1, loss_replay
 from .utils.io import load_training_state, save_training_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +108,15 @@ class _Group:
 
 
 class Expander:
-    """Holds what one expansion run needs: the model, its frozen parent, optimizers, RNG, guidance."""
+    """Holds what one expansion run needs: the model, its frozen parent, optimizers, RNG, guidance.
 
-    def __init__(self, model: ExpandedGenerator, new_domains: list[Domain], guidance: Guidance, config: Optional[ExpansionConfig] = None, real_sampler: Optional[RealSampler] = None):
-        self.model, self.guidance, self.real_sampler = model, guidance, real_sampler
+    With ``accelerator``, the model is moved to its device, the synthesis network (and the
+    discriminator) are wrapped for data-parallel training and each rank draws latents from
+    ``seed + rank``; without it, everything runs in this process exactly as before.
+    """
+
+    def __init__(self, model: ExpandedGenerator, new_domains: list[Domain], guidance: Guidance, config: Optional[ExpansionConfig] = None, real_sampler: Optional[RealSampler] = None, accelerator: Optional["Accelerator"] = None):
+        self.model, self.guidance, self.real_sampler, self.accelerator = model, guidance, real_sampler, accelerator
         self.config = config = config or ExpansionConfig()
         new_names = [d.name for d in new_domains]
         missing = sorted(set(new_names) - set(model.domain_names))
@@ -114,6 +127,8 @@ class Expander:
         for domain in self.trained:
             _check_guidance(domain, guidance)
 
+        if accelerator is not None:
+            model.to(accelerator.device)  # before the parent copy, so both live on this rank's device
         G = model.generator
         self.parent = copy.deepcopy(G).eval()  # frozen parent for replay
         self.parent.requires_grad_(False)
@@ -129,13 +144,31 @@ class Expander:
             ratio = config.r1_every / (config.r1_every + 1)
             self.optimizers["D"] = torch.optim.Adam(self.D.parameters(), lr=config.lr * ratio, betas=tuple(b**ratio for b in config.betas))
             self.modules["D"] = self.D
-        self.rng = torch.Generator().manual_seed(config.seed)
+        self.synthesis = G.synthesis  # what the step calls; DDP-wrapped with an accelerator
+        self.discriminator = self.D  # what the discriminator step calls; likewise
+        rank = 0
+        if accelerator is not None:
+            rank = accelerator.process_index
+            self.synthesis, self.optimizers["G"] = accelerator.prepare(SynthesisNetwork(G), self.optimizers["G"])
+            if self.D is not None:
+                self.D.requires_grad_(True)  # DDP syncs only what requires grad when it wraps
+                self.discriminator, self.optimizers["D"] = accelerator.prepare(self.D, self.optimizers["D"])
+                self.D.requires_grad_(False)  # frozen for the generator's GAN loss, as after any D step
+        self.rng = torch.Generator().manual_seed(config.seed + rank)  # each rank its own share of latents
         self.step_index = 0
 
     # ---- state ------------------------------------------------------------------------------------
 
     def save_state(self, folder: str | Path) -> None:
-        save_training_state(folder, self.modules, self.optimizers, {"rng": self.rng}, {"step": self.step_index, "config": asdict(self.config)})
+        accelerator = self.accelerator
+        if accelerator is None:
+            save_training_state(folder, self.modules, self.optimizers, {"rng": self.rng}, {"step": self.step_index, "config": asdict(self.config)})
+            return
+        generators = gather_generators(accelerator, self.rng)  # every rank's RNG; a collective
+        if accelerator.is_main_process:  # the weights and optimizer moments are the same on every rank
+            info = {"step": self.step_index, "config": asdict(self.config), "num_processes": accelerator.num_processes}
+            save_training_state(folder, self.modules, self.optimizers, generators, info)
+        accelerator.wait_for_everyone()
 
     def load_state(self, folder: str | Path) -> None:
         self.step_index = load_training_state(folder, self.modules, self.optimizers, {"rng": self.rng})["step"]
@@ -165,13 +198,13 @@ class Expander:
 
     def losses(self) -> dict[str, torch.Tensor]:
         """Sample latents, run ONE synthesis call, return the weighted losses of this step."""
-        config, G, guidance = self.config, self.model.generator, self.guidance
+        config, guidance = self.config, self.guidance
         w_base = self.model.basis.project_base(self._sample_w(config.base_batch_size))  # (Nb, D)
         groups = self._groups()
         # NADA/SDS compare each domain image with the same latent's base image (appendix D.2).
         needs_reference = [g for g in groups if g.kind == "train" and g.domain.method in ("nada", "sds")]
         batches = [w_base] + [g.w_domain for g in groups] + [g.w_base for g in needs_reference]
-        images = G.synthesis(torch.cat(batches)).split([len(b) for b in batches])  # ONE batched call
+        images = self.synthesis(torch.cat(batches)).split([len(b) for b in batches])  # ONE batched call
         base_images, group_images = images[0], images[1 : 1 + len(groups)]
         references = dict(zip((id(g) for g in needs_reference), images[1 + len(groups) :]))
 
@@ -210,14 +243,17 @@ class Expander:
         return weighted
 
     def _discriminator_step(self, fake_images: torch.Tensor) -> None:
-        D, config = self.D, self.config
+        D, config = self.discriminator, self.config
         real = self.real_sampler(len(fake_images), self.rng).to(fake_images.device)
         D.requires_grad_(True)
         loss = loss_d_logistic(D(real), D(fake_images))
         if self.step_index % config.r1_every == 0:
             loss = loss + config.r1_gamma / 2 * config.r1_every * loss_r1(D, real)
         self.optimizers["D"].zero_grad(set_to_none=True)
-        loss.backward()
+        if self.accelerator is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
         self.optimizers["D"].step()
         D.requires_grad_(False)
 
@@ -225,7 +261,10 @@ class Expander:
         losses = self.losses()
         optimizer = self.optimizers["G"]
         optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
+        if self.accelerator is None:
+            sum(losses.values()).backward()
+        else:
+            self.accelerator.backward(sum(losses.values()))  # DDP averages the gradients over ranks
         optimizer.step()
         self.step_index += 1
         return {k: float(v.detach()) for k, v in losses.items()}
@@ -259,18 +298,26 @@ def expand(
     resume: bool = False,
     real_sampler: Optional[RealSampler] = None,
     progress: bool = True,
+    accelerator: Optional["Accelerator"] = None,
 ) -> ExpandedGenerator:
     """Train ``new_domains`` (already registered in ``model``) into ``model`` in place and return it.
 
     Every other domain of ``model`` is replayed (held in place). With ``state_dir``, the full training
     state is saved every ``checkpoint_every`` steps, and ``resume=True`` continues from it exactly.
+
+    With ``accelerator`` (call this on every process of an ``accelerate launch``), each rank trains on
+    its own latents and the gradients are averaged; the main process writes the state (every rank's
+    RNG included, so a resume with the same number of processes is exact) and shows the progress bar.
     """
-    trainer = Expander(model, new_domains, guidance, config, real_sampler)
+    trainer = Expander(model, new_domains, guidance, config, real_sampler, accelerator=accelerator)
     config = trainer.config
     if resume and state_dir is not None and (Path(state_dir) / "state.json").exists():
         trainer.load_state(state_dir)
+        if accelerator is not None:
+            restore_rank_rng(state_dir, accelerator.process_index, accelerator.num_processes, trainer.rng)
         logger.info("resumed expansion at step %d", trainer.step_index)
-    bar = tqdm(total=config.steps, initial=trainer.step_index, disable=not progress, desc="expand")
+    is_main = accelerator is None or accelerator.is_main_process
+    bar = tqdm(total=config.steps, initial=trainer.step_index, disable=not (progress and is_main), desc="expand")
     while trainer.step_index < config.steps:
         losses = trainer.step()
         bar.update(1)
