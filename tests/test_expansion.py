@@ -226,3 +226,30 @@ def test_expand_recipe_with_a_duplicate_domain_writes_nothing(parent_dir, tmp_pa
     result = run("expand", tmp_path / "r.yaml")
     assert result.exit_code != 0 and "duplicate domain name 'a'" in result.output
     assert not (tmp_path / "joint").exists()
+
+
+class _LinearEncoder:
+    """A stand-in CLIP: images -> their mean RGB (unnormalised, so directions scale with the change)."""
+
+    def encode_text(self, prompts):
+        return torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0] if "zombie" in p else [0.0, 1.0, 0.0] for p in prompts]), dim=-1)
+
+    def encode_images(self, images):
+        return images.mean(dim=(2, 3))
+
+
+def test_nada_direction_losses_cosine_is_scale_free_projection_is_not():
+    from expander.losses.nada import loss_nada
+
+    base = torch.zeros(2, 3, 4, 4)
+    towards = torch.zeros(2, 3, 4, 4)
+    towards[:, 0] = 1.0  # exactly along the text direction (red minus green, normalised)
+    towards[:, 1] = -1.0
+    losses = {}
+    for kind in ("cosine", "projection"):
+        guidance = ClipGuidance([_LinearEncoder()], templates=("{}",), direction_loss=kind)
+        losses[kind] = [loss_nada(guidance, base + scale * towards, base, "a person", "a zombie").item() for scale in (0.01, 1.0)]
+    assert losses["cosine"][0] == pytest.approx(0.0, abs=1e-6) and losses["cosine"][1] == pytest.approx(0.0, abs=1e-6)
+    assert losses["projection"][0] > losses["projection"][1]  # a bigger move towards the text is rewarded
+    with pytest.raises(ValueError, match="direction loss"):
+        ClipGuidance([_LinearEncoder()], direction_loss="angle")

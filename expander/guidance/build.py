@@ -32,9 +32,10 @@ def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optio
         if clip == WORLD:
             from ..world.clip import WORLD_CLIP_DIR, WORLD_TEMPLATES
 
-            guidance.clip = ClipGuidance([ClipEncoder.from_pretrained(str(WORLD_CLIP_DIR), device)], templates=WORLD_TEMPLATES)
+            direction_loss = spec.get("clip_loss", "projection")  # the world CLIP is small: see ClipGuidance
+            guidance.clip = ClipGuidance([ClipEncoder.from_pretrained(str(WORLD_CLIP_DIR), device)], templates=WORLD_TEMPLATES, direction_loss=direction_loss)
         else:
-            guidance.clip = ClipGuidance.from_pretrained([clip] if isinstance(clip, str) else list(clip), device=device)
+            guidance.clip = ClipGuidance.from_pretrained([clip] if isinstance(clip, str) else list(clip), device=device, direction_loss=spec.get("clip_loss", "cosine"))
     if "sds" in methods:
         diffusion = spec.get("diffusion", WORLD if world else REAL_DIFFUSION)
         sds = SdsConfig(t_min=config.sds_t_min, t_max=config.sds_t_max, guidance_scale=config.sds_guidance_scale, lambda_directional=config.lambda_sds_directional)

@@ -102,18 +102,33 @@ class ClipEncoder:
         return F.normalize(_as_tensor(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
 
 
-class ClipGuidance:
-    """An ensemble of frozen CLIP encoders; NADA averages its loss over them."""
+DIRECTION_LOSSES = ("cosine", "projection")
 
-    def __init__(self, encoders: Sequence[ClipEncoder], templates: Sequence[str] = DEFAULT_TEMPLATES):
+
+class ClipGuidance:
+    """An ensemble of frozen CLIP encoders; NADA averages its loss over them.
+
+    ``direction_loss`` says how the image direction is compared with the text direction:
+    ``"cosine"`` is StyleGAN-NADA's ``1 - cos`` (scale-free); ``"projection"`` is ``1 - <image
+    direction, unit text direction>`` with the image direction left unnormalised, so the loss keeps
+    rewarding a *larger* move towards the text. Why both: the cosine is minimised by an arbitrarily
+    small change that happens to point the right way, and a small CLIP (the world's) has such
+    directions everywhere; measured in the world, a glasses domain trained 150 steps reached 3%
+    success with the cosine and 97% with the projection (see the README's results).
+    """
+
+    def __init__(self, encoders: Sequence[ClipEncoder], templates: Sequence[str] = DEFAULT_TEMPLATES, direction_loss: str = "cosine"):
         if not encoders:
             raise ValueError("ClipGuidance needs at least one CLIP model")
+        if direction_loss not in DIRECTION_LOSSES:
+            raise ValueError(f"unknown CLIP direction loss {direction_loss!r}; choose one of {list(DIRECTION_LOSSES)}")
         self.encoders = list(encoders)
         self.templates = tuple(templates)
+        self.direction_loss = direction_loss
 
     @classmethod
-    def from_pretrained(cls, names: Sequence[str], device: str = "cpu", templates: Sequence[str] = DEFAULT_TEMPLATES) -> "ClipGuidance":
-        return cls([ClipEncoder.from_pretrained(name, device) for name in names], templates)
+    def from_pretrained(cls, names: Sequence[str], device: str = "cpu", templates: Sequence[str] = DEFAULT_TEMPLATES, direction_loss: str = "cosine") -> "ClipGuidance":
+        return cls([ClipEncoder.from_pretrained(name, device) for name in names], templates, direction_loss)
 
     def text_direction(self, encoder: ClipEncoder, source: str, target: str) -> torch.Tensor:
         """Normalised mean over templates of (normalised target - normalised source) embeddings: (D,)."""

@@ -13,7 +13,8 @@ from ..guidance.clip import ClipGuidance
 
 
 def loss_nada(guidance: ClipGuidance, domain_images: torch.Tensor, base_images: torch.Tensor, source_prompt: str, target_prompt: str) -> torch.Tensor:
-    """1 - cos(image direction, text direction), averaged over the batch and the CLIP ensemble.
+    """1 - cos(image direction, text direction) (or its unnormalised projection form, see
+    ``ClipGuidance.direction_loss``), averaged over the batch and the CLIP ensemble.
 
     domain_images, base_images: (B, 3, H, W) in [-1, 1], paired by latent; base images are a reference
     (detached), so this loss only pulls the domain subspace.
@@ -22,6 +23,7 @@ def loss_nada(guidance: ClipGuidance, domain_images: torch.Tensor, base_images: 
     for encoder in guidance.encoders:
         text_direction = guidance.text_direction(encoder, source_prompt, target_prompt).to(domain_images.device)  # (D,)
         image_direction = encoder.encode_images(domain_images) - encoder.encode_images(base_images.detach()).detach()  # (B, D)
-        image_direction = F.normalize(image_direction, dim=-1)
+        if guidance.direction_loss == "cosine":
+            image_direction = F.normalize(image_direction, dim=-1)
         total = total + (1 - image_direction @ text_direction).mean()
     return total / len(guidance.encoders)
