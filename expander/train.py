@@ -55,6 +55,7 @@ class ExpansionConfig:
     lr: float = 0.002
     betas: tuple = (0.0, 0.99)
     lambda_nada: float = 1.0
+    nada_contrast_domains: bool = True  # centre each NADA text direction on the model's other NADA domains (see ClipGuidance.text_direction)
     lambda_sds: float = 1.0
     lambda_mystyle: float = 1.0
     lambda_sds_directional: float = 1.0  # SDS directional regularizer (0 = off)
@@ -230,7 +231,8 @@ class Expander:
                 continue
             if domain.method == "nada":
                 source = domain.source_prompt or config.source_prompt
-                add("loss_nada", config.lambda_nada / n_train * loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt))
+                contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if config.nada_contrast_domains else []
+                add("loss_nada", config.lambda_nada / n_train * loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast))
             elif domain.method == "sds":
                 add("loss_sds", config.lambda_sds / n_train * guidance.teacher.loss(domain_images, references[id(group)], domain.prompt, self.rng))
             elif domain.method == "mystyle":

@@ -253,3 +253,14 @@ def test_nada_direction_losses_cosine_is_scale_free_projection_is_not():
     assert losses["projection"][0] > losses["projection"][1]  # a bigger move towards the text is rewarded
     with pytest.raises(ValueError, match="direction loss"):
         ClipGuidance([_LinearEncoder()], direction_loss="angle")
+
+
+def test_contrast_removes_the_component_shared_by_the_domains():
+    guidance = ClipGuidance([_LinearEncoder()], templates=("{}",))
+    encoder = guidance.encoders[0]
+    plain = guidance.text_direction(encoder, "a person", "a zombie")
+    contrasted = guidance.text_direction(encoder, "a person", "a zombie", ["a ghost", "a ghoul"])
+    other = guidance.text_direction(encoder, "a person", "a ghost", ["a zombie", "a ghoul"])
+    assert torch.allclose(plain.norm(), torch.tensor(1.0)) and torch.allclose(contrasted.norm(), torch.tensor(1.0))
+    assert contrasted @ other < plain @ guidance.text_direction(encoder, "a person", "a ghost")  # domains pulled apart
+    assert guidance.text_direction(encoder, "a person", "a zombie", ["a ghost", "a ghoul"]) is contrasted  # cached

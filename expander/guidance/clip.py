@@ -125,13 +125,29 @@ class ClipGuidance:
         self.encoders = list(encoders)
         self.templates = tuple(templates)
         self.direction_loss = direction_loss
+        self._directions: dict[tuple, torch.Tensor] = {}  # text directions, computed once per prompt set
 
     @classmethod
     def from_pretrained(cls, names: Sequence[str], device: str = "cpu", templates: Sequence[str] = DEFAULT_TEMPLATES, direction_loss: str = "cosine") -> "ClipGuidance":
         return cls([ClipEncoder.from_pretrained(name, device) for name in names], templates, direction_loss)
 
-    def text_direction(self, encoder: ClipEncoder, source: str, target: str) -> torch.Tensor:
-        """Normalised mean over templates of (normalised target - normalised source) embeddings: (D,)."""
+    def text_direction(self, encoder: ClipEncoder, source: str, target: str, contrast: Sequence[str] = ()) -> torch.Tensor:
+        """Normalised mean over templates of (normalised target - normalised source) embeddings: (D,).
+
+        ``contrast``: the prompts of the model's *other* domains. Their directions share a component
+        with this one (every "a person with X" differs from "a person" in the same way, too); it is
+        removed by centring the directions of all the domains, so each domain is pulled only towards
+        what sets it apart. Measured in the world, without it jointly trained domains drifted into
+        one shared edit.
+        """
+        key = (id(encoder), source, target, tuple(contrast))
+        if key not in self._directions:
+            directions = torch.stack([self._raw_direction(encoder, source, prompt) for prompt in (target, *contrast)])  # (1 + C, D)
+            direction = directions[0] - directions.mean(0) if contrast else directions[0]
+            self._directions[key] = F.normalize(direction, dim=-1)
+        return self._directions[key]
+
+    def _raw_direction(self, encoder: ClipEncoder, source: str, target: str) -> torch.Tensor:
         target_emb = encoder.encode_text([t.format(target) for t in self.templates]).mean(0)
         source_emb = encoder.encode_text([t.format(source) for t in self.templates]).mean(0)
         return F.normalize(target_emb - source_emb, dim=-1)

@@ -6,13 +6,22 @@ the base subspace keeps the source domain alive, so no frozen source generator i
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from ..guidance.clip import ClipGuidance
 
 
-def loss_nada(guidance: ClipGuidance, domain_images: torch.Tensor, base_images: torch.Tensor, source_prompt: str, target_prompt: str) -> torch.Tensor:
+def loss_nada(
+    guidance: ClipGuidance,
+    domain_images: torch.Tensor,
+    base_images: torch.Tensor,
+    source_prompt: str,
+    target_prompt: str,
+    contrast_prompts: Sequence[str] = (),
+) -> torch.Tensor:
     """1 - cos(image direction, text direction) (or its unnormalised projection form, see
     ``ClipGuidance.direction_loss``), averaged over the batch and the CLIP ensemble.
 
@@ -21,7 +30,7 @@ def loss_nada(guidance: ClipGuidance, domain_images: torch.Tensor, base_images: 
     """
     total = domain_images.new_zeros(())
     for encoder in guidance.encoders:
-        text_direction = guidance.text_direction(encoder, source_prompt, target_prompt).to(domain_images.device)  # (D,)
+        text_direction = guidance.text_direction(encoder, source_prompt, target_prompt, contrast_prompts).to(domain_images.device)  # (D,)
         image_direction = encoder.encode_images(domain_images) - encoder.encode_images(base_images.detach()).detach()  # (B, D)
         if guidance.direction_loss == "cosine":
             image_direction = F.normalize(image_direction, dim=-1)

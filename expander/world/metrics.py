@@ -391,3 +391,51 @@ def format_report(report: dict[str, Any]) -> str:
         accuracy = report["classifier"]["attribute_accuracy"]
         lines.append(f"evaluation classifier on {report['classifier']['n']} held-out renders: min accuracy {min(accuracy.values()):.3f} ({min(accuracy, key=accuracy.get)}), mean {sum(accuracy.values()) / len(accuracy):.3f}")
     return "\n".join(lines)
+
+
+# Factors a world subject keeps in every pose (renderer.subject_factors varies the others).
+POSE_FACTORS = ("head_x", "head_y", "tilt", "mouth_curve", "background_hue")
+
+
+@torch.no_grad()
+def subject_match(
+    model: "ExpandedGenerator",
+    domain: str,
+    subject_images: torch.Tensor,
+    n_samples: int = 256,
+    seed: int = 0,
+    classifier: Any = None,
+    factor_tolerance: float = 0.1,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """How well a MyStyle domain reproduces one subject: identity factors of its samples vs. the subject's.
+
+    For every sample, the fraction of *identity* factors (reliable, not pose: see ``POSE_FACTORS``) whose
+    prediction agrees with the subject's (the majority over ``subject_images``: categorical equal,
+    continuous within ``factor_tolerance``). Reported for the domain's samples, for base samples of the
+    same latents (chance level) and for the subject's own photos (ceiling).
+    """
+    if classifier is None:
+        from .classifier import load_world_classifier
+
+        classifier = load_world_classifier()
+    reliable = set(getattr(classifier, "reliable_factors", SOURCE_FACTORS))
+    columns = [SOURCE_FACTORS.index(f) for f in SOURCE_FACTORS if f in reliable and f not in POSE_FACTORS]
+    subject = _classify(classifier, subject_images)["factors"]  # (P, F)
+    reference = subject.median(dim=0).values  # robust "the subject's" factors
+    for name in CATEGORICAL:
+        column = SOURCE_FACTORS.index(name)
+        reference[column] = subject[:, column].mode().values
+
+    def agreement(images: torch.Tensor) -> float:
+        predicted = _classify(classifier, images)["factors"]
+        return _preserved(predicted, reference.expand_as(predicted), factor_tolerance)[:, columns].float().mean().item()
+
+    w = model.random_latents(n_samples, seed)
+    return {
+        "domain": domain,
+        "identity_factors": [SOURCE_FACTORS[c] for c in columns],
+        "domain_match": _round(agreement(_synthesize(model, w, {domain: 1.0}, batch_size))),
+        "base_match": _round(agreement(_synthesize(model, w, {}, batch_size))),
+        "subject_photos_match": _round(agreement(subject_images)),
+    }

@@ -200,3 +200,14 @@ def test_format_report_summarises_every_domain(world_like):
         assert name in text
     assert f"FD to renders {report['source_preservation']['fid']:.2f}" in text
     assert "min accuracy 0.970 (glasses)" in text
+
+
+def test_subject_match_reports_domain_base_and_ceiling(world_like):
+    from expander.world.renderer import render, subject_factors
+
+    photos = render(subject_factors(4, torch.Generator().manual_seed(3)))
+    result = metrics.subject_match(world_like, "glasses", photos, n_samples=6, seed=0, classifier=StubClassifier())
+    assert set(result) == {"domain", "identity_factors", "domain_match", "base_match", "subject_photos_match"}
+    assert not set(result["identity_factors"]) & set(metrics.POSE_FACTORS)
+    for key in ("domain_match", "base_match", "subject_photos_match"):
+        assert 0.0 <= result[key] <= 1.0

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue-4 measurements in the portraits world, from the shipped recipes, on two CPU lanes:
+#   lane A: 10 NADA domains jointly, then the same without replay regularization (ablation);
+#   lane B: three successive add-domain calls, 3 SDS domains with / without the directional
+#           regularizer, and one MyStyle subject.
+# Every result is measured with `expander eval` (JSON in $OUT/*.json, grids in $OUT/*.png);
+# benchmarks/world_expansion_report.py turns them into the tables of the README.
+#   bash benchmarks/world_expansion.sh [OUT=runs/world-expansion] [N_EVAL=256]
+# About 40-60 minutes on a 2-core CPU (lane B is the longer one).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/world-expansion}
+N_EVAL=${2:-256}
+mkdir -p "$OUT"
+export EXPANDER_HOME="$OUT/home" OMP_NUM_THREADS=1 EXPANDER_THREADS=1
+
+evaluate() {  # evaluate MODEL NAME
+  expander eval --model "$1" --num "$N_EVAL" --classifier-samples 0 --out "$OUT/$2.json" --grid "$OUT/$2.png" > "$OUT/$2.txt" 2>/dev/null
+}
+
+timed() {  # timed NAME command...: wall seconds into $OUT/NAME.seconds
+  local name=$1 start
+  shift
+  start=$(date +%s)
+  "$@" > "$OUT/$name.log" 2>&1
+  echo $(( $(date +%s) - start )) > "$OUT/$name.seconds"
+}
+
+lane_a() {
+  timed nada10 expander expand recipes/world-nada-10.yaml --out "$OUT/nada10"
+  evaluate "$OUT/nada10" nada10
+  sed -e 's/^training:/training:\n  lambda_replay_l2: 0.0\n  lambda_replay_perceptual: 0.0\n  lambda_gan: 0.0/' \
+      -e '/^name:/d' recipes/world-nada-10.yaml > "$OUT/nada10-noreplay.yaml"
+  timed nada10-noreplay expander expand "$OUT/nada10-noreplay.yaml" --out "$OUT/nada10-noreplay"
+  evaluate "$OUT/nada10-noreplay" nada10-noreplay
+}
+
+lane_b() {
+  timed add1 expander add-domain "a portrait of a person with glasses" --name glasses --out "$OUT/add"
+  evaluate "$OUT/add" add1
+  timed add2 expander add-domain "a portrait of a zombie" --name zombie --model "$OUT/add"
+  timed add3 expander add-domain "a portrait of a person wearing a hat" --name hat --model "$OUT/add"
+  evaluate "$OUT/add" add3
+  timed sds3 expander expand recipes/world-sds-3.yaml --out "$OUT/sds3"
+  evaluate "$OUT/sds3" sds3
+  timed sds3-nodir expander expand recipes/world-sds-3-nodir.yaml --out "$OUT/sds3-nodir"
+  evaluate "$OUT/sds3-nodir" sds3-nodir
+  timed mystyle expander expand recipes/world-mystyle.yaml --out "$OUT/mystyle"
+  evaluate "$OUT/mystyle" mystyle
+  python - "$OUT" <<'EOF'
+import json, sys, torch
+from expander.hub import load_model
+from expander.world.metrics import subject_match
+from expander.world.renderer import render, subject_factors
+out = sys.argv[1]
+photos = render(subject_factors(10, torch.Generator().manual_seed(7)))
+result = subject_match(load_model(f"{out}/mystyle"), "subject7", photos)
+json.dump(result, open(f"{out}/mystyle-subject.json", "w"), indent=2)
+EOF
+}
+
+lane_a &
+lane_b &
+wait
+echo "done: $OUT"
