@@ -328,7 +328,9 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         folder, model_name = resolve_model_folder(model)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    registered = model_name in load_registries().models
+    # Without --out, a registered model is updated in place: the new version goes to
+    # $EXPANDER_HOME/models/NAME and NAME points to it. With --out, the name keeps its old target.
+    registered = model_name in load_registries().models and out is None
     out = Path(out) if out else (expander_home() / "models" / model_name if registered else folder)
     domain = Domain(name=name, direction=direction, method=method, prompt=prompt, images=images, alpha=alpha)
     config = ExpansionConfig(steps=steps, seed=seed, domains_per_step=1)

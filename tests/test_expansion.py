@@ -264,3 +264,18 @@ def test_contrast_removes_the_component_shared_by_the_domains():
     assert torch.allclose(plain.norm(), torch.tensor(1.0)) and torch.allclose(contrasted.norm(), torch.tensor(1.0))
     assert contrasted @ other < plain @ guidance.text_direction(encoder, "a person", "a ghost")  # domains pulled apart
     assert guidance.text_direction(encoder, "a person", "a zombie", ["a ghost", "a ghoul"]) is contrasted  # cached
+
+
+def test_add_domain_on_a_registered_model_updates_it_only_without_out(parent_dir, tiny_clip_dir, tmp_path, home, offline_lpips):
+    from expander.registry import entry_for_model, load_registries, register_user_model
+
+    register_user_model(entry_for_model("tiny", {"path": str(parent_dir)}, ExpandedGenerator.from_pretrained(parent_dir)))
+    explicit = run("add-domain", "a zombie", "--model", "tiny", "--out", tmp_path / "elsewhere", "--steps", 1, "--clip", tiny_clip_dir, *GUIDE)
+    assert explicit.exit_code == 0, explicit.output
+    assert load_registries().models["tiny"].source == {"path": str(parent_dir)}  # --out leaves the name alone
+    in_place = run("add-domain", "a sketch", "--model", "tiny", "--steps", 1, "--clip", tiny_clip_dir, *GUIDE)
+    assert in_place.exit_code == 0, in_place.output
+    entry = load_registries().models["tiny"]
+    assert entry.source == {"path": str((home / "models" / "tiny").resolve())}
+    assert list(entry.domains) == ["sketch"]
+    assert ExpandedGenerator.from_pretrained(parent_dir).domain_names == []  # the original folder is untouched
