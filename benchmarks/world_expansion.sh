@@ -5,7 +5,7 @@
 #           regularizer, and one MyStyle subject.
 # Every result is measured with `expander eval` (JSON in $OUT/*.json, grids in $OUT/*.png);
 # benchmarks/world_expansion_report.py turns them into the tables of the README.
-#   bash benchmarks/world_expansion.sh [OUT=runs/world-expansion] [N_EVAL=256]
+#   bash benchmarks/world_expansion.sh [OUT=runs/world-expansion] [N_EVAL=256] [PART...]   (PART: a, add, sds, mystyle)
 # About 40-60 minutes on a 2-core CPU (lane B is the longer one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 export EXPANDER_HOME="$OUT/home" OMP_NUM_THREADS=1 EXPANDER_THREADS=1
 
 evaluate() {  # evaluate MODEL NAME
-  expander eval --model "$1" --num "$N_EVAL" --classifier-samples 0 --out "$OUT/$2.json" --grid "$OUT/$2.png" > "$OUT/$2.txt" 2>/dev/null
+  expander eval --model "$1" --parent expander/world/weights/portraits --num "$N_EVAL" --classifier-samples 0 --out "$OUT/$2.json" --grid "$OUT/$2.png" > "$OUT/$2.txt" 2>/dev/null
 }
 
 timed() {  # timed NAME command...: wall seconds into $OUT/NAME.seconds
@@ -35,16 +35,22 @@ lane_a() {
   evaluate "$OUT/nada10-noreplay" nada10-noreplay
 }
 
-lane_b() {
+lane_add() {
   timed add1 expander add-domain "a portrait of a person with glasses" --name glasses --out "$OUT/add"
   evaluate "$OUT/add" add1
   timed add2 expander add-domain "a portrait of a zombie" --name zombie --model "$OUT/add"
   timed add3 expander add-domain "a portrait of a person wearing a hat" --name hat --model "$OUT/add"
   evaluate "$OUT/add" add3
+}
+
+lane_sds() {
   timed sds3 expander expand recipes/world-sds-3.yaml --out "$OUT/sds3"
   evaluate "$OUT/sds3" sds3
   timed sds3-nodir expander expand recipes/world-sds-3-nodir.yaml --out "$OUT/sds3-nodir"
   evaluate "$OUT/sds3-nodir" sds3-nodir
+}
+
+lane_mystyle() {
   timed mystyle expander expand recipes/world-mystyle.yaml --out "$OUT/mystyle"
   evaluate "$OUT/mystyle" mystyle
   python - "$OUT" <<'EOF'
@@ -59,7 +65,12 @@ json.dump(result, open(f"{out}/mystyle-subject.json", "w"), indent=2)
 EOF
 }
 
+if [ $# -gt 2 ]; then  # named parts only, one after the other: ... OUT N_EVAL sds mystyle
+  for part in "${@:3}"; do "lane_$part"; done
+  exit 0
+fi
+
 lane_a &
-lane_b &
+(lane_add; lane_sds; lane_mystyle) &
 wait
 echo "done: $OUT"
