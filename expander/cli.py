@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Optional
 
 import click
-import torch
 
 from .domains import BASE_DOMAIN
 

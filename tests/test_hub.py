@@ -1,7 +1,6 @@
 """Pulling and loading from a Hugging Face cache that the test builds itself (HF_HUB_OFFLINE=1)."""
 
 import json
-import shutil
 
 import pytest
 import torch

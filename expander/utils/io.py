@@ -74,6 +74,38 @@ def read_safetensors(path: str | os.PathLike, what: str = "checkpoint") -> dict[
 # --------------------------------------------------------------------------------------------------
 
 
+def save_network_folder(folder: str | os.PathLike, module: torch.nn.Module, config: dict[str, Any]) -> Path:
+    """A small frozen network as ``config.json`` + ``model.safetensors``, written atomically."""
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": str(config.get("format", ""))})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def copy_network_folder(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy the inference files of :func:`save_network_folder` (never training state) atomically."""
+    source, dest = Path(source), Path(dest)
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (tmp / name).write_bytes((source / name).read_bytes())
+    return dest
+
+
+def load_network_state(module: torch.nn.Module, folder: str | os.PathLike, what: str) -> torch.nn.Module:
+    """Load ``folder/model.safetensors`` into ``module`` strictly, naming any key mismatch."""
+    path = Path(folder) / "model.safetensors"
+    state = read_safetensors(path, what=what)
+    missing, unexpected = sorted(set(module.state_dict()) - set(state)), sorted(set(state) - set(module.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    module.load_state_dict(state, strict=True)
+    return module
+
+
 def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     state = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -39,10 +38,9 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from ..utils.io import atomic_path, load_training_state, read_json, read_safetensors, save_training_state
+from ..utils.io import copy_network_folder, load_network_state, load_training_state, read_json, save_network_folder, save_training_state
 from . import renderer
 from .classifier import CODEC, RESOLUTION, augment, lr_at, prediction_loss, prepare_images
 from .renderer import ATTRIBUTES, CATEGORICAL, SOURCE_FACTORS
@@ -378,22 +376,12 @@ def save_perceptual(model: WorldPerceptual, folder: Union[str, Path], metrics: O
         "metrics": metrics or {},
         "training": training or {},
     }
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(folder) as tmp:
-        tmp.mkdir()
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT_NAME})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return folder
+    return save_network_folder(folder, model, config)
 
 
 def export_world_perceptual(model_dir: Union[str, Path], dest: Union[str, Path] = PERCEPTUAL_DIR) -> Path:
     """Copy the inference files (never training state) into ``dest`` atomically."""
-    model_dir, dest = Path(model_dir), Path(dest)
-    with atomic_path(dest) as tmp:
-        tmp.mkdir()
-        for name in ("config.json", "model.safetensors"):
-            (tmp / name).write_bytes((model_dir / name).read_bytes())
-    return dest
+    return copy_network_folder(model_dir, dest)
 
 
 def load_world_perceptual(folder: Union[str, Path] = PERCEPTUAL_DIR) -> WorldPerceptual:
@@ -404,11 +392,7 @@ def load_world_perceptual(folder: Union[str, Path] = PERCEPTUAL_DIR) -> WorldPer
         raise ValueError(f"{folder / 'config.json'} is not a world perceptual config (format {config.get('format')!r})")
     arch = config["architecture"]
     model = WorldPerceptual(widths=tuple(arch["widths"]), embed_dim=int(arch["embed_dim"]))
-    state = read_safetensors(folder / "model.safetensors", what="world perceptual weights")
-    missing, unexpected = sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise ValueError(f"{folder / 'model.safetensors'} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(state, strict=True)
+    load_network_state(model, folder, what="world perceptual weights")
     return _freeze(model)
 
 

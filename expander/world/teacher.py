@@ -52,7 +52,7 @@ class WorldTeacher:
     def __init__(self, per_attribute: int = 128, source: int = 512, seed: int = 1234):
         self.alphas_cumprod = ddpm_alphas_cumprod()
         rng = torch.Generator().manual_seed(seed)
-        banks, labels = [renderer.sample_portraits(source, rng, with_captions=False)], []
+        banks = [renderer.sample_portraits(source, rng, with_captions=False)]
         for attribute in renderer.ATTRIBUTES:
             banks.append(renderer.sample_portraits(per_attribute, rng, attributes=[attribute], with_captions=False))
         images = torch.cat([b.images for b in banks])
