@@ -7,6 +7,7 @@ name: world-nada-10               # optional: register the result under this nam
 guidance:                         # optional; defaults pick the world's models for world parents
   clip: [openai/clip-vit-base-patch32, openai/clip-vit-base-patch16]   # or "world"
   clip_loss: cosine               # NADA direction loss: cosine (default) | projection (default for "world")
+  clip_views: 0                   # paired augmented views per image for NADA (default 0; 4 for "world")
   perceptual: auto                # auto | world | lpips-vgg | lpips-alex
   diffusion: world                # or a diffusers Stable Diffusion id, for sds domains
 training:                         # any expander.train.ExpansionConfig field
@@ -30,7 +31,7 @@ from .domains import METHODS, Domain
 from .train import ExpansionConfig
 
 _TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description"}
-_GUIDANCE_KEYS = {"clip", "clip_loss", "perceptual", "diffusion"}
+_GUIDANCE_KEYS = {"clip", "clip_loss", "clip_views", "perceptual", "diffusion"}
 _DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha"}
 
 

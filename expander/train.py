@@ -232,7 +232,7 @@ class Expander:
             if domain.method == "nada":
                 source = domain.source_prompt or config.source_prompt
                 contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if config.nada_contrast_domains else []
-                add("loss_nada", config.lambda_nada / n_train * loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast))
+                add("loss_nada", config.lambda_nada / n_train * loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng))
             elif domain.method == "sds":
                 add("loss_sds", config.lambda_sds / n_train * guidance.teacher.loss(domain_images, references[id(group)], domain.prompt, self.rng))
             elif domain.method == "mystyle":

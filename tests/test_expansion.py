@@ -279,3 +279,20 @@ def test_add_domain_on_a_registered_model_updates_it_only_without_out(parent_dir
     assert entry.source == {"path": str((home / "models" / "tiny").resolve())}
     assert list(entry.domains) == ["sketch"]
     assert ExpandedGenerator.from_pretrained(parent_dir).domain_names == []  # the original folder is untouched
+
+
+def test_augmented_views_are_paired_deterministic_and_reach_the_loss():
+    from expander.losses.nada import loss_nada
+
+    guidance = ClipGuidance([_LinearEncoder()], templates=("{}",), direction_loss="projection", augment_views=3, augment_noise=0.1)
+    domain, base = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    a_domain, a_base = guidance.augment(domain, base, torch.Generator().manual_seed(0))
+    assert a_domain.shape == a_base.shape == (6, 3, 8, 8)
+    b_domain, _ = guidance.augment(domain, base, torch.Generator().manual_seed(0))
+    assert torch.equal(a_domain, b_domain)  # the trainer's generator makes it reproducible (resume)
+    same_d, same_b = guidance.augment(domain, domain, torch.Generator().manual_seed(1))
+    assert torch.equal(same_d, same_b)  # one view for both images of a pair: the pair's difference survives
+    plain = ClipGuidance([_LinearEncoder()], templates=("{}",), direction_loss="projection")
+    assert plain.augment(domain, base) == (domain, base)
+    rng = torch.Generator().manual_seed(0)
+    assert loss_nada(guidance, domain, base, "a person", "a zombie", rng=rng) != loss_nada(plain, domain, base, "a person", "a zombie")

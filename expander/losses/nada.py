@@ -6,7 +6,7 @@ the base subspace keeps the source domain alive, so no frozen source generator i
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ def loss_nada(
     source_prompt: str,
     target_prompt: str,
     contrast_prompts: Sequence[str] = (),
+    rng: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """1 - cos(image direction, text direction) (or its unnormalised projection form, see
     ``ClipGuidance.direction_loss``), averaged over the batch and the CLIP ensemble.
@@ -29,6 +30,7 @@ def loss_nada(
     (detached), so this loss only pulls the domain subspace.
     """
     total = domain_images.new_zeros(())
+    domain_images, base_images = guidance.augment(domain_images, base_images.detach(), rng)  # paired views (off by default)
     for encoder in guidance.encoders:
         text_direction = guidance.text_direction(encoder, source_prompt, target_prompt, contrast_prompts).to(domain_images.device)  # (D,)
         image_direction = encoder.encode_images(domain_images) - encoder.encode_images(base_images.detach()).detach()  # (B, D)
