@@ -146,7 +146,7 @@ class ClipGuidance:
 
         Why: a small CLIP can be satisfied by pixel-level changes that do not draw the attribute; a
         change has to survive crops and noise to move every view. Measured in the world: a hat domain,
-        300 steps, 0% success without views, 42% with 4.
+        300 steps, 0% success without views, 23% and 42% with 4 (two runs).
         """
         if self.augment_views <= 0:
             return domain_images, base_images
