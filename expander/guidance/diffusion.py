@@ -38,12 +38,6 @@ def training_schedule(scheduler_config: Mapping[str, Any]) -> tuple[torch.Tensor
     return ddpm.alphas_cumprod.float().clone(), int(ddpm.config.num_train_timesteps), prediction_type
 
 
-def _freeze(module: torch.nn.Module) -> torch.nn.Module:
-    module.eval()
-    module.requires_grad_(False)
-    return module
-
-
 class StableDiffusionGuidance:
     """A frozen Stable Diffusion teacher: ``encode`` images to latents, ``predict_noise`` (cond, uncond).
 
@@ -52,9 +46,9 @@ class StableDiffusionGuidance:
     """
 
     def __init__(self, vae, unet, text_encoder, tokenizer, scheduler_config: Mapping[str, Any], resolution: int = 512):
-        self.vae = _freeze(vae)
-        self.unet = _freeze(unet)
-        self.text_encoder = _freeze(text_encoder)
+        self.vae = vae.eval().requires_grad_(False)
+        self.unet = unet.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.resolution = int(resolution)
         self.alphas_cumprod, self.num_train_timesteps, self.prediction_type = training_schedule(scheduler_config)

@@ -95,6 +95,15 @@ def copy_network_folder(source: str | os.PathLike, dest: str | os.PathLike) -> P
     return dest
 
 
+def read_network_config(folder: str | os.PathLike, format_name: str, what: str) -> dict[str, Any]:
+    """``folder/config.json`` of :func:`save_network_folder`, refused when it is another format."""
+    path = Path(folder) / "config.json"
+    config = read_json(path, what=f"{what} config")
+    if config.get("format") != format_name:
+        raise ValueError(f"{path} is not a {what} config (format {config.get('format')!r})")
+    return config
+
+
 def load_network_state(module: torch.nn.Module, folder: str | os.PathLike, what: str) -> torch.nn.Module:
     """Load ``folder/model.safetensors`` into ``module`` strictly, naming any key mismatch."""
     path = Path(folder) / "model.safetensors"

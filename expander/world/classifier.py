@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.io import copy_network_folder, load_network_state, load_training_state, read_json, save_network_folder, save_training_state
+from ..utils.io import copy_network_folder, load_network_state, load_training_state, read_json, read_network_config, save_network_folder, save_training_state
 from . import renderer
 from .renderer import ATTRIBUTES, CATEGORICAL, SOURCE_FACTORS
 
@@ -197,13 +197,6 @@ class WorldClassifier(nn.Module):
         return {k: torch.cat(v) for k, v in outs.items()}
 
 
-def _freeze(module: nn.Module) -> nn.Module:
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +282,7 @@ def train_world_classifier(
             logger.info("step %d: %s (%.2f s/step)", done, avg, (time.perf_counter() - began) / (done - start))
     bar.close()
 
-    _freeze(model)
+    model.eval().requires_grad_(False)
     metrics = evaluate_world_classifier(model, n=eval_samples)
     training = asdict(config) | {"final_loss": avg}
     save_classifier(model, model_dir, metrics=metrics, training=training)
@@ -323,16 +316,14 @@ def export_world_classifier(model_dir: Union[str, Path], dest: Union[str, Path] 
 def load_world_classifier(folder: Union[str, Path] = CLASSIFIER_DIR) -> WorldClassifier:
     """The frozen evaluation classifier (eval mode, no gradients), loaded strictly."""
     folder = Path(folder)
-    config = read_json(folder / "config.json", what="world classifier config")
-    if config.get("format") != FORMAT_NAME:
-        raise ValueError(f"{folder / 'config.json'} is not a world classifier config (format {config.get('format')!r})")
+    config = read_network_config(folder, FORMAT_NAME, what="world classifier")
     if list(config.get("attributes", [])) != list(ATTRIBUTES) or list(config.get("factors", [])) != list(SOURCE_FACTORS):
         raise ValueError(f"the world classifier in {folder} was trained for other attributes/factors; rebuild it: expander world build --what classifier")
     arch = config["architecture"]
     model = WorldClassifier(widths=tuple(arch["widths"]), feature_dim=int(arch["feature_dim"]))
     load_network_state(model, folder, what="world classifier weights")
     model.reliable_factors = reliable_factors(config.get("metrics") or {})
-    return _freeze(model)
+    return model.eval().requires_grad_(False)
 
 
 RELIABLE_ACCURACY = 0.9  # categorical factors: held-out accuracy on source renders at least this

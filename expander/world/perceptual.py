@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.io import copy_network_folder, load_network_state, load_training_state, read_json, save_network_folder, save_training_state
+from ..utils.io import copy_network_folder, load_network_state, load_training_state, read_json, read_network_config, save_network_folder, save_training_state
 from . import renderer
 from .classifier import CODEC, RESOLUTION, augment, lr_at, prediction_loss, prepare_images
 from .renderer import ATTRIBUTES, CATEGORICAL, SOURCE_FACTORS
@@ -131,13 +131,6 @@ class WorldPerceptual(nn.Module):
 
     def forward(self, in0: torch.Tensor, in1: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return sum(self.layer_distances(in0, in1, normalize))
-
-
-def _freeze(module: nn.Module) -> nn.Module:
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +292,7 @@ def train_world_perceptual(
             track("attr", loss_attr.item())
             track("factor", loss_factor.item())
         else:  # phase 2: channel weights from nuisance-vs-semantic judgements, backbone frozen
-            _freeze(net)
+            net.eval().requires_grad_(False)
             reference, nuisance_img, semantic_img = judgement_batch(config.lin_batch_size, rng)
             with torch.no_grad():
                 feats = net.taps(torch.cat([reference, nuisance_img, semantic_img]))
@@ -320,7 +313,7 @@ def train_world_perceptual(
             logger.info("step %d: %s (%.2f s/step)", done, avg, (time.perf_counter() - began) / (done - start))
     bar.close()
 
-    _freeze(model)
+    model.eval().requires_grad_(False)
     with torch.no_grad():
         for lin, weight in zip(model.lins, logits.weights(config.lin_mix)):
             lin.copy_(weight)
@@ -387,13 +380,11 @@ def export_world_perceptual(model_dir: Union[str, Path], dest: Union[str, Path] 
 def load_world_perceptual(folder: Union[str, Path] = PERCEPTUAL_DIR) -> WorldPerceptual:
     """The frozen world perceptual distance (eval mode, parameters without gradients), loaded strictly."""
     folder = Path(folder)
-    config = read_json(folder / "config.json", what="world perceptual config")
-    if config.get("format") != FORMAT_NAME:
-        raise ValueError(f"{folder / 'config.json'} is not a world perceptual config (format {config.get('format')!r})")
+    config = read_network_config(folder, FORMAT_NAME, what="world perceptual")
     arch = config["architecture"]
     model = WorldPerceptual(widths=tuple(arch["widths"]), embed_dim=int(arch["embed_dim"]))
     load_network_state(model, folder, what="world perceptual weights")
-    return _freeze(model)
+    return model.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------------

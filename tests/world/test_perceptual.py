@@ -15,7 +15,7 @@ SHIPPED = P.PERCEPTUAL_DIR / "model.safetensors"
 @pytest.fixture
 def random_net() -> P.WorldPerceptual:
     torch.manual_seed(0)
-    return P._freeze(P.WorldPerceptual())
+    return P.WorldPerceptual().eval().requires_grad_(False)
 
 
 def test_lpips_signature_and_metric_properties(random_net):
