@@ -84,7 +84,9 @@ def main(argv=None) -> None:
     subject = folder / "mystyle-subject.json"
     if subject.is_file():
         data = json.loads(subject.read_text())
-        print(f"\nMyStyle identity match: domain {data['domain_match']:.3f}, base samples {data['base_match']:.3f}, the subject's photos {data['subject_photos_match']:.3f}")
+        same = data.get("base_same_latents_match")
+        same = f", base subspace at the same latents {same:.3f}" if same is not None else ""
+        print(f"\nMyStyle identity match: domain {data['domain_match']:.3f}{same}, base samples {data['base_match']:.3f}, the subject's photos {data['subject_photos_match']:.3f}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 On disk (a folder, or a Hugging Face Hub repo with the same files)::
 
     config.json              architecture, alpha, base model, format version
-    model.safetensors        generator.* (rosinality keys), latent_avg, basis.* (SeFA basis, dormancy)
+    model.safetensors        generator.* (rosinality keys), latent_avg, basis.* (SeFA basis, dormancy),
+                             anchors.K (MyStyle domains: the subject's inversions, sampled by convex combination)
     domains.json             the domains registry: name -> direction, method, prompt/images, ...
     discriminator.safetensors  optional, rosinality keys; needed only to keep training with a GAN loss
     README.md                generated model card (+ samples.png when the model is small enough)
@@ -39,6 +40,8 @@ WEIGHTS_FILE = "model.safetensors"
 DOMAINS_FILE = "domains.json"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 SAMPLES_FILE = "samples.png"
+ANCHORS_PREFIX = "anchors."  # + the domain's direction: directions are unique and stable, names may change
+ANCHORS_PER_SAMPLE = 3  # anchors mixed per sample of an anchored domain (see ExpandedGenerator.sampling_latents)
 
 
 class CheckpointError(ValueError):
@@ -74,6 +77,8 @@ class ExpandedGenerator(
         self.base_model = base_model
         self.description = description
         self._domains: list[Domain] = []
+        # direction -> (K, D) anchor latents in W; a domain with anchors is sampled from their convex hull
+        self._anchors: dict[int, torch.Tensor] = {}
 
     # ---- construction -----------------------------------------------------------------------------
 
@@ -107,6 +112,30 @@ class ExpandedGenerator(
         domains = validate_domains(domains, self.generator.style_dim)
         self._domains = list(domains)
         self.basis.set_repurposed(d.direction for d in domains)
+        directions = {d.direction for d in domains}
+        self._anchors = {k: v for k, v in self._anchors.items() if k in directions}  # a removed domain takes its anchors along
+
+    def set_anchors(self, name: str, anchors: Optional[torch.Tensor]) -> None:
+        """Make domain ``name`` sample from the convex hull of ``anchors`` (K, D) in W (``None`` removes them).
+
+        MyStyle domains are personalised priors: their subject lives near the inversions of the
+        subject's photos, not at random latents (Nitzan et al. 2022 sample inside the inversions'
+        convex hull). The anchors are stored in the checkpoint and used by :meth:`sampling_latents`.
+        """
+        domain = self.get_domain(name)
+        if anchors is None:
+            self._anchors.pop(domain.direction, None)
+            return
+        anchors = torch.as_tensor(anchors, dtype=torch.float32)
+        if anchors.ndim != 2 or anchors.shape[1] != self.generator.style_dim or len(anchors) == 0:
+            raise ValueError(f"anchors of domain {name!r} must have shape (K >= 1, {self.generator.style_dim}), got {tuple(anchors.shape)}")
+        if not torch.isfinite(anchors).all():
+            raise ValueError(f"anchors of domain {name!r} contain NaN or infinite values")
+        self._anchors[domain.direction] = anchors.detach().to(self.basis.mean.device).clone()
+
+    def anchors(self, name: str) -> Optional[torch.Tensor]:
+        """The anchor latents (K, D) of domain ``name``, or ``None`` when it samples random latents."""
+        return self._anchors.get(self.get_domain(name).direction)
 
     def get_domain(self, name: str) -> Domain:
         for domain in self._domains:
@@ -126,15 +155,18 @@ class ExpandedGenerator(
         taken = {d.direction for d in self._domains}
         return [k for k in self.dormant_directions() if k not in taken]
 
-    def add_domain(self, domain: Domain, force: bool = False) -> Domain:
-        """Register a domain; ``direction=-1`` picks the most dormant free direction.
+    def add_domain(self, domain: Domain, force: bool = False, reserved: Iterable[int] = ()) -> Domain:
+        """Register a domain; ``direction=-1`` picks the most dormant free direction not in ``reserved``.
 
-        A direction already taken, or one that is not dormant, is refused unless ``force``.
+        ``reserved``: directions that other domains of the same batch ask for explicitly, so an
+        automatic pick listed before them cannot take them. A direction already taken, or one that
+        is not dormant, is refused unless ``force``.
         """
         if domain.name in self.domain_names:
             raise ValueError(f"the model already has a domain named {domain.name!r}; choose another name")
         if domain.direction == -1:
-            free = self.free_directions()
+            reserved = set(reserved)
+            free = [k for k in self.free_directions() if k not in reserved]
             if not free:
                 raise ValueError(f"all {self.num_dormant} dormant directions are taken; pass an explicit direction with force=True")
             domain.direction = free[0]
@@ -168,6 +200,22 @@ class ExpandedGenerator(
         z = torch.randn(n, self.generator.style_dim, generator=rng).to(self.basis.mean.device)
         return self.generator.mapping(z, truncation_psi=truncation_psi)
 
+    def sampling_latents(self, domain: str, n: int, seed: int = 0, truncation_psi: float = 1.0) -> torch.Tensor:
+        """The w (n, D) a domain is sampled from: :meth:`random_latents`, or for a domain with anchors
+        (MyStyle), convex combinations of ``ANCHORS_PER_SAMPLE`` random anchors with Dirichlet(1) weights:
+        new poses and expressions of the subject between its photos (Nitzan et al. 2022, Sec. 4)."""
+        anchors = None if domain == BASE_DOMAIN else self.anchors(domain)
+        if anchors is None:
+            return self.random_latents(n, seed, truncation_psi)
+        anchors = anchors.to(self.generator.w_avg.device)  # Module.to does not move this plain dict
+        rng = torch.Generator().manual_seed(int(seed))
+        k = min(ANCHORS_PER_SAMPLE, len(anchors))
+        picks = torch.rand(n, len(anchors), generator=rng).argsort(dim=1)[:, :k]  # (n, k) distinct anchors per sample
+        weights = -torch.rand(n, k, generator=rng).clamp_min(1e-12).log()  # Exp(1) ...
+        weights = weights / weights.sum(dim=1, keepdim=True)  # ... normalised = Dirichlet(1): uniform on the simplex
+        w = torch.einsum("nk,nkd->nd", weights.to(anchors.device), anchors[picks.to(anchors.device)])  # (n, k) x (n, k, D) -> (n, D)
+        return self.generator.w_avg + truncation_psi * (w - self.generator.w_avg)
+
     def domain_latents(self, w: torch.Tensor, strengths: dict[str, float]) -> torch.Tensor:
         """Move w into the (composed) repurposed subspace: project to base, add alpha * s * v_k."""
         return self.basis.repurposed_latent(w, self.shifts_for(strengths))
@@ -190,7 +238,7 @@ class ExpandedGenerator(
             strengths[extra] = 1.0
         if domain != BASE_DOMAIN:
             self.get_domain(domain)  # fail before any work on an unknown name
-        w = self.domain_latents(self.random_latents(n, seed, truncation_psi), strengths)
+        w = self.domain_latents(self.sampling_latents(domain, n, seed, truncation_psi), strengths)
         return torch.cat([self.generator.synthesis(chunk, noise_mode=noise_mode) for chunk in w.split(batch_size)]).clamp(-1, 1)
 
     @torch.no_grad()
@@ -198,7 +246,7 @@ class ExpandedGenerator(
         """Images along the domain's direction, strengths -s..s: (n, steps, 3, R, R)."""
         direction = self.get_domain(domain)
         amounts = torch.linspace(-max_strength, max_strength, steps) * self.domain_alpha(direction)
-        w = self.basis.traverse(self.random_latents(n, seed, truncation_psi), direction.direction, amounts)  # (n, S, D)
+        w = self.basis.traverse(self.sampling_latents(domain, n, seed, truncation_psi), direction.direction, amounts)  # (n, S, D)
         images = self.generator.synthesis(w.flatten(0, 1)).clamp(-1, 1)
         return images.view(n, steps, *images.shape[1:])
 
@@ -224,6 +272,7 @@ class ExpandedGenerator(
         tensors = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
         tensors["latent_avg"] = self.generator.w_avg
         tensors.update({f"basis.{k}": v for k, v in self.basis.state_dict().items()})
+        tensors.update({f"{ANCHORS_PREFIX}{direction}": anchors for direction, anchors in sorted(self._anchors.items())})
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -307,6 +356,7 @@ class ExpandedGenerator(
             raise CheckpointError(f"{folder / CONFIG_FILE} is invalid: {err}") from None
 
         tensors = read_safetensors(folder / WEIGHTS_FILE, what="model weights")
+        anchors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(ANCHORS_PREFIX)]}
         model._load_weights(tensors, source=folder / WEIGHTS_FILE)
         if config.get("has_discriminator"):
             model.discriminator = Discriminator(model.generator.config)
@@ -319,7 +369,19 @@ class ExpandedGenerator(
             model.set_domains(domains)
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise CheckpointError(f"invalid domains registry {folder / DOMAINS_FILE}: {err}") from None
+        model._load_anchors(anchors, source=folder / WEIGHTS_FILE)
         return model.to(map_location).eval()
+
+    def _load_anchors(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
+        by_direction = {d.direction: d.name for d in self._domains}
+        for key, anchors in tensors.items():
+            suffix = key[len(ANCHORS_PREFIX) :]
+            if not suffix.isdigit() or int(suffix) not in by_direction:
+                raise CheckpointError(f"{source} has anchors {key!r} for no domain of domains.json (domains use directions {sorted(by_direction)}); the files do not belong together")
+            try:
+                self.set_anchors(by_direction[int(suffix)], anchors)
+            except ValueError as err:
+                raise CheckpointError(f"{source}: {err}") from None
 
     def _load_weights(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
         expected = set(self.weights_dict())

@@ -94,7 +94,11 @@ def domains(model):
     generator = _load(model)
     rows = [("name", "direction", "method", "alpha", "steps", "prompt / images"), (BASE_DOMAIN, "-", "source", "-", "-", "-")]
     for d in generator.domains:
-        rows.append((d.name, str(d.direction), d.method, f"{generator.domain_alpha(d):g}", str(d.steps), d.prompt or d.images or ""))
+        anchors = generator.anchors(d.name)
+        source = d.prompt or d.images or ""
+        if anchors is not None:
+            source += f" (sampled between its {len(anchors)} inversions)"
+        rows.append((d.name, str(d.direction), d.method, f"{generator.domain_alpha(d):g}", str(d.steps), source))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -71,11 +71,7 @@ def run_expansion(
     # Directions named explicitly are reserved first, so an 'auto' domain listed earlier cannot take them.
     requested = {d.direction for d in domains if d.direction >= 0}
     for domain in domains:
-        if domain.direction < 0:
-            free = [k for k in parent.free_directions() if k not in requested]
-            if free:
-                domain.direction = free[0]
-        parent.add_domain(domain, force=force)  # validates names and directions before any work
+        parent.add_domain(domain, force=force, reserved=requested)  # validates names and directions before any work
     # Read every subject's photos before loading any guidance model: a bad folder fails in a second.
     subject_images = {d.name: load_domain_images(d.images, parent.generator.resolution) for d in domains if d.method == "mystyle"}
     if accelerator is None:
@@ -94,6 +90,8 @@ def run_expansion(
     real_sampler = _world_real_sampler(parent) if real_data else None
     state_dir = out.parent / f".{out.name}.state"
     expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator)
+    for domain_name, (_, w) in guidance.mystyle_targets.items():
+        parent.set_anchors(domain_name, w)  # the subject is sampled between its inversions, not at random latents
     if is_main:
         parent.save_pretrained(out)
         if name:

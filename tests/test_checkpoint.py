@@ -80,6 +80,45 @@ def _saved(expanded, tmp_path):
     return folder
 
 
+def test_reserved_directions_are_skipped_by_automatic_picks(expanded):
+    free = expanded.free_directions()
+    picked = expanded.add_domain(Domain("auto", direction=-1), reserved={free[0]})
+    assert picked.direction == free[1]
+    expanded.add_domain(Domain("explicit", direction=free[0]))  # still free for the domain that asked for it
+
+
+def test_anchored_domain_samples_between_its_anchors_and_round_trips(expanded, tmp_path):
+    expanded.add_domain(Domain("me", direction=-1, method="mystyle", images="photos/"))
+    D = expanded.generator.style_dim
+    anchors = expanded.random_latents(5, seed=7)  # (5, D)
+    expanded.set_anchors("me", anchors)
+    w = expanded.sampling_latents("me", 64, seed=0)  # (64, D)
+    # Every sample is a convex combination of at most 3 anchors: least squares recovers weights >= 0 summing to 1.
+    weights = torch.linalg.lstsq(anchors.T, w.T).solution.T  # (64, 5)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(64), atol=1e-3)
+    assert (weights > -1e-3).all() and ((weights > 1e-3).sum(dim=1) <= 3).all()
+    assert torch.equal(w, expanded.sampling_latents("me", 64, seed=0))  # seeded
+    assert not torch.equal(expanded.sampling_latents("zombie", 4, seed=0)[:1], w[:1])  # others: random latents
+    expanded.save_pretrained(tmp_path / "m")
+    assert f"anchors.{expanded.get_domain('me').direction}" in load_file(str(tmp_path / "m" / "model.safetensors"))
+    loaded = ExpandedGenerator.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.anchors("me"), anchors) and loaded.anchors("zombie") is None
+    torch.testing.assert_close(loaded.sample("me", n=3, seed=2), expanded.sample("me", n=3, seed=2))
+    with pytest.raises(ValueError, match="must have shape"):
+        expanded.set_anchors("me", torch.zeros(3, D + 1))
+    with pytest.raises(ValueError, match="NaN"):
+        expanded.set_anchors("me", torch.full((2, D), float("nan")))
+
+
+def test_anchors_of_no_domain_are_refused(expanded, tmp_path):
+    folder = _saved(expanded, tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["anchors.0"] = torch.zeros(2, expanded.generator.style_dim)  # direction 0 belongs to no domain
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="anchors 'anchors.0' for no domain"):
+        ExpandedGenerator.from_pretrained(folder)
+
+
 def test_corrupt_weights_are_reported(expanded, tmp_path):
     folder = _saved(expanded, tmp_path)
     data = (folder / "model.safetensors").read_bytes()

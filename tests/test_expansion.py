@@ -167,6 +167,10 @@ def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lp
     assert result.exit_code == 0, result.output
     model = ExpandedGenerator.from_pretrained(tmp_path / "out")
     assert model.get_domain("me").method == "mystyle" and model.get_domain("me").images == str(photos)
+    # The subject's three inversions travel with the checkpoint and are what the domain samples from.
+    anchors = model.anchors("me")
+    assert anchors is not None and anchors.shape == (3, model.generator.style_dim)
+    assert model.sample("me", n=2, seed=0).shape == (2, 3, model.generator.resolution, model.generator.resolution)
 
 
 @pytest.mark.parametrize(

@@ -412,8 +412,10 @@ def subject_match(
 
     For every sample, the fraction of *identity* factors (reliable, not pose: see ``POSE_FACTORS``) whose
     prediction agrees with the subject's (the majority over ``subject_images``: categorical equal,
-    continuous within ``factor_tolerance``). Reported for the domain's samples, for base samples of the
-    same latents (chance level) and for the subject's own photos (ceiling).
+    continuous within ``factor_tolerance``). Reported for the domain's samples (drawn the way
+    ``model.sample`` draws them: between the subject's anchors when the domain has them), for the
+    base subspace at the same latents (what the parent's inversions alone give), for base samples of
+    random latents (chance level) and for the subject's own photos (ceiling).
     """
     if classifier is None:
         from .classifier import load_world_classifier
@@ -431,11 +433,13 @@ def subject_match(
         predicted = _classify(classifier, images)["factors"]
         return _preserved(predicted, reference.expand_as(predicted), factor_tolerance)[:, columns].float().mean().item()
 
-    w = model.random_latents(n_samples, seed)
+    w_domain = model.sampling_latents(domain, n_samples, seed)
     return {
         "domain": domain,
         "identity_factors": [SOURCE_FACTORS[c] for c in columns],
-        "domain_match": _round(agreement(_synthesize(model, w, {domain: 1.0}, batch_size))),
-        "base_match": _round(agreement(_synthesize(model, w, {}, batch_size))),
+        "anchored": model.anchors(domain) is not None,
+        "domain_match": _round(agreement(_synthesize(model, w_domain, {domain: 1.0}, batch_size))),
+        "base_same_latents_match": _round(agreement(_synthesize(model, w_domain, {}, batch_size))),
+        "base_match": _round(agreement(_synthesize(model, model.random_latents(n_samples, seed), {}, batch_size))),
         "subject_photos_match": _round(agreement(subject_images)),
     }

@@ -13,8 +13,15 @@ def load(name: str):
     return module
 
 
-def test_throughput_smoke(capsys):
-    results = load("throughput").main(["--smoke", "--threads", "1"])
+def test_throughput_smoke(tmp_path, capsys):
+    results = load("throughput").main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
     assert results["sampling"][0]["ours_images_per_s"] > 0
     assert results["sefa_dormancy"]["dormancy_curve_s"] >= 0
+    step = results["training_step"]
+    parts = {p["part"]: p["seconds"] for p in step["parts"]}
+    # Every part the trainer runs was timed, and the parts add up to the step.
+    for name in ("synthesis (one batched call)", "replay: frozen parent synthesis", "replay: perceptual distance", "guidance: CLIP (NADA loss)", "backward", "optimizer step"):
+        assert parts[name] > 0, name
+    assert abs(sum(parts.values()) - step["step_s"]) < 1e-3
+    assert (tmp_path / "results.json").exists() and (tmp_path / "throughput.png").stat().st_size > 0
     assert "speedup" in capsys.readouterr().out

@@ -207,7 +207,8 @@ def test_subject_match_reports_domain_base_and_ceiling(world_like):
 
     photos = render(subject_factors(4, torch.Generator().manual_seed(3)))
     result = metrics.subject_match(world_like, "glasses", photos, n_samples=6, seed=0, classifier=StubClassifier())
-    assert set(result) == {"domain", "identity_factors", "domain_match", "base_match", "subject_photos_match"}
+    assert set(result) == {"domain", "identity_factors", "anchored", "domain_match", "base_same_latents_match", "base_match", "subject_photos_match"}
+    assert result["anchored"] is False
     assert not set(result["identity_factors"]) & set(metrics.POSE_FACTORS)
-    for key in ("domain_match", "base_match", "subject_photos_match"):
+    for key in ("domain_match", "base_same_latents_match", "base_match", "subject_photos_match"):
         assert 0.0 <= result[key] <= 1.0
