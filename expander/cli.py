@@ -279,6 +279,7 @@ def expand(recipe, steps, out, resume, force):
       expander expand recipes/world-nada-10.yaml --resume
       accelerate launch --multi_gpu --num_processes 4 -m expander.cli expand recipes/ffhq-nada.yaml
     """
+    from .distributed import is_main_process
     from .expansion import run_expansion
     from .recipes import Recipe
 
@@ -289,7 +290,8 @@ def expand(recipe, steps, out, resume, force):
         model = run_expansion(plan.model, plan.domains, out or plan.out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
-    click.echo(f"wrote {out or plan.out} with {len(model.domains)} domains: {', '.join(model.domain_names)}")
+    if is_main_process():  # once per run, not once per rank under accelerate/torchrun
+        click.echo(f"wrote {out or plan.out} with {len(model.domains)} domains: {', '.join(model.domain_names)}")
 
 
 @main.command(name="add-domain")
@@ -315,6 +317,7 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
       expander add-domain "a portrait of a person with glasses" --name glasses
       expander add-domain --images photos/me --name me --steps 300
     """
+    from .distributed import is_main_process
     from .domains import Domain
     from .expansion import run_expansion
     from .hub import resolve_model_folder
@@ -346,7 +349,8 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         result = run_expansion(str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, force=force)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
-    click.echo(f"added {name!r} on direction {result.get_domain(name).direction}; wrote {out} ({len(result.domains)} domains)")
+    if is_main_process():
+        click.echo(f"added {name!r} on direction {result.get_domain(name).direction}; wrote {out} ({len(result.domains)} domains)")
 
 
 def _slug(text: str) -> str:

@@ -61,6 +61,15 @@ def is_distributed_launch() -> bool:
     return max(int(os.environ.get(name, "1") or 1) for name in names) > 1
 
 
+def is_main_process() -> bool:
+    """False on every rank but the first of a distributed launch (for messages printed once per run)."""
+    if not is_distributed_launch():
+        return True
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process
+
+
 def rng_name(rank: int) -> str:
     """Name of a rank's latent RNG in the training state; rank 0 keeps the single-process name."""
     return "rng" if rank == 0 else f"rng_rank{rank}"

@@ -125,6 +125,7 @@ class ClipGuidance:
         augment_views: int = 0,  # paired random views (crop + noise) of domain and base images; 0 = off
         augment_min_scale: float = 0.8,  # smallest crop side, as a fraction of the image
         augment_noise: float = 0.05,  # std of the Gaussian noise added to both images of a pair
+        augment_blur: float = 1.0,  # views are downsampled by a random factor in [1, augment_blur] and back (1 = off)
     ):
         if not encoders:
             raise ValueError("ClipGuidance needs at least one CLIP model")
@@ -133,7 +134,7 @@ class ClipGuidance:
         self.encoders = list(encoders)
         self.templates = tuple(templates)
         self.direction_loss = direction_loss
-        self.augment_views, self.augment_min_scale, self.augment_noise = augment_views, augment_min_scale, augment_noise
+        self.augment_views, self.augment_min_scale, self.augment_noise, self.augment_blur = augment_views, augment_min_scale, augment_noise, augment_blur
         self._directions: dict[tuple, torch.Tensor] = {}  # text directions, computed once per prompt set
 
     @classmethod
@@ -158,9 +159,16 @@ class ClipGuidance:
         noise = torch.randn((views * batch, *domain_images.shape[1:]), generator=rng) * self.augment_noise
         theta, noise = theta.to(domain_images), noise.to(domain_images)
         grid = F.affine_grid(theta, [views * batch, *domain_images.shape[1:]], align_corners=False)
+        size = domain_images.shape[-1]
+        low = size
+        if self.augment_blur > 1:  # one random resolution per call, the same for both images of a pair
+            low = max(1, round(size / float(torch.empty(()).uniform_(1.0, self.augment_blur, generator=rng))))
 
         def view(images: torch.Tensor) -> torch.Tensor:
-            return F.grid_sample(images.repeat(views, 1, 1, 1), grid, align_corners=False, padding_mode="border") + noise
+            views_ = F.grid_sample(images.repeat(views, 1, 1, 1), grid, align_corners=False, padding_mode="border")
+            if low < size:
+                views_ = F.interpolate(F.interpolate(views_, size=low, mode="bilinear", antialias=True, align_corners=False), size=size, mode="bilinear", align_corners=False)
+            return views_ + noise
 
         return view(domain_images), view(base_images)
 
