@@ -300,3 +300,14 @@ def test_augmented_views_are_paired_deterministic_and_reach_the_loss():
     assert plain.augment(domain, base) == (domain, base)
     rng = torch.Generator().manual_seed(0)
     assert loss_nada(guidance, domain, base, "a person", "a zombie", rng=rng) != loss_nada(plain, domain, base, "a person", "a zombie")
+
+
+def test_blurred_views_lose_fine_detail_and_stay_paired():
+    guidance = ClipGuidance([_LinearEncoder()], templates=("{}",), augment_views=2, augment_noise=0.0, augment_min_scale=1.0, augment_blur=4.0)
+    checkerboard = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2.0 - 1  # (16, 16) finest detail there is
+    domain = checkerboard.expand(1, 3, 16, 16).clone()
+    views, same = guidance.augment(domain, domain.clone(), torch.Generator().manual_seed(0))
+    assert views.shape == (2, 3, 16, 16) and torch.equal(views, same)
+    assert views.std() < 0.5 * domain.std()  # the checkerboard is mostly averaged away at a lower resolution
+    sharp = ClipGuidance([_LinearEncoder()], templates=("{}",), augment_views=2, augment_noise=0.0, augment_min_scale=1.0)
+    assert torch.allclose(sharp.augment(domain, domain, torch.Generator().manual_seed(0))[0], domain.expand(2, -1, -1, -1), atol=1e-5)

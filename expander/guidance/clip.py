@@ -146,8 +146,10 @@ class ClipGuidance:
         """``augment_views`` random views of each (domain, base) pair, the *same* view for both: (V*B, 3, H, W) x 2.
 
         Why: a small CLIP can be satisfied by pixel-level changes that do not draw the attribute; a
-        change has to survive crops and noise to move every view. Measured in the world: a hat domain,
-        300 steps, 0% success without views, 23% and 42% with 4 (two runs).
+        change has to survive crops and noise to move every view. Measured in the world (alpha 12
+        stds): a hat domain, 300 steps, 0% success without views, 23% and 42% with 4 (two runs), 61%
+        with stronger views (crops down to 0.6, noise 0.1, ``augment_blur`` 2.5; one run). At the
+        current alpha (36 stds) the default views already reach 98% in 150 steps.
         """
         if self.augment_views <= 0:
             return domain_images, base_images
