@@ -25,11 +25,11 @@ logger = logging.getLogger(__name__)
 
 def load_domain_images(source: str, resolution: int) -> torch.Tensor:
     """Images of a mystyle domain: a folder, or ``world:subject:SEED`` (one world identity, 10 poses)."""
-    if source.startswith("world:subject:"):
-        from .world.renderer import render, subject_factors
+    from .world.renderer import subject_photos, world_subject_seed
 
-        seed = int(source.rsplit(":", 1)[1])
-        images = render(subject_factors(10, torch.Generator().manual_seed(seed)))
+    seed = world_subject_seed(source)
+    if seed is not None:
+        images = subject_photos(seed)
         if images.shape[-1] != resolution:
             images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
         return images

@@ -77,7 +77,7 @@ __all__ = [
 FORMAT_NAME = "expander.world.metrics"
 REPORT_KEYS = (
     "format", "version", "n_samples", "seed", "domains", "attribute_of", "unmapped_domains", "source_preservation",
-    "domain_success", "leakage", "attribute_rates", "alignment", "composition", "summary", "factor_tolerance",
+    "domain_success", "leakage", "attribute_rates", "alignment", "composition", "subjects", "summary", "factor_tolerance",
     "reliable_factors",
 )
 BASE = "base"
@@ -309,6 +309,13 @@ def evaluate(
         "mean_factors_preserved": _mean([a["factors_preserved"] for a in alignment.values()]),
         "mean_composition": _mean([c["both"] for c in composition.values() if not c["conflicting"]]),
     }
+    # MyStyle domains of a world subject: how well they reproduce it (their "success").
+    subjects = {}
+    for domain in model.domains:
+        subject = renderer.world_subject_seed(domain.images) if domain.method == "mystyle" else None
+        if subject is not None:
+            photos = renderer.subject_photos(subject)  # at the world resolution; the classifier sees 64 px anyway
+            subjects[domain.name] = subject_match(model, domain.name, photos, n_samples=n_samples, seed=seed, classifier=classifier, factor_tolerance=factor_tolerance, batch_size=batch_size)
     return {
         "format": FORMAT_NAME,
         "version": 1,
@@ -323,6 +330,7 @@ def evaluate(
         "attribute_rates": {row: {a: _round(rates[i].item(), 4) for i, a in enumerate(ATTRIBUTES)} for row, rates in rows.items()},
         "alignment": alignment,
         "composition": composition,
+        "subjects": subjects,
         "summary": summary,
         "factor_tolerance": factor_tolerance,
         "reliable_factors": reliable,
@@ -382,11 +390,16 @@ def format_report(report: dict[str, Any]) -> str:
             leaks = [v for col, v in matrix.get(name, {}).items() if col != name]
             align = report["alignment"][name]
             lines.append(
-                f"{name:<14}{success if success is not None else float('nan'):>9.3f}{max(leaks) if leaks else 0.0:>10.3f}"
+                f"{name:<14}{'-' if success is None else f'{success:.3f}':>9}{max(leaks) if leaks else 0.0:>10.3f}"
                 f"{align['perceptual']:>12.4f}{align['factors_preserved']:>14.3f}"
             )
         if report["composition"]:
             lines.append(f"composition (both attributes): mean {report['summary']['mean_composition']}")
+        for name, subject in report.get("subjects", {}).items():
+            lines.append(
+                f"{name}: identity match {subject['domain_match']:.3f} (base subspace at the same latents {subject['base_same_latents_match']:.3f}, "
+                f"random base samples {subject['base_match']:.3f}, the subject's photos {subject['subject_photos_match']:.3f})"
+            )
     if "classifier" in report:
         accuracy = report["classifier"]["attribute_accuracy"]
         lines.append(f"evaluation classifier on {report['classifier']['n']} held-out renders: min accuracy {min(accuracy.values()):.3f} ({min(accuracy, key=accuracy.get)}), mean {sum(accuracy.values()) / len(accuracy):.3f}")

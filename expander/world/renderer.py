@@ -106,6 +106,24 @@ def subject_factors(n_poses: int, generator: Union[torch.Generator, int]) -> tor
     return identity
 
 
+WORLD_SUBJECT_PREFIX = "world:subject:"  # image source of a world MyStyle domain: world:subject:SEED
+
+
+def world_subject_seed(source: Optional[str]) -> Optional[int]:
+    """SEED of a ``world:subject:SEED`` image source, ``None`` for anything else (a folder)."""
+    if not source or not source.startswith(WORLD_SUBJECT_PREFIX):
+        return None
+    text = source[len(WORLD_SUBJECT_PREFIX):]
+    if not text.isdigit():
+        raise ValueError(f"invalid world subject {source!r}: use {WORLD_SUBJECT_PREFIX}SEED with an integer SEED, e.g. {WORLD_SUBJECT_PREFIX}7")
+    return int(text)
+
+
+def subject_photos(seed: int, n_poses: int = 10, resolution: int = 64) -> torch.Tensor:
+    """The "photos" of world subject ``seed``: one identity rendered in ``n_poses`` poses, (N, 3, R, R)."""
+    return render(subject_factors(n_poses, torch.Generator().manual_seed(seed)), resolution=resolution)
+
+
 def _hsv_to_rgb(h: torch.Tensor, s: float, v: float) -> torch.Tensor:
     """Hue (N,) in [0, 1] at fixed saturation/value -> RGB (N, 3)."""
     k = (torch.tensor([5.0, 3.0, 1.0]) + h[:, None] * 6) % 6

@@ -212,3 +212,23 @@ def test_subject_match_reports_domain_base_and_ceiling(world_like):
     assert not set(result["identity_factors"]) & set(metrics.POSE_FACTORS)
     for key in ("domain_match", "base_same_latents_match", "base_match", "subject_photos_match"):
         assert 0.0 <= result[key] <= 1.0
+
+
+def test_world_subject_domains_get_an_identity_report(world_like):
+    world_like.add_domain(Domain("subject3", direction=-1, method="mystyle", images="world:subject:3"))
+    world_like.set_anchors("subject3", world_like.random_latents(4, seed=9))
+    report, _ = _report(world_like)
+    assert list(report["subjects"]) == ["subject3"]  # only mystyle domains of a world subject
+    subject = report["subjects"]["subject3"]
+    assert subject["anchored"] is True and 0.0 <= subject["domain_match"] <= 1.0
+    text = metrics.format_report(report)
+    assert "subject3: identity match" in text
+    assert "nan" not in text  # a domain without an attribute shows '-' as its success
+
+
+def test_world_subject_source_is_validated():
+    from expander.world import renderer
+
+    assert renderer.world_subject_seed("world:subject:7") == 7 and renderer.world_subject_seed("photos/me") is None
+    with pytest.raises(ValueError, match="integer SEED"):
+        renderer.world_subject_seed("world:subject:seven")
