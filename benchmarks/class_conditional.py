@@ -37,7 +37,7 @@ Run (about 15-20 min on 2 CPU cores with the 64 px world parent: 3 x 500 steps a
 the measurements; estimated from measured per-step costs)::
 
     python benchmarks/class_conditional.py
-    python benchmarks/class_conditional.py --names sketch elf_ears --steps 300 --methods ours z-concat
+    python benchmarks/class_conditional.py --names hat beard --steps 300 --methods ours z-concat
     python benchmarks/class_conditional.py --smoke          # seconds; what the tests run
 
 Writes ``results.json``, ``metrics.png`` and ``leakage.png`` to ``--out``.
@@ -205,7 +205,7 @@ class ConditionalTrainer:
 
 def parse(argv: Optional[Sequence[str]] = None):
     parser = common.base_parser(NAME, __doc__)
-    parser.add_argument("--names", nargs="+", default=["sketch", "elf_ears", "hat", "zombie"], help="world attributes, one domain each (default: %(default)s)")
+    parser.add_argument("--names", nargs="+", default=["hat", "beard", "glasses", "pop_art"], help="world attributes, one domain each (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=500, help="training steps of every method (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--domains-per-step", type=int, default=4)

@@ -3,9 +3,11 @@
 * ``dormancy`` (Fig. 12): mean perceptual change per SeFA direction, from the checkpoint's
   ``basis.dormancy`` when it was measured, else ``expander.subspace.dormancy.dormancy_curve`` with
   the world perceptual network; with the singular values and the dormant set the model reserves.
-* ``joint`` (Fig. 7a): domain success of a "sketch" domain vs. training step, trained alone and
+* ``joint`` (Fig. 7a): domain success of one domain (the paper's "sketch"; here a hat by default:
+  in the world NADA cannot teach "sketch" at all, 0% even when adapting the whole generator, see
+  ``expansion_vs_adaptation.py``) vs. training step, trained alone and
   together with 5 / 10 other domains (``--joint``), with ``ExpansionConfig``'s fixed
-  ``domains_per_step``; plus the sketch-attribute rate in a companion domain's subspace (the paper's
+  ``domains_per_step``; plus that attribute's rate in a companion domain's subspace (the paper's
   "Sumo" curve: it should stay flat, the domains do not interfere).
 * ``composition`` (Fig. 9): starting from domain A at full strength, domain B is introduced
   gradually (strength t in [0, 1]): rates of A, of B and of both on the same latents. Baseline:
@@ -62,11 +64,11 @@ def parse(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--single-steps", type=int, default=200, help="steps of the one-domain runs (alpha, direction) and of the NADA adaptations (default: %(default)s)")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--curve-samples", type=int, default=64, help="samples per point of a success curve (default: %(default)s)")
-    parser.add_argument("--domain", default="sketch", help="the domain of the joint and direction figures (default: %(default)s)")
+    parser.add_argument("--domain", default="hat", help="the domain of the joint and direction figures (default: %(default)s)")
     parser.add_argument("--joint", type=int, nargs="+", default=[0, 5, 10], help="numbers of other domains trained with it (default: %(default)s)")
     parser.add_argument("--pair", nargs=2, default=["hat", "beard"], help="domains A B of the composition figure (default: %(default)s)")
     parser.add_argument("--interpolation-points", type=int, default=6)
-    parser.add_argument("--alpha-domain", default="elf_ears", help="the domain of the alpha figure (default: %(default)s)")
+    parser.add_argument("--alpha-domain", default="glasses", help="the domain of the alpha figure (default: %(default)s)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0], help="multipliers of the model's alpha (default: %(default)s)")
     parser.add_argument("--no-control", action="store_true", help="direction figure: skip the non-dormant control direction")
     parser.add_argument("--dormancy-samples", type=int, default=8, help="latents per direction when the curve is computed (default: %(default)s)")

@@ -27,7 +27,7 @@ import time
 import types
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

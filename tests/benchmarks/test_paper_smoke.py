@@ -73,9 +73,9 @@ def test_class_conditional_smoke(tmp_path, capsys):
         assert finite(r["seconds"])
         for key in ("mean_success", "mean_leakage", "mean_perceptual", "mean_factors_preserved", "base_fid", "parent_fid"):
             assert finite(r["summary"][key]), (method, key)
-        assert set(r["domain_success"]) == {"sketch", "elf_ears"}
-        assert set(r["leakage"]["matrix"]) == {"base", "sketch", "elf_ears"}
-        assert "sketch+elf_ears" in r["composition"]
+        assert set(r["domain_success"]) == {"hat", "beard"}
+        assert set(r["leakage"]["matrix"]) == {"base", "hat", "beard"}
+        assert "hat+beard" in r["composition"]
     assert {"metrics.png", "leakage.png"} <= {p.name for p in tmp_path.iterdir()}
     assert "z-concat" in capsys.readouterr().out
 
