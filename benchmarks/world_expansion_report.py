@@ -81,13 +81,12 @@ def main(argv=None) -> None:
     if add1 and add3:
         first = add1["domain_success"]["glasses"]
         print(f"\nadd-domain forgetting: glasses success {first:.3f} after 1 call, {add3['domain_success']['glasses']:.3f} after 3 ({100 * (add3['domain_success']['glasses'] - first):+.1f} points)")
-    subject = folder / "mystyle-subject.json"
-    if subject.is_file():
-        data = json.loads(subject.read_text())
-        same = data.get("base_same_latents_match")
-        same = f", base subspace at the same latents {same:.3f}" if same is not None else ""
-        print(f"\nMyStyle identity match: domain {data['domain_match']:.3f}{same}, base samples {data['base_match']:.3f}, the subject's photos {data['subject_photos_match']:.3f}")
-
+    mystyle = _load(folder, "mystyle") or {}
+    for name, data in mystyle.get("subjects", {}).items():  # `expander eval` measures world subjects
+        print(
+            f"\nMyStyle {name} identity match: domain {data['domain_match']:.3f}, base subspace at the same latents "
+            f"{data['base_same_latents_match']:.3f}, random base samples {data['base_match']:.3f}, the subject's photos {data['subject_photos_match']:.3f}"
+        )
 
 if __name__ == "__main__":
     main()
