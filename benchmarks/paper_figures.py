@@ -66,7 +66,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--curve-samples", type=int, default=64, help="samples per point of a success curve (default: %(default)s)")
     parser.add_argument("--domain", default="hat", help="the domain of the joint and direction figures (default: %(default)s)")
     parser.add_argument("--joint", type=int, nargs="+", default=[0, 5, 10], help="numbers of other domains trained with it (default: %(default)s)")
-    parser.add_argument("--pair", nargs=2, default=["hat", "beard"], help="domains A B of the composition figure (default: %(default)s)")
+    parser.add_argument("--pair", nargs=2, default=["glasses", "beard"], help="domains A B of the composition figure (default: %(default)s)")
     parser.add_argument("--interpolation-points", type=int, default=6)
     parser.add_argument("--alpha-domain", default="glasses", help="the domain of the alpha figure (default: %(default)s)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0], help="multipliers of the model's alpha (default: %(default)s)")

@@ -311,7 +311,7 @@ def evaluate(
     }
     # MyStyle domains of a world subject: how well they reproduce it (their "success").
     subjects = {}
-    for domain in model.domains:
+    for domain in getattr(model, "domains", ()):  # optional: the benchmarks' baselines wrap other generators
         subject = renderer.world_subject_seed(domain.images) if domain.method == "mystyle" else None
         if subject is not None:
             photos = renderer.subject_photos(subject)  # at the world resolution; the classifier sees 64 px anyway
