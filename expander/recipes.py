@@ -8,6 +8,7 @@ guidance:                         # optional; defaults pick the world's models f
   clip: [openai/clip-vit-base-patch32, openai/clip-vit-base-patch16]   # or "world"
   clip_loss: cosine               # NADA direction loss: cosine (default) | projection (default for "world")
   clip_views: 0                   # paired augmented views per image for NADA (default 0; 4 for "world")
+  clip_max_projection: null       # projection loss only: stop pushing a sample once it projects this far (default: no cap)
   perceptual: auto                # auto | world | lpips-vgg | lpips-alex
   diffusion: world                # or a diffusers Stable Diffusion id, for sds domains
 training:                         # any expander.train.ExpansionConfig field
@@ -31,7 +32,7 @@ from .domains import METHODS, Domain
 from .train import ExpansionConfig
 
 _TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description"}
-_GUIDANCE_KEYS = {"clip", "clip_loss", "clip_views", "perceptual", "diffusion"}
+_GUIDANCE_KEYS = {"clip", "clip_loss", "clip_views", "clip_max_projection", "perceptual", "diffusion"}
 _DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha"}
 
 

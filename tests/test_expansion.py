@@ -311,3 +311,18 @@ def test_blurred_views_lose_fine_detail_and_stay_paired():
     assert views.std() < 0.5 * domain.std()  # the checkerboard is mostly averaged away at a lower resolution
     sharp = ClipGuidance([_LinearEncoder()], templates=("{}",), augment_views=2, augment_noise=0.0, augment_min_scale=1.0)
     assert torch.allclose(sharp.augment(domain, domain, torch.Generator().manual_seed(0))[0], domain.expand(2, -1, -1, -1), atol=1e-5)
+
+
+def test_projection_cap_stops_pulling_samples_that_went_far_enough():
+    from expander.losses.nada import loss_nada
+
+    capped = ClipGuidance([_LinearEncoder()], templates=("{}",), direction_loss="projection", max_projection=0.5)
+    base = torch.zeros(2, 3, 4, 4)
+    domain = torch.zeros(2, 3, 4, 4)
+    domain[0, 0], domain[1, 0] = 2.0, 0.1  # sample 0 is far along the text direction, sample 1 barely moved
+    domain.requires_grad_(True)
+    loss_nada(capped, domain, base, "a person", "a zombie").backward()
+    grad = domain.grad.abs().flatten(1).sum(1)  # (2,)
+    assert grad[0] == 0 and grad[1] > 0  # only the sample still short of the cap is pushed
+    with pytest.raises(ValueError, match="needs direction_loss='projection'"):
+        ClipGuidance([_LinearEncoder()], direction_loss="cosine", max_projection=0.5)

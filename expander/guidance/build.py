@@ -38,10 +38,12 @@ def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optio
                 templates=WORLD_TEMPLATES,
                 direction_loss=spec.get("clip_loss", "projection"),
                 augment_views=int(spec.get("clip_views", 4)),
+                max_projection=_optional_float(spec.get("clip_max_projection")),
             )
         else:
             guidance.clip = ClipGuidance.from_pretrained(
-                [clip] if isinstance(clip, str) else list(clip), device=device, direction_loss=spec.get("clip_loss", "cosine"), augment_views=int(spec.get("clip_views", 0))
+                [clip] if isinstance(clip, str) else list(clip), device=device, direction_loss=spec.get("clip_loss", "cosine"), augment_views=int(spec.get("clip_views", 0)),
+                max_projection=_optional_float(spec.get("clip_max_projection")),
             )
     if "sds" in methods:
         diffusion = spec.get("diffusion", WORLD if world else REAL_DIFFUSION)
@@ -55,3 +57,7 @@ def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optio
 
             guidance.teacher = ScoreDistillation(StableDiffusionGuidance.from_pretrained(diffusion, device=device), sds)
     return guidance
+
+
+def _optional_float(value: Any) -> Optional[float]:
+    return None if value is None else float(value)

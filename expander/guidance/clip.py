@@ -126,6 +126,7 @@ class ClipGuidance:
         augment_min_scale: float = 0.8,  # smallest crop side, as a fraction of the image
         augment_noise: float = 0.05,  # std of the Gaussian noise added to both images of a pair
         augment_blur: float = 1.0,  # views are downsampled by a random factor in [1, augment_blur] and back (1 = off)
+        max_projection: Optional[float] = None,  # projection loss: a sample stops pulling once it projects this far (None = no cap)
     ):
         if not encoders:
             raise ValueError("ClipGuidance needs at least one CLIP model")
@@ -134,6 +135,11 @@ class ClipGuidance:
         self.encoders = list(encoders)
         self.templates = tuple(templates)
         self.direction_loss = direction_loss
+        if max_projection is not None and (direction_loss != "projection" or max_projection <= 0):
+            raise ValueError(f"max_projection ({max_projection}) needs direction_loss='projection' and a positive value")
+        # Why a cap: real attribute changes of world renders project 0.6-0.97 onto their text
+        # direction, while the uncapped loss keeps pushing samples to 1.2-1.3, past any real change.
+        self.max_projection = max_projection
         self.augment_views, self.augment_min_scale, self.augment_noise, self.augment_blur = augment_views, augment_min_scale, augment_noise, augment_blur
         self._directions: dict[tuple, torch.Tensor] = {}  # text directions, computed once per prompt set
 

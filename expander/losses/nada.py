@@ -36,5 +36,8 @@ def loss_nada(
         image_direction = encoder.encode_images(domain_images) - encoder.encode_images(base_images.detach()).detach()  # (B, D)
         if guidance.direction_loss == "cosine":
             image_direction = F.normalize(image_direction, dim=-1)
-        total = total + (1 - image_direction @ text_direction).mean()
+        agreement = image_direction @ text_direction  # (B,)
+        if guidance.max_projection is not None:
+            agreement = agreement.clamp(max=guidance.max_projection)  # hinge: no gradient past the cap
+        total = total + (1 - agreement).mean()
     return total / len(guidance.encoders)
