@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import types
 from collections import defaultdict
@@ -31,12 +32,16 @@ from typing import Callable
 
 import torch
 
-import expander.train as train_module
-from expander.checkpoint import ExpandedGenerator
-from expander.generators.reference import grouped_convolutions
-from expander.generators.stylegan2 import Generator, StyleGAN2Config
-from expander.guidance.perceptual import lpips_distance
-from expander.subspace.dormancy import dormancy_curve
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import expander.train as train_module  # noqa: E402
+from expander.checkpoint import ExpandedGenerator  # noqa: E402
+from expander.generators.reference import grouped_convolutions  # noqa: E402
+from expander.generators.stylegan2 import Generator, StyleGAN2Config  # noqa: E402
+from expander.guidance.perceptual import lpips_distance  # noqa: E402
+from expander.subspace.dormancy import dormancy_curve  # noqa: E402
 
 
 def _time(fn, repeats: int) -> float:
@@ -114,10 +119,14 @@ def training_step(model: ExpandedGenerator, n_domains: int, steps: int, warmup: 
     config = ExpansionConfig(steps=warmup + steps, checkpoint_every=10**9)
     trainer = Expander(model, domains, guidance, config)
     timer = _PartTimer()
-    # The trainer calls these four; wrapping them times the product's own step, not a copy of it.
+    # Wrapping what the trainer calls times the product's own step (Expander.step), not a copy of it.
+    forward = "forward: the rest (sampling, projection, losses)"
+    trainer.losses = timer.wrap(forward, trainer.losses)
     trainer.synthesis = timer.wrap("synthesis (one batched call)", trainer.synthesis)
     trainer.parent = types.SimpleNamespace(synthesis=timer.wrap("replay: frozen parent synthesis", trainer.parent.synthesis))
     guidance.perceptual = timer.wrap("replay: perceptual distance", guidance.perceptual)
+    optimizer = trainer.optimizers["G"]
+    optimizer.step = timer.wrap("optimizer step", optimizer.step)
     original_loss_nada = train_module.loss_nada
     train_module.loss_nada = timer.wrap("guidance: CLIP (NADA loss)", original_loss_nada)
     per_step: dict[str, list[float]] = defaultdict(list)
@@ -125,23 +134,14 @@ def training_step(model: ExpandedGenerator, n_domains: int, steps: int, warmup: 
         for index in range(warmup + steps):
             timer.seconds.clear()
             start = time.perf_counter()
-            losses = trainer.losses()
-            forward = time.perf_counter() - start
-            optimizer = trainer.optimizers["G"]
-            optimizer.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            sum(losses.values()).backward()
-            backward = time.perf_counter() - start
-            start = time.perf_counter()
-            optimizer.step()
-            optimizer_s = time.perf_counter() - start
-            trainer.step_index += 1
+            trainer.step()
+            total = time.perf_counter() - start
             if index < warmup:
                 continue
             parts = dict(timer.seconds)
-            parts["forward: the rest (sampling, projection, losses)"] = forward - sum(parts.values())
-            parts["backward"] = backward
-            parts["optimizer step"] = optimizer_s
+            inside_forward = sum(v for k, v in parts.items() if k not in (forward, "optimizer step"))
+            parts[forward] -= inside_forward  # the forward pass minus the parts timed inside it
+            parts["backward"] = total - parts[forward] - inside_forward - parts["optimizer step"]  # and zero_grad
             for name, seconds in parts.items():
                 per_step[name].append(seconds)
     finally:
@@ -209,7 +209,8 @@ def main(argv=None) -> dict:
     results = {"benchmark": "throughput", "threads": torch.get_num_threads()}
     results["sampling"] = [sampling(c, args.batch if c.resolution <= 256 else args.large_batch, args.repeats) for c in configs]
     results["sefa_dormancy"] = sefa_and_dormancy(args.dormancy_resolution, args.dormancy_samples)
-    results["training_step"] = training_step(_training_model(args), n_domains=4, steps=args.train_steps)
+    parent = common.load_parent(argparse.Namespace(smoke=args.smoke, seed=0, model=args.model))  # tiny random world model with --smoke
+    results["training_step"] = training_step(parent, n_domains=4, steps=args.train_steps)
     print(f"{'res':>5} {'params':>8} {'batch':>5} {'ours img/s':>11} {'grouped img/s':>14} {'speedup':>8}")
     for row in results["sampling"]:
         print(f"{row['resolution']:>5} {row['params_M']:>7}M {row['batch']:>5} {row['ours_images_per_s']:>11} {row['grouped_reference_images_per_s']:>14} {row['speedup']:>7}x")
@@ -226,19 +227,6 @@ def main(argv=None) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         _plot(results, out / "throughput.png")
     return results
-
-
-def _training_model(args) -> ExpandedGenerator:
-    if args.smoke:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import common
-
-        return common.tiny_world_model()
-    from expander.hub import load_model
-
-    return load_model(args.model)
 
 
 if __name__ == "__main__":

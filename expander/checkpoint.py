@@ -214,7 +214,9 @@ class ExpandedGenerator(
         weights = -torch.rand(n, k, generator=rng).clamp_min(1e-12).log()  # Exp(1) ...
         weights = weights / weights.sum(dim=1, keepdim=True)  # ... normalised = Dirichlet(1): uniform on the simplex
         w = torch.einsum("nk,nkd->nd", weights.to(anchors.device), anchors[picks.to(anchors.device)])  # (n, k) x (n, k, D) -> (n, D)
-        return self.generator.w_avg + truncation_psi * (w - self.generator.w_avg)
+        if truncation_psi != 1.0:  # the same truncation as Generator.mapping
+            w = self.generator.w_avg.lerp(w, truncation_psi)
+        return w
 
     def domain_latents(self, w: torch.Tensor, strengths: dict[str, float]) -> torch.Tensor:
         """Move w into the (composed) repurposed subspace: project to base, add alpha * s * v_k."""
