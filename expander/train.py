@@ -52,10 +52,14 @@ class ExpansionConfig:
     base_batch_size: int = 8  # base-subspace latents per step (replay + GAN)
     domains_per_step: int = 4  # new domains per step: cost does not grow with the number of domains
     replay_domains_per_step: int = 2  # existing domains replayed per step (so add-domain forgets nothing)
+    # Composition groups per step (0 = off, the paper's setting): a trained NADA/SDS domain's offset is
+    # added on top of another domain's subspace and its loss compares with that domain's image, so the
+    # edit also holds when two domains are composed (w + a_i v_i + a_j v_j).
+    compositions_per_step: int = 0
     lr: float = 0.002
     betas: tuple = (0.0, 0.99)
     lambda_nada: float = 1.0
-    nada_contrast_domains: bool = True  # centre each NADA text direction on the model's other NADA domains (see ClipGuidance.text_direction)
+    nada_contrast: float = 1.0  # how much of the model's NADA domains' mean text direction each domain's direction drops (0 = off; see ClipGuidance.text_direction)
     lambda_sds: float = 1.0
     lambda_mystyle: float = 1.0
     lambda_sds_directional: float = 1.0  # SDS directional regularizer (0 = off)
@@ -106,6 +110,11 @@ class _Group:
     w_domain: torch.Tensor  # (B, D) in the domain's repurposed subspace
     w_base: torch.Tensor  # (B, D) the same latents in the base subspace
     targets: Optional[torch.Tensor] = None  # (B, 3, R, R) mystyle reconstruction targets
+    w_reference: Optional[torch.Tensor] = None  # (B, D) what NADA/SDS compare with; None = w_base
+
+    @property
+    def reference(self) -> torch.Tensor:
+        return self.w_base if self.w_reference is None else self.w_reference
 
 
 class Expander:
@@ -193,8 +202,33 @@ class Expander:
                     w_base, targets = basis.project_base(w_inverted[picks]), images[picks]
                 else:
                     w_base = basis.project_base(self._sample_w(config.batch_size))
-                w_domain = w_base + model.domain_alpha(domain) * basis.directions[:, domain.direction]
+                w_domain = w_base + self._offset(domain)
                 groups.append(_Group(kind, domain, w_domain, w_base, targets))
+        groups += self._composition_groups([g.domain for g in groups if g.kind == "train"])
+        return groups
+
+    def _offset(self, domain: Domain) -> torch.Tensor:
+        """alpha_k * v_k: (D,)."""
+        return self.model.domain_alpha(domain) * self.model.basis.directions[:, domain.direction]
+
+    def _composition_groups(self, trained_now: list[Domain]) -> list[_Group]:
+        """Groups whose latents carry this step's domain i on top of another domain j's subspace.
+
+        The reference is the same latent in j's subspace, so the loss asks for i's edit *relative to
+        j*: composing two domains then shows both. Only NADA/SDS (they have a reference image).
+        """
+        candidates = [d for d in trained_now if d.method in ("nada", "sds")]
+        partners = list(self.model.domains)
+        groups = []
+        for _ in range(self.config.compositions_per_step if len(partners) > 1 else 0):
+            if not candidates:
+                break
+            domain = candidates[int(torch.randint(len(candidates), (), generator=self.rng))]
+            others = [d for d in partners if d.name != domain.name]
+            partner = others[int(torch.randint(len(others), (), generator=self.rng))]
+            w_base = self.model.basis.project_base(self._sample_w(self.config.batch_size))  # (B, D)
+            w_partner = w_base + self._offset(partner)
+            groups.append(_Group("train", domain, w_partner + self._offset(domain), w_base, w_reference=w_partner))
         return groups
 
     def losses(self) -> dict[str, torch.Tensor]:
@@ -204,7 +238,7 @@ class Expander:
         groups = self._groups()
         # NADA/SDS compare each domain image with the same latent's base image (appendix D.2).
         needs_reference = [g for g in groups if g.kind == "train" and g.domain.method in ("nada", "sds")]
-        batches = [w_base] + [g.w_domain for g in groups] + [g.w_base for g in needs_reference]
+        batches = [w_base] + [g.w_domain for g in groups] + [g.reference for g in needs_reference]
         images = self.synthesis(torch.cat(batches)).split([len(b) for b in batches])  # ONE batched call
         base_images, group_images = images[0], images[1 : 1 + len(groups)]
         references = dict(zip((id(g) for g in needs_reference), images[1 + len(groups) :]))
@@ -231,8 +265,8 @@ class Expander:
                 continue
             if domain.method == "nada":
                 source = domain.source_prompt or config.source_prompt
-                contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if config.nada_contrast_domains else []
-                add("loss_nada", config.lambda_nada / n_train * loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng))
+                contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if config.nada_contrast > 0 else []
+                add("loss_nada", config.lambda_nada / n_train * loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast))
             elif domain.method == "sds":
                 add("loss_sds", config.lambda_sds / n_train * guidance.teacher.loss(domain_images, references[id(group)], domain.prompt, self.rng))
             elif domain.method == "mystyle":

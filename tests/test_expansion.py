@@ -268,6 +268,11 @@ def test_contrast_removes_the_component_shared_by_the_domains():
     assert torch.allclose(plain.norm(), torch.tensor(1.0)) and torch.allclose(contrasted.norm(), torch.tensor(1.0))
     assert contrasted @ other < plain @ guidance.text_direction(encoder, "a person", "a ghost")  # domains pulled apart
     assert guidance.text_direction(encoder, "a person", "a zombie", ["a ghost", "a ghoul"]) is contrasted  # cached
+    # the strength interpolates: 0 is the plain direction, partial centring lies between
+    assert torch.allclose(guidance.text_direction(encoder, "a person", "a zombie", ["a ghost", "a ghoul"], 0.0), plain)
+    raw = torch.stack([guidance._raw_direction(encoder, "a person", p) for p in ("a zombie", "a ghost", "a ghoul")])
+    half = guidance.text_direction(encoder, "a person", "a zombie", ["a ghost", "a ghoul"], 0.5)
+    assert torch.allclose(half, torch.nn.functional.normalize(raw[0] - 0.5 * raw.mean(0), dim=-1))
 
 
 def test_add_domain_on_a_registered_model_updates_it_only_without_out(parent_dir, tiny_clip_dir, tmp_path, home, offline_lpips):

@@ -68,3 +68,25 @@ def test_bad_domains_are_refused(model, guidance):
         Expander(model, [Domain("ghost", direction=1, prompt="x")], guidance)
     with pytest.raises(ValueError, match="no CLIP"):
         Expander(model, [model.get_domain("zombie")], Guidance(perceptual=pixel_distance))
+
+
+def test_composition_groups_compare_with_the_partner_subspace(model, guidance):
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, compositions_per_step=3))
+    groups = trainer._groups()
+    composed = [g for g in groups if g.w_reference is not None]
+    assert len(groups) == 2 + 3 and len(composed) == 3
+    for group in composed:
+        partner = next(d for d in model.domains if d.name != group.domain.name)
+        # reference = base + partner's offset; the trained latent adds the domain's own offset on top
+        assert torch.allclose(group.reference, group.w_base + trainer._offset(partner))
+        assert torch.allclose(group.w_domain, group.reference + trainer._offset(group.domain))
+    assert all(g.reference is g.w_base for g in groups if g.w_reference is None)
+    losses = trainer.step()
+    assert torch.isfinite(torch.tensor(losses["loss_nada"]))
+
+
+def test_no_composition_without_a_partner_domain(tiny_generator, guidance):
+    model = ExpandedGenerator.from_generator(tiny_generator, alpha=3.0, num_dormant=8)
+    model.add_domain(Domain("zombie", direction=-1, prompt="a zombie"))
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, compositions_per_step=2))
+    assert [g.w_reference for g in trainer._groups()] == [None]

@@ -180,19 +180,19 @@ class ClipGuidance:
 
         return view(domain_images), view(base_images)
 
-    def text_direction(self, encoder: ClipEncoder, source: str, target: str, contrast: Sequence[str] = ()) -> torch.Tensor:
+    def text_direction(self, encoder: ClipEncoder, source: str, target: str, contrast: Sequence[str] = (), contrast_strength: float = 1.0) -> torch.Tensor:
         """Normalised mean over templates of (normalised target - normalised source) embeddings: (D,).
 
         ``contrast``: the prompts of the model's *other* domains. Their directions share a component
         with this one (every "a person with X" differs from "a person" in the same way, too); it is
         removed by centring the directions of all the domains, so each domain is pulled only towards
-        what sets it apart. Measured in the world, without it jointly trained domains drifted into
-        one shared edit.
+        what sets it apart. ``contrast_strength`` in [0, 1] scales how much of the shared mean is
+        removed (0 = StyleGAN-NADA's plain direction).
         """
-        key = (id(encoder), source, target, tuple(contrast))
+        key = (id(encoder), source, target, tuple(contrast), contrast_strength)
         if key not in self._directions:
             directions = torch.stack([self._raw_direction(encoder, source, prompt) for prompt in (target, *contrast)])  # (1 + C, D)
-            direction = directions[0] - directions.mean(0) if contrast else directions[0]
+            direction = directions[0] - contrast_strength * directions.mean(0) if contrast else directions[0]
             self._directions[key] = F.normalize(direction, dim=-1)
         return self._directions[key]
 

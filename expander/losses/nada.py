@@ -22,6 +22,7 @@ def loss_nada(
     target_prompt: str,
     contrast_prompts: Sequence[str] = (),
     rng: Optional[torch.Generator] = None,
+    contrast_strength: float = 1.0,
 ) -> torch.Tensor:
     """1 - cos(image direction, text direction) (or its unnormalised projection form, see
     ``ClipGuidance.direction_loss``), averaged over the batch and the CLIP ensemble.
@@ -32,7 +33,7 @@ def loss_nada(
     total = domain_images.new_zeros(())
     domain_images, base_images = guidance.augment(domain_images, base_images.detach(), rng)  # paired views (off by default)
     for encoder in guidance.encoders:
-        text_direction = guidance.text_direction(encoder, source_prompt, target_prompt, contrast_prompts).to(domain_images.device)  # (D,)
+        text_direction = guidance.text_direction(encoder, source_prompt, target_prompt, contrast_prompts, contrast_strength).to(domain_images.device)  # (D,)
         image_direction = encoder.encode_images(domain_images) - encoder.encode_images(base_images.detach()).detach()  # (B, D)
         if guidance.direction_loss == "cosine":
             image_direction = F.normalize(image_direction, dim=-1)
