@@ -191,7 +191,7 @@ class Expander:
             return self.model.generator.mapping(z)
 
     def _groups(self) -> list[_Group]:
-        model, basis, config = self.model, self.model.basis, self.config
+        basis, config = self.model.basis, self.config
         groups = []
         for kind, domains, k in (("replay", self.replayed, config.replay_domains_per_step), ("train", self.trained, config.domains_per_step)):
             for domain in _choose(domains, k, self.rng):
