@@ -50,6 +50,7 @@ class ExpansionConfig:
     steps: int = 300
     batch_size: int = 4  # latents per trained domain per step
     base_batch_size: int = 8  # base-subspace latents per step (replay + GAN)
+    replay_batch_size: Optional[int] = None  # latents per replayed existing domain per step (None = batch_size)
     domains_per_step: int = 4  # new domains per step: cost does not grow with the number of domains
     replay_domains_per_step: int = 2  # existing domains replayed per step (so add-domain forgets nothing)
     # Composition groups per step (0 = off, the paper's setting): a trained NADA/SDS domain's offset is
@@ -59,6 +60,7 @@ class ExpansionConfig:
     lr: float = 0.002
     betas: tuple = (0.0, 0.99)
     lambda_nada: float = 1.0
+    lambda_nada_exclusive: float = 0.0  # hinge on moving towards what only the other NADA domains' prompts ask for (0 = off; see loss_nada)
     nada_contrast: float = 1.0  # how much of the model's NADA domains' mean text direction each domain's direction drops (0 = off; see ClipGuidance.text_direction)
     lambda_sds: float = 1.0
     lambda_mystyle: float = 1.0
@@ -201,7 +203,8 @@ class Expander:
                     picks = torch.randint(len(images), (config.batch_size,), generator=self.rng)
                     w_base, targets = basis.project_base(w_inverted[picks]), images[picks]
                 else:
-                    w_base = basis.project_base(self._sample_w(config.batch_size))
+                    size = config.replay_batch_size if kind == "replay" and config.replay_batch_size else config.batch_size
+                    w_base = basis.project_base(self._sample_w(size))
                 w_domain = w_base + self._offset(domain)
                 groups.append(_Group(kind, domain, w_domain, w_base, targets))
         groups += self._composition_groups([g.domain for g in groups if g.kind == "train"])
@@ -257,21 +260,23 @@ class Expander:
         add("loss_replay_l2", config.lambda_replay_l2 * loss_l2)
         add("loss_replay_perceptual", config.lambda_replay_perceptual * loss_perceptual)
 
-        # Adaptation losses, averaged over this step's trained domains.
-        n_train = max(1, sum(g.kind == "train" for g in groups))
+        # Adaptation losses, summed over this step's trained domains: each domain's pull against
+        # replay does not shrink when more domains share a step (measured: averaging them, 10 joint
+        # domains reached 51.6% mean success in 300 steps, summing 57.5%).
         for group, domain_images in zip(groups, group_images):
             domain = group.domain
             if group.kind != "train":
                 continue
             if domain.method == "nada":
                 source = domain.source_prompt or config.source_prompt
-                contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if config.nada_contrast > 0 else []
-                add("loss_nada", config.lambda_nada / n_train * loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast))
+                contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if (config.nada_contrast > 0 or config.lambda_nada_exclusive > 0) else []
+                loss = loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast, config.lambda_nada_exclusive)
+                add("loss_nada", config.lambda_nada * loss)
             elif domain.method == "sds":
-                add("loss_sds", config.lambda_sds / n_train * guidance.teacher.loss(domain_images, references[id(group)], domain.prompt, self.rng))
+                add("loss_sds", config.lambda_sds * guidance.teacher.loss(domain_images, references[id(group)], domain.prompt, self.rng))
             elif domain.method == "mystyle":
                 loss = (domain_images - group.targets).square().mean() + guidance.perceptual(domain_images, group.targets).mean()
-                add("loss_mystyle", config.lambda_mystyle / n_train * loss)
+                add("loss_mystyle", config.lambda_mystyle * loss)
 
         if self.D is not None:
             add("loss_gan", config.lambda_gan * loss_g_nonsaturating(self.D(base_images)))

@@ -236,7 +236,8 @@ class _LinearEncoder:
     """A stand-in CLIP: images -> their mean RGB (unnormalised, so directions scale with the change)."""
 
     def encode_text(self, prompts):
-        return torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0] if "zombie" in p else [0.0, 1.0, 0.0] for p in prompts]), dim=-1)
+        rows = {"zombie": [1.0, 0.0, 0.0], "ghost": [0.0, 0.0, 1.0]}
+        return torch.nn.functional.normalize(torch.tensor([next((v for k, v in rows.items() if k in p), [0.0, 1.0, 0.0]) for p in prompts]), dim=-1)
 
     def encode_images(self, images):
         return images.mean(dim=(2, 3))
@@ -257,6 +258,26 @@ def test_nada_direction_losses_cosine_is_scale_free_projection_is_not():
     assert losses["projection"][0] > losses["projection"][1]  # a bigger move towards the text is rewarded
     with pytest.raises(ValueError, match="direction loss"):
         ClipGuidance([_LinearEncoder()], direction_loss="angle")
+
+
+def test_exclusive_hinge_penalises_only_what_other_domains_ask_for():
+    from expander.losses.nada import loss_nada
+
+    guidance = ClipGuidance([_LinearEncoder()], templates=("{}",), direction_loss="projection")
+    base = torch.zeros(2, 3, 4, 4)
+    zombie = base.clone()
+    zombie[:, 0], zombie[:, 1] = 1.0, -1.0  # along the zombie direction only
+    ghostly = zombie.clone()
+    ghostly[:, 2] = 1.0  # plus what only "a ghost" asks for
+    for images in (zombie, ghostly):
+        plain = loss_nada(guidance, images, base, "a person", "a zombie", ["a ghost"], contrast_strength=0.0)
+        hinged = loss_nada(guidance, images, base, "a person", "a zombie", ["a ghost"], contrast_strength=0.0, exclusive_weight=2.0)
+        if images is zombie:
+            assert hinged == pytest.approx(plain.item(), abs=1e-6)
+        else:
+            exclusive = guidance.exclusive_directions(guidance.encoders[0], "a person", "a zombie", ["a ghost"])  # (1, 3)
+            assert exclusive @ guidance._raw_direction(guidance.encoders[0], "a person", "a zombie") == pytest.approx(0.0, abs=1e-6)
+            assert hinged.item() == pytest.approx(plain.item() + 2.0 * float(exclusive[0] @ torch.tensor([1.0, -1.0, 1.0])), abs=1e-5)
 
 
 def test_contrast_removes_the_component_shared_by_the_domains():

@@ -90,3 +90,9 @@ def test_no_composition_without_a_partner_domain(tiny_generator, guidance):
     model.add_domain(Domain("zombie", direction=-1, prompt="a zombie"))
     trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, compositions_per_step=2))
     assert [g.w_reference for g in trainer._groups()] == [None]
+
+
+def test_replayed_domains_use_their_own_batch_size(model, guidance):
+    trainer = Expander(model, [model.get_domain("zombie")], guidance, ExpansionConfig(**SMALL, replay_batch_size=5))
+    sizes = {g.kind: len(g.w_domain) for g in trainer._groups()}
+    assert sizes == {"replay": 5, "train": SMALL["batch_size"]}

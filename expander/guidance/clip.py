@@ -196,6 +196,21 @@ class ClipGuidance:
             self._directions[key] = F.normalize(direction, dim=-1)
         return self._directions[key]
 
+    def exclusive_directions(self, encoder: ClipEncoder, source: str, target: str, others: Sequence[str]) -> torch.Tensor:
+        """What each other domain's direction has that this domain's does not: (C, D), unit rows.
+
+        Each of ``others``' raw directions with its component along this domain's raw direction
+        removed. A domain image moving along one of them draws another domain's attribute that the
+        target text does not ask for (in the world, clown-nose, eyepatch and sketch domains drew
+        glasses: their text directions share a glasses-like component).
+        """
+        key = ("exclusive", id(encoder), source, target, tuple(others))
+        if key not in self._directions:
+            own = self._raw_direction(encoder, source, target)  # (D,)
+            rows = torch.stack([self._raw_direction(encoder, source, prompt) for prompt in others])  # (C, D)
+            self._directions[key] = F.normalize(rows - (rows @ own)[:, None] * own, dim=-1)
+        return self._directions[key]
+
     def _raw_direction(self, encoder: ClipEncoder, source: str, target: str) -> torch.Tensor:
         target_emb = encoder.encode_text([t.format(target) for t in self.templates]).mean(0)
         source_emb = encoder.encode_text([t.format(source) for t in self.templates]).mean(0)

@@ -23,9 +23,14 @@ def loss_nada(
     contrast_prompts: Sequence[str] = (),
     rng: Optional[torch.Generator] = None,
     contrast_strength: float = 1.0,
+    exclusive_weight: float = 0.0,
 ) -> torch.Tensor:
     """1 - cos(image direction, text direction) (or its unnormalised projection form, see
     ``ClipGuidance.direction_loss``), averaged over the batch and the CLIP ensemble.
+
+    ``exclusive_weight`` > 0 adds ``weight * sum_j relu(<image direction, e_j>)`` over the
+    ``contrast_prompts``' exclusive directions e_j (``ClipGuidance.exclusive_directions``): a hinge
+    that stops this domain from drawing what only the *other* domains ask for.
 
     domain_images, base_images: (B, 3, H, W) in [-1, 1], paired by latent; base images are a reference
     (detached), so this loss only pulls the domain subspace.
@@ -41,4 +46,7 @@ def loss_nada(
         if guidance.max_projection is not None:
             agreement = agreement.clamp(max=guidance.max_projection)  # hinge: no gradient past the cap
         total = total + (1 - agreement).mean()
+        if exclusive_weight > 0 and contrast_prompts:
+            exclusive = guidance.exclusive_directions(encoder, source_prompt, target_prompt, contrast_prompts).to(domain_images.device)  # (C, D)
+            total = total + exclusive_weight * (image_direction @ exclusive.T).relu().sum(-1).mean()
     return total / len(guidance.encoders)
