@@ -309,7 +309,8 @@ def expand(recipe, steps, out, resume, force):
 @click.option("--clip", "clip_models", multiple=True, help="CLIP for nada: 'world' or a transformers id/folder; repeat for an ensemble (default: world CLIP for world models, ViT-B/32 + ViT-B/16 otherwise).")
 @click.option("--perceptual", default="auto", show_default=True, type=click.Choice(["auto", "world", "lpips-vgg", "lpips-alex"]), help="Distance for replay and mystyle.")
 @click.option("--diffusion", default=None, help="Teacher for sds: 'world' or a diffusers Stable Diffusion id/folder.")
-def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion):
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other training setting (an ExpansionConfig field, as in a recipe's `training` block), e.g. --set replay_batch_size=8; repeatable.")
+def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings):
     """Add one domain to an existing expanded model; existing domains are replayed, not forgotten.
 
     \b
@@ -339,7 +340,10 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
     registered = model_name in load_registries().models and out is None
     out = Path(out) if out else (expander_home() / "models" / model_name if registered else folder)
     domain = Domain(name=name, direction=direction, method=method, prompt=prompt, images=images, alpha=alpha)
-    config = ExpansionConfig(steps=steps, seed=seed, domains_per_step=1)
+    try:
+        config = ExpansionConfig.from_dict({"domains_per_step": 1, **_training_settings(settings), "steps": steps, "seed": seed})
+    except (TypeError, ValueError) as err:
+        _fail(str(err))
     guidance_spec = {"perceptual": perceptual}
     if clip_models:
         guidance_spec["clip"] = clip_models[0] if clip_models == ("world",) else list(clip_models)
@@ -351,6 +355,25 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         _fail(str(err))
     if is_main_process():
         click.echo(f"added {name!r} on direction {result.get_domain(name).direction}; wrote {out} ({len(result.domains)} domains)")
+
+
+def _training_settings(settings: tuple[str, ...]) -> dict:
+    """``("key=value", ...)`` -> {key: value}, values parsed as YAML scalars (8, 0.2, true, [0.0, 0.99])."""
+    import yaml
+
+    parsed = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            _fail(f"--set needs KEY=VALUE, got {setting!r} (e.g. --set replay_batch_size=8)")
+        if key in ("steps", "seed"):
+            _fail(f"use --{key} instead of --set {key}=...")
+        try:
+            parsed[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            _fail(f"--set {key}: cannot read the value {value!r}; write it as in a recipe (8, 0.2, true, [0.0, 0.99])")
+    return parsed
 
 
 def _slug(text: str) -> str:

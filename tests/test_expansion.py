@@ -147,8 +147,9 @@ def test_add_domain_three_times_keeps_every_domain(parent_dir, tiny_clip_dir, tm
     first = run("add-domain", "a zombie", "--model", parent_dir, "--out", out, "--steps", 2, "--clip", tiny_clip_dir, *GUIDE)
     assert first.exit_code == 0, first.output
     assert "added 'zombie'" in first.output
+    settings = ("--set", "replay_batch_size=3", "--set", "nada_contrast=0", "--set", "lambda_nada_exclusive=0.2")  # any ExpansionConfig field
     for prompt in ("a sketch", "a person with glasses"):
-        result = run("add-domain", prompt, "--model", out, "--out", out, "--steps", 2, "--clip", tiny_clip_dir, *GUIDE)
+        result = run("add-domain", prompt, "--model", out, "--out", out, "--steps", 2, "--clip", tiny_clip_dir, *GUIDE, *settings)
         assert result.exit_code == 0, result.output
     model = ExpandedGenerator.from_pretrained(out)
     assert model.domain_names == ["zombie", "sketch", "glasses"]
@@ -156,6 +157,13 @@ def test_add_domain_three_times_keeps_every_domain(parent_dir, tiny_clip_dir, tm
     assert all(d.direction in model.dormant_directions() for d in model.domains)
     assert all(d.steps == 2 for d in model.domains)
     assert not list(tmp_path.glob(".expanded.state*")), "training state must be cleaned up"
+
+
+def test_add_domain_settings_are_parsed_like_a_recipe():
+    from expander.cli import _training_settings
+
+    parsed = _training_settings(("replay_batch_size=8", "nada_contrast=0.5", "betas=[0.9, 0.99]", "nada_contrast_x = true"))
+    assert parsed == {"replay_batch_size": 8, "nada_contrast": 0.5, "betas": [0.9, 0.99], "nada_contrast_x": True}
 
 
 def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lpips):
@@ -185,6 +193,10 @@ def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lp
         (("a ghost", "--direction", 0), "not dormant"),
         (("a ghost", "--direction", 999), "out of range"),
         (("a ghost", "--name", "zombie"), "already has a domain"),
+        (("a ghost", "--set", "no_such_setting=1"), "unknown training settings"),
+        (("a ghost", "--set", "replay_batch_size"), "needs KEY=VALUE"),
+        (("a ghost", "--set", "steps=3"), "use --steps"),
+        (("a ghost", "--set", "betas=[0.9"), "cannot read the value"),
     ],
 )
 def test_add_domain_bad_input_writes_nothing(args, message, parent_dir, tmp_path, home, tiny_clip_dir):
