@@ -212,7 +212,7 @@ class Expander:
 
     def _offset(self, domain: Domain) -> torch.Tensor:
         """alpha_k * v_k: (D,)."""
-        return self.model.domain_alpha(domain) * self.model.basis.directions[:, domain.direction]
+        return self.model.basis.offset(self.model.shifts_for({domain.name: 1.0}))
 
     def _composition_groups(self, trained_now: list[Domain]) -> list[_Group]:
         """Groups whose latents carry this step's domain i on top of another domain j's subspace.
@@ -221,13 +221,12 @@ class Expander:
         j*: composing two domains then shows both. Only NADA/SDS (they have a reference image).
         """
         candidates = [d for d in trained_now if d.method in ("nada", "sds")]
-        partners = list(self.model.domains)
+        if not candidates or len(self.model.domains) < 2:  # nothing to compose: draw nothing from the RNG
+            return []
         groups = []
-        for _ in range(self.config.compositions_per_step if len(partners) > 1 else 0):
-            if not candidates:
-                break
+        for _ in range(self.config.compositions_per_step):
             domain = candidates[int(torch.randint(len(candidates), (), generator=self.rng))]
-            others = [d for d in partners if d.name != domain.name]
+            others = [d for d in self.model.domains if d.name != domain.name]
             partner = others[int(torch.randint(len(others), (), generator=self.rng))]
             w_base = self.model.basis.project_base(self._sample_w(self.config.batch_size))  # (B, D)
             w_partner = w_base + self._offset(partner)
