@@ -5,9 +5,9 @@ model: world-portraits            # registered name, folder, or Hub repo id of t
 out: runs/world-nada-10           # where the expanded checkpoint is written
 name: world-nada-10               # optional: register the result under this name
 guidance:                         # optional; defaults pick the world's models for world parents
-  clip: [openai/clip-vit-base-patch32, openai/clip-vit-base-patch16]   # or "world"
-  clip_loss: cosine               # NADA direction loss: cosine (default) | projection (default for "world")
-  clip_views: 0                   # paired augmented views per image for NADA (default 0; 4 for "world")
+  clip: [openai/clip-vit-base-patch32, openai/clip-vit-base-patch16]   # or world CLIPs: [world, world-b] (the default for world parents), world
+  clip_loss: cosine               # NADA direction loss: cosine (default) | projection (default for world CLIPs)
+  clip_views: 0                   # paired augmented views per image for NADA (default 0; 4 for world CLIPs)
   clip_max_projection: null       # projection loss only: stop pushing a sample once it projects this far (default: no cap)
   perceptual: auto                # auto | world | lpips-vgg | lpips-alex
   diffusion: world                # or a diffusers Stable Diffusion id, for sds domains

@@ -364,3 +364,22 @@ def test_projection_cap_stops_pulling_samples_that_went_far_enough():
     assert grad[0] == 0 and grad[1] > 0  # only the sample still short of the cap is pushed
     with pytest.raises(ValueError, match="needs direction_loss='projection'"):
         ClipGuidance([_LinearEncoder()], direction_loss="cosine", max_projection=0.5)
+
+
+def test_world_clip_names_build_an_ensemble_and_bad_specs_are_refused(monkeypatch, tmp_path):
+    from expander.guidance import build as guidance_build
+    from expander.hub import load_model
+    from expander.world.clip import WORLD_CLIPS
+
+    world = load_model(None)
+    present = [name for name, folder in WORLD_CLIPS.items() if (folder / "model.safetensors").exists()]
+    guidance = guidance_build.build_guidance(world, ["nada"], {"clip": present, "perceptual": "world"})
+    assert len(guidance.clip.encoders) == len(present) and guidance.clip.direction_loss == "projection"
+    if len(present) > 1:  # independently trained: the ensemble's members disagree
+        a, b = (encoder.encode_text(["a portrait of a zombie"]) for encoder in guidance.clip.encoders[:2])
+        assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="mixes world CLIPs"):
+        guidance_build.build_guidance(world, ["nada"], {"clip": ["world", "openai/clip-vit-base-patch32"], "perceptual": "world"})
+    monkeypatch.setitem(guidance_build.WORLD_CLIPS, "world-b", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="world-b"):
+        guidance_build.build_guidance(world, ["nada"], {"clip": ["world", "world-b"], "perceptual": "world"})

@@ -29,12 +29,14 @@ def build(what: str, steps: Optional[int] = None, runs: Path = Path("runs"), res
         G, D = load_gan_export(export)
         build_world_parent(G, D, PARENT_DIR, perceptual=load_world_perceptual())
         return PARENT_DIR
-    if what == "clip":
-        from .clip import ClipTrainingConfig, evaluate_world_clip, export_world_clip, load_world_clip, train_world_clip
+    if what in ("clip", "clip-b"):
+        from .clip import WORLD_CLIPS, ClipTrainingConfig, evaluate_world_clip, export_world_clip, load_world_clip, train_world_clip
 
-        model_dir = train_world_clip(runs / "world-clip", steps or ClipTrainingConfig.steps, resume=resume)
+        # clip-b: the second member of the world's NADA ensemble, the same recipe from another seed.
+        name, seed = ("world", 0) if what == "clip" else ("world-b", 1)
+        model_dir = train_world_clip(runs / f"world-{what}", steps or ClipTrainingConfig.steps, seed=seed, resume=resume)
         model, tokenizer = load_world_clip(model_dir)
-        return export_world_clip(model_dir, metrics=evaluate_world_clip(model, tokenizer))
+        return export_world_clip(model_dir, WORLD_CLIPS[name], metrics=evaluate_world_clip(model, tokenizer))
     if what == "classifier":
         from .classifier import train_world_classifier
 

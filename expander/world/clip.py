@@ -45,7 +45,7 @@ from ..utils.io import load_training_state, save_training_state, write_json
 from . import renderer
 
 __all__ = [
-    "WORLD_CLIP_DIR", "WORLD_TEMPLATES", "ClipTrainingConfig", "build_world_tokenizer", "world_clip_config",
+    "WORLD_CLIP_DIR", "WORLD_CLIPS", "WORLD_TEMPLATES", "ClipTrainingConfig", "build_world_tokenizer", "world_clip_config",
     "world_vocabulary", "clip_pixel_values", "load_clip", "load_world_clip", "encode_text", "encode_images",
     "check_vocabulary", "compose_captions", "train_world_clip", "evaluate_world_clip", "export_world_clip",
 ]
@@ -53,6 +53,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WORLD_CLIP_DIR = Path(__file__).parent / "weights" / "clip"
+# Names a guidance spec (`clip:` in a recipe, `--clip` on the CLI) may use for shipped world CLIPs.
+# "world-b" is the same architecture trained from another seed: an ensemble of independently trained
+# models is harder to satisfy with changes that do not draw the attribute (StyleGAN-NADA ensembles
+# ViT-B/32 and ViT-B/16 for the same reason).
+WORLD_CLIPS = {"world": WORLD_CLIP_DIR, "world-b": WORLD_CLIP_DIR.parent / "clip-b"}
 
 # Prompt templates for the NADA text direction with the world CLIP (all words are in its vocabulary).
 WORLD_TEMPLATES = ("a photo of {}.", "a portrait of {}.", "a picture of {}.", "an image of {}.", "{}.")

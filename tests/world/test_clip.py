@@ -16,6 +16,7 @@ from expander.world import renderer
 from expander.world.clip import (
     EOS_ID,
     WORLD_CLIP_DIR,
+    WORLD_CLIPS,
     WORLD_TEMPLATES,
     check_vocabulary,
     clip_pixel_values,
@@ -29,24 +30,33 @@ from expander.world.clip import (
 pytestmark = pytest.mark.skipif(not (WORLD_CLIP_DIR / "model.safetensors").exists(), reason="world CLIP weights not trained yet")
 
 
+@pytest.fixture(scope="module", params=sorted(WORLD_CLIPS))
+def world_folder(request):
+    """Each shipped world CLIP (the NADA ensemble's members) passes the same checks."""
+    folder = WORLD_CLIPS[request.param]
+    if not (folder / "model.safetensors").exists():
+        pytest.skip(f"{request.param} weights not trained yet")
+    return folder
+
+
 @pytest.fixture(scope="module")
-def world():
-    return load_world_clip()
+def world(world_folder):
+    return load_world_clip(world_folder)
 
 
-def test_loads_through_the_generic_hub_path(world):
+def test_loads_through_the_generic_hub_path(world, world_folder):
     from transformers import CLIPModel
 
     model, tokenizer = world
     assert isinstance(model, CLIPModel) and not model.training
     assert not any(p.requires_grad for p in model.parameters())
     # Exactly what a real user's `load_clip("openai/clip-vit-base-patch32")` does, on the folder.
-    generic, generic_tokenizer = load_clip(str(WORLD_CLIP_DIR))
+    generic, generic_tokenizer = load_clip(str(world_folder))
     for (name, a), (_, b) in zip(model.state_dict().items(), generic.state_dict().items()):
         assert torch.equal(a, b), name
     assert generic_tokenizer("a photo of a zombie")["input_ids"] == tokenizer("a photo of a zombie")["input_ids"]
     # Only inference files are shipped (resumable training state lives elsewhere).
-    assert not list(WORLD_CLIP_DIR.glob("state*"))
+    assert not list(world_folder.glob("state*"))
 
 
 def test_guidance_encoder_reads_size_and_normalisation():
