@@ -197,3 +197,16 @@ def test_retrieval_and_paraphrase_consistency(world):
     assert sum(acc >= 0.75 for acc in metrics["retrieval_accuracy"].values()) >= 14, report
     assert metrics["paraphrase_within"] > metrics["paraphrase_between"] + 0.1
     assert metrics["paraphrase_fraction"] >= 15 / 17, world_clip.format_metrics(metrics)
+
+
+@pytest.mark.parametrize("what, seed, name", [("clip", 0, "world"), ("clip-b", 1, "world-b")])
+def test_world_build_trains_each_ensemble_member_from_its_own_seed_into_its_own_folder(what, seed, name, tmp_path, monkeypatch):
+    from expander.world import build as world_build
+
+    calls = {}
+    monkeypatch.setattr(world_clip, "train_world_clip", lambda out, steps, seed, resume: calls.update(out=out, seed=seed) or tmp_path / "model")
+    monkeypatch.setattr(world_clip, "load_world_clip", lambda folder: (None, None))
+    monkeypatch.setattr(world_clip, "evaluate_world_clip", lambda model, tokenizer: {"retrieval_mean": 1.0})
+    monkeypatch.setattr(world_clip, "export_world_clip", lambda model_dir, dest, metrics: dest)
+    assert world_build.build(what, steps=3, runs=tmp_path) == WORLD_CLIPS[name]
+    assert calls == {"out": tmp_path / f"world-{what}", "seed": seed}
