@@ -346,7 +346,7 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         _fail(str(err))
     guidance_spec = {"perceptual": perceptual}
     if clip_models:
-        guidance_spec["clip"] = clip_models[0] if clip_models == ("world",) else list(clip_models)
+        guidance_spec["clip"] = list(clip_models)
     if diffusion:
         guidance_spec["diffusion"] = diffusion
     try:

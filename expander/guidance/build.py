@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from ..checkpoint import ExpandedGenerator
-from ..world.clip import WORLD_CLIPS
+from ..world.clip import WORLD_CLIPS, WORLD_TEMPLATES
 from .perceptual import is_world_model, load_perceptual
 
 REAL_CLIP = ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16")
@@ -38,8 +38,6 @@ def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optio
         if world_names and len(world_names) != len(names):
             raise ValueError(f"CLIP ensemble {names} mixes world CLIPs {world_names} with other models; the world CLIPs know only the world's words, use them alone")
         if world_names:
-            from ..world.clip import WORLD_TEMPLATES
-
             missing = [name for name in world_names if not (WORLD_CLIPS[name] / "model.safetensors").exists()]
             if missing:
                 raise FileNotFoundError(f"world CLIP weights {missing} are missing under {WORLD_CLIPS[missing[0]].parent}; reinstall expander (they ship with the package)")
