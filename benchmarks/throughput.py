@@ -129,6 +129,8 @@ def training_step(model: ExpandedGenerator, n_domains: int, steps: int, warmup: 
     optimizer.step = timer.wrap("optimizer step", optimizer.step)
     original_loss_nada = train_module.loss_nada
     train_module.loss_nada = timer.wrap("guidance: CLIP (NADA loss)", original_loss_nada)
+    original_directions = train_module.nada_image_directions
+    train_module.nada_image_directions = timer.wrap("guidance: CLIP (NADA loss)", original_directions)
     per_step: dict[str, list[float]] = defaultdict(list)
     try:
         for index in range(warmup + steps):
@@ -146,6 +148,7 @@ def training_step(model: ExpandedGenerator, n_domains: int, steps: int, warmup: 
                 per_step[name].append(seconds)
     finally:
         train_module.loss_nada = original_loss_nada
+        train_module.nada_image_directions = original_directions
     medians = {name: statistics.median(values) for name, values in per_step.items()}
     total = sum(medians.values())
     return {

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import Domain
-from .losses import loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_r1, loss_replay
+from .losses import loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions
 from .utils.io import load_training_state, save_training_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,10 +57,15 @@ class ExpansionConfig:
     # added on top of another domain's subspace and its loss compares with that domain's image, so the
     # edit also holds when two domains are composed (w + a_i v_i + a_j v_j).
     compositions_per_step: int = 0
+    # Composition groups ask for both edits: the composed image must also show the partner's edit
+    # relative to the trained domain's own image (else one domain's edit may erase the other's:
+    # the projection loss does not see what the partner's attribute loses).
+    composition_both_ways: bool = False
     lr: float = 0.002
     betas: tuple = (0.0, 0.99)
     lambda_nada: float = 1.0
     lambda_nada_exclusive: float = 0.0  # hinge on moving towards what only the other NADA domains' prompts ask for (0 = off; see loss_nada)
+    lambda_nada_image_exclusive: float = 0.0  # hinge on moving towards what the other NADA domains of the step draw (0 = off; see loss_nada_image_exclusive)
     nada_contrast: float = 1.0  # how much of the model's NADA domains' mean text direction each domain's direction drops (0 = off; see ClipGuidance.text_direction)
     lambda_sds: float = 1.0
     lambda_mystyle: float = 1.0
@@ -219,6 +224,8 @@ class Expander:
 
         The reference is the same latent in j's subspace, so the loss asks for i's edit *relative to
         j*: composing two domains then shows both. Only NADA/SDS (they have a reference image).
+        With ``composition_both_ways``, a second group on the *same* composed latents asks for j's
+        edit relative to i's subspace (when j has NADA/SDS guidance), so neither edit erases the other.
         """
         candidates = [d for d in trained_now if d.method in ("nada", "sds")]
         if not candidates or len(self.model.domains) < 2:  # nothing to compose: draw nothing from the RNG
@@ -230,8 +237,19 @@ class Expander:
             partner = others[int(torch.randint(len(others), (), generator=self.rng))]
             w_base = self.model.basis.project_base(self._sample_w(self.config.batch_size))  # (B, D)
             w_partner = w_base + self._offset(partner)
-            groups.append(_Group("train", domain, w_partner + self._offset(domain), w_base, w_reference=w_partner))
+            w_composed = w_partner + self._offset(domain)
+            groups.append(_Group("train", domain, w_composed, w_base, w_reference=w_partner))
+            if self.config.composition_both_ways and self._has_guidance(partner):
+                groups.append(_Group("train", partner, w_composed, w_base, w_reference=w_base + self._offset(domain)))
         return groups
+
+    def _has_guidance(self, domain: Domain) -> bool:
+        """Whether a reference-based loss (NADA/SDS) can be computed for ``domain`` in this run."""
+        if domain.method == "nada":
+            return self.guidance.clip is not None and bool((domain.prompt or "").strip())
+        if domain.method == "sds":
+            return self.guidance.teacher is not None and bool((domain.prompt or "").strip())
+        return False
 
     def losses(self) -> dict[str, torch.Tensor]:
         """Sample latents, run ONE synthesis call, return the weighted losses of this step."""
@@ -240,10 +258,14 @@ class Expander:
         groups = self._groups()
         # NADA/SDS compare each domain image with the same latent's base image (appendix D.2).
         needs_reference = [g for g in groups if g.kind == "train" and g.domain.method in ("nada", "sds")]
-        batches = [w_base] + [g.w_domain for g in groups] + [g.reference for g in needs_reference]
+        # Latents shared by several groups (both sides of a composition) are rendered once.
+        unique_latents = list({id(g.w_domain): g.w_domain for g in groups}.values())
+        batches = [w_base] + unique_latents + [g.reference for g in needs_reference]
         images = self.synthesis(torch.cat(batches)).split([len(b) for b in batches])  # ONE batched call
-        base_images, group_images = images[0], images[1 : 1 + len(groups)]
-        references = dict(zip((id(g) for g in needs_reference), images[1 + len(groups) :]))
+        base_images = images[0]
+        rendered = dict(zip((id(w) for w in unique_latents), images[1 : 1 + len(unique_latents)]))
+        group_images = [rendered[id(g.w_domain)] for g in groups]
+        references = dict(zip((id(g) for g in needs_reference), images[1 + len(unique_latents) :]))
 
         weighted: dict[str, torch.Tensor] = {}
 
@@ -262,6 +284,8 @@ class Expander:
         # Adaptation losses, summed over this step's trained domains: each domain's pull against
         # replay does not shrink when more domains share a step (measured: averaging them, 10 joint
         # domains reached 51.6% mean success in 300 steps, summing 57.5%).
+        nada_groups = [(g, img) for g, img in zip(groups, group_images) if g.kind == "train" and g.domain.method == "nada"]
+        directions = {id(g): nada_image_directions(guidance.clip, img, references[id(g)], self.rng) for g, img in nada_groups}  # per CLIP: (V*B, D)
         for group, domain_images in zip(groups, group_images):
             domain = group.domain
             if group.kind != "train":
@@ -269,8 +293,12 @@ class Expander:
             if domain.method == "nada":
                 source = domain.source_prompt or config.source_prompt
                 contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if (config.nada_contrast > 0 or config.lambda_nada_exclusive > 0) else []
-                loss = loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast, config.lambda_nada_exclusive)
+                own = directions[id(group)]
+                loss = loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast, config.lambda_nada_exclusive, image_directions=own)
                 add("loss_nada", config.lambda_nada * loss)
+                if config.lambda_nada_image_exclusive > 0:
+                    others = _directions_by_domain([(g, directions[id(g)]) for g, _ in nada_groups if g.domain.name != domain.name])
+                    add("loss_nada_image_exclusive", config.lambda_nada_image_exclusive * loss_nada_image_exclusive(guidance.clip, own, others, source, domain.prompt))
             elif domain.method == "sds":
                 add("loss_sds", config.lambda_sds * guidance.teacher.loss(domain_images, references[id(group)], domain.prompt, self.rng))
             elif domain.method == "mystyle":
@@ -314,6 +342,14 @@ class Expander:
             domain.steps += self.step_index
         self.model.generator.requires_grad_(False)
         return self.model.eval()
+
+
+def _directions_by_domain(groups_and_directions: list[tuple[_Group, list[torch.Tensor]]]) -> list[list[torch.Tensor]]:
+    """Per domain (in first-seen order), its groups' per-CLIP image directions concatenated: (N, D) each."""
+    merged: dict[str, list[list[torch.Tensor]]] = {}
+    for group, per_clip in groups_and_directions:
+        merged.setdefault(group.domain.name, []).append(per_clip)
+    return [[torch.cat(parts) for parts in zip(*lists)] for lists in merged.values()]
 
 
 def _check_guidance(domain: Domain, guidance: Guidance) -> None:

@@ -292,6 +292,30 @@ def test_exclusive_hinge_penalises_only_what_other_domains_ask_for():
             assert hinged.item() == pytest.approx(plain.item() + 2.0 * float(exclusive[0] @ torch.tensor([1.0, -1.0, 1.0])), abs=1e-5)
 
 
+def test_image_exclusive_hinge_penalises_what_other_domains_draw_beyond_the_own_text():
+    from expander.losses.nada import loss_nada_image_exclusive, nada_image_directions
+
+    guidance = ClipGuidance([_LinearEncoder()], templates=("{}",), direction_loss="projection")
+    base = torch.zeros(2, 3, 4, 4)
+    zombie = base.clone()
+    zombie[:, 0], zombie[:, 1] = 1.0, -1.0  # along the zombie text direction only
+    drawn_by_other = base.clone()
+    drawn_by_other[:, 0], drawn_by_other[:, 1], drawn_by_other[:, 2] = 1.0, -1.0, 1.0  # another domain: zombie-like + its own channel
+    others = [nada_image_directions(guidance, drawn_by_other, base)]
+    own = nada_image_directions(guidance, zombie, base)
+    assert own[0].shape == (2, 3)
+    # the other domain's drawing, minus what the zombie text asks for, is channel 2 alone: no penalty for a pure zombie edit
+    assert loss_nada_image_exclusive(guidance, own, others, "a person", "a zombie").item() == pytest.approx(0.0, abs=1e-6)
+    leaking = zombie.clone().requires_grad_(True)
+    with torch.no_grad():
+        leaking[:, 2] = 0.5
+    loss = loss_nada_image_exclusive(guidance, nada_image_directions(guidance, leaking, base), others, "a person", "a zombie")
+    assert loss.item() == pytest.approx(0.5, abs=1e-5)  # the leaked channel's mean, along the unit exclusive direction
+    loss.backward()
+    assert leaking.grad[:, 2].sum() > 0 and leaking.grad[:, :2].abs().max() == pytest.approx(0.0, abs=1e-7)
+    assert loss_nada_image_exclusive(guidance, own, [], "a person", "a zombie").item() == 0.0
+
+
 def test_contrast_removes_the_component_shared_by_the_domains():
     guidance = ClipGuidance([_LinearEncoder()], templates=("{}",))
     encoder = guidance.encoders[0]

@@ -85,6 +85,43 @@ def test_composition_groups_compare_with_the_partner_subspace(model, guidance):
     assert torch.isfinite(torch.tensor(losses["loss_nada"]))
 
 
+def test_image_exclusive_hinge_compares_the_domains_of_one_step(model, guidance):
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, lambda_nada_image_exclusive=0.5))
+    losses = trainer.step()
+    assert {"loss_nada", "loss_nada_image_exclusive"} <= set(losses)
+    assert losses["loss_nada_image_exclusive"] >= 0 and torch.isfinite(torch.tensor(losses["loss_nada_image_exclusive"]))
+    alone = Expander(model, [model.get_domain("zombie")], guidance, ExpansionConfig(**SMALL, lambda_nada_image_exclusive=0.5))
+    assert alone.step()["loss_nada_image_exclusive"] == 0.0  # no other NADA domain trained in the step
+
+
+def test_composition_both_ways_asks_for_both_edits_on_one_render(model, guidance):
+    config = ExpansionConfig(**SMALL, compositions_per_step=2, composition_both_ways=True)
+    trainer = Expander(model, list(model.domains), guidance, config)
+    composed = [g for g in trainer._groups() if g.w_reference is not None]
+    assert len(composed) == 4
+    for first, second in zip(composed[::2], composed[1::2]):
+        assert second.w_domain is first.w_domain and second.domain.name != first.domain.name
+        # each side's reference is the composed latent minus its own edit: the other domain's subspace
+        assert torch.allclose(first.reference, first.w_domain - trainer._offset(first.domain))
+        assert torch.allclose(second.reference, second.w_domain - trainer._offset(second.domain))
+
+    rendered = []
+    synthesis = trainer.synthesis
+    trainer.synthesis = lambda w: rendered.append(len(w)) or synthesis(w)
+    trainer.step()
+    # base + 2 trained domains + 2 composed latents (each rendered once) + 2 + 4 references, batch 2 each
+    assert rendered == [2 * (1 + 2 + 2 + 2 + 4)]
+
+
+def test_composition_both_ways_skips_partners_without_guidance(model, guidance):
+    model.add_domain(Domain("subject", direction=-1, method="mystyle"))
+    config = ExpansionConfig(**SMALL, compositions_per_step=6, composition_both_ways=True)
+    trainer = Expander(model, [model.get_domain("zombie")], guidance, config)
+    composed = [g for g in trainer._groups() if g.w_reference is not None]
+    assert all(g.domain.name in ("zombie", "sketch") for g in composed)
+    assert len(composed) == 6 + sum(g.domain.name == "sketch" for g in composed)
+
+
 def test_no_composition_without_a_partner_domain(tiny_generator, guidance):
     model = ExpandedGenerator.from_generator(tiny_generator, alpha=3.0, num_dormant=8)
     model.add_domain(Domain("zombie", direction=-1, prompt="a zombie"))

@@ -14,6 +14,21 @@ import torch.nn.functional as F
 from ..guidance.clip import ClipGuidance
 
 
+def nada_image_directions(guidance: ClipGuidance, domain_images: torch.Tensor, base_images: torch.Tensor, rng: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+    """One (V*B, D) image direction per CLIP of the ensemble: CLIP(domain) - CLIP(base), unit rows
+    for the cosine loss, differentiable w.r.t. ``domain_images`` only.
+
+    domain_images, base_images: (B, 3, H, W) in [-1, 1], paired by latent; V = the guidance's
+    augmented views (1 when off).
+    """
+    domain_images, base_images = guidance.augment(domain_images, base_images.detach(), rng)  # paired views (off by default)
+    directions = []
+    for encoder in guidance.encoders:
+        direction = encoder.encode_images(domain_images) - encoder.encode_images(base_images).detach()  # (V*B, D)
+        directions.append(F.normalize(direction, dim=-1) if guidance.direction_loss == "cosine" else direction)
+    return directions
+
+
 def loss_nada(
     guidance: ClipGuidance,
     domain_images: torch.Tensor,
@@ -24,6 +39,7 @@ def loss_nada(
     rng: Optional[torch.Generator] = None,
     contrast_strength: float = 1.0,
     exclusive_weight: float = 0.0,
+    image_directions: Optional[Sequence[torch.Tensor]] = None,
 ) -> torch.Tensor:
     """1 - cos(image direction, text direction) (or its unnormalised projection form, see
     ``ClipGuidance.direction_loss``), averaged over the batch and the CLIP ensemble.
@@ -33,20 +49,49 @@ def loss_nada(
     that stops this domain from drawing what only the *other* domains ask for.
 
     domain_images, base_images: (B, 3, H, W) in [-1, 1], paired by latent; base images are a reference
-    (detached), so this loss only pulls the domain subspace.
+    (detached), so this loss only pulls the domain subspace. ``image_directions``: the output of
+    :func:`nada_image_directions` for these images, when the caller has computed it already.
     """
+    if image_directions is None:
+        image_directions = nada_image_directions(guidance, domain_images, base_images, rng)
     total = domain_images.new_zeros(())
-    domain_images, base_images = guidance.augment(domain_images, base_images.detach(), rng)  # paired views (off by default)
-    for encoder in guidance.encoders:
-        text_direction = guidance.text_direction(encoder, source_prompt, target_prompt, contrast_prompts, contrast_strength).to(domain_images.device)  # (D,)
-        image_direction = encoder.encode_images(domain_images) - encoder.encode_images(base_images.detach()).detach()  # (B, D)
-        if guidance.direction_loss == "cosine":
-            image_direction = F.normalize(image_direction, dim=-1)
-        agreement = image_direction @ text_direction  # (B,)
+    for encoder, image_direction in zip(guidance.encoders, image_directions):
+        text_direction = guidance.text_direction(encoder, source_prompt, target_prompt, contrast_prompts, contrast_strength).to(image_direction.device)  # (D,)
+        agreement = image_direction @ text_direction  # (V*B,)
         if guidance.max_projection is not None:
             agreement = agreement.clamp(max=guidance.max_projection)  # hinge: no gradient past the cap
         total = total + (1 - agreement).mean()
         if exclusive_weight > 0 and contrast_prompts:
-            exclusive = guidance.exclusive_directions(encoder, source_prompt, target_prompt, contrast_prompts).to(domain_images.device)  # (C, D)
+            exclusive = guidance.exclusive_directions(encoder, source_prompt, target_prompt, contrast_prompts).to(image_direction.device)  # (C, D)
             total = total + exclusive_weight * (image_direction @ exclusive.T).relu().sum(-1).mean()
+    return total / len(guidance.encoders)
+
+
+def loss_nada_image_exclusive(
+    guidance: ClipGuidance,
+    image_directions: Sequence[torch.Tensor],
+    other_image_directions: Sequence[Sequence[torch.Tensor]],
+    source_prompt: str,
+    target_prompt: str,
+) -> torch.Tensor:
+    """``sum_j relu(<image direction, u_j>)``, averaged over the batch and the CLIP ensemble: a hinge
+    against what the *other* domains of this step actually draw.
+
+    u_j: the mean image direction of another domain j in this step (detached), minus its component
+    along this domain's text direction, normalised. Why images and not only text (the ``exclusive``
+    hinge of :func:`loss_nada`): a small CLIP's text directions share components, so drawing one
+    domain's attribute (glasses) can still pay along another's text direction (beard); the CLIP
+    features of what the glasses domain really draws are where that leak shows.
+
+    image_directions: per CLIP, (N, D) for this domain; other_image_directions: per other domain, the
+    same list for its own images.
+    """
+    total = image_directions[0].new_zeros(())
+    if not other_image_directions:
+        return total
+    for index, (encoder, image_direction) in enumerate(zip(guidance.encoders, image_directions)):
+        text_direction = guidance.text_direction(encoder, source_prompt, target_prompt).to(image_direction.device)  # (D,)
+        others = torch.stack([directions[index].detach().mean(0) for directions in other_image_directions])  # (C, D)
+        others = F.normalize(others - (others @ text_direction)[:, None] * text_direction, dim=-1)  # (C, D)
+        total = total + (image_direction @ others.T).relu().sum(-1).mean()
     return total / len(guidance.encoders)
