@@ -55,7 +55,8 @@ class ExpansionConfig:
     replay_domains_per_step: int = 2  # existing domains replayed per step (so add-domain forgets nothing)
     # Composition groups per step (0 = off, the paper's setting): a trained NADA/SDS domain's offset is
     # added on top of another domain's subspace and its loss compares with that domain's image, so the
-    # edit also holds when two domains are composed (w + a_i v_i + a_j v_j).
+    # edit also holds when two domains are composed (w + a_i v_i + a_j v_j). SDS groups there ask the
+    # teacher for both domains' prompts at once (composed classifier-free guidance).
     compositions_per_step: int = 0
     # Composition groups ask for both edits: the composed image must also show the partner's edit
     # relative to the trained domain's own image (else one domain's edit may erase the other's:
@@ -118,6 +119,7 @@ class _Group:
     w_base: torch.Tensor  # (B, D) the same latents in the base subspace
     targets: Optional[torch.Tensor] = None  # (B, 3, R, R) mystyle reconstruction targets
     w_reference: Optional[torch.Tensor] = None  # (B, D) what NADA/SDS compare with; None = w_base
+    partner: Optional[Domain] = None  # composition groups: the domain whose subspace is the reference
 
     @property
     def reference(self) -> torch.Tensor:
@@ -238,9 +240,9 @@ class Expander:
             w_base = self.model.basis.project_base(self._sample_w(self.config.batch_size))  # (B, D)
             w_partner = w_base + self._offset(partner)
             w_composed = w_partner + self._offset(domain)
-            groups.append(_Group("train", domain, w_composed, w_base, w_reference=w_partner))
+            groups.append(_Group("train", domain, w_composed, w_base, w_reference=w_partner, partner=partner))
             if self.config.composition_both_ways and self._has_guidance(partner):
-                groups.append(_Group("train", partner, w_composed, w_base, w_reference=w_base + self._offset(domain)))
+                groups.append(_Group("train", partner, w_composed, w_base, w_reference=w_base + self._offset(domain), partner=domain))
         return groups
 
     def _has_guidance(self, domain: Domain) -> bool:
@@ -300,7 +302,9 @@ class Expander:
                     others = _directions_by_domain([(g, directions[id(g)]) for g, _ in nada_groups if g.domain.name != domain.name])
                     add("loss_nada_image_exclusive", config.lambda_nada_image_exclusive * loss_nada_image_exclusive(guidance.clip, own, others, source, domain.prompt))
             elif domain.method == "sds":
-                add("loss_sds", config.lambda_sds * guidance.teacher.loss(domain_images, references[id(group)], domain.prompt, self.rng))
+                # On top of another text domain, the teacher is asked for both prompts at once (composed guidance).
+                prompts = [domain.prompt] + ([group.partner.prompt] if group.partner is not None and group.partner.method in ("nada", "sds") and group.partner.prompt else [])
+                add("loss_sds", config.lambda_sds * guidance.teacher.loss(domain_images, references[id(group)], prompts if len(prompts) > 1 else domain.prompt, self.rng))
             elif domain.method == "mystyle":
                 loss = (domain_images - group.targets).square().mean() + guidance.perceptual(domain_images, group.targets).mean()
                 add("loss_mystyle", config.lambda_mystyle * loss)

@@ -153,3 +153,32 @@ def test_word_level_tokenizer_loads_through_auto_tokenizer(tiny_sd_dir, tiny_cli
         cond, uncond = teacher.predict_noise(torch.randn(2, 4, 8, 8), torch.tensor([100, 200]), "a sketch with glasses")
     assert cond.shape == (2, 4, 8, 8) and not torch.allclose(cond, uncond)
     assert teacher.text_embeddings("").shape == (1, TEXT_POSITIONS, 16)  # padded to the positions, not to 1e30
+
+
+class _RecordingTeacher:
+    """Noise predictions that are constants per prompt, so composed guidance can be checked exactly."""
+
+    num_train_timesteps = 1000
+    alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
+
+    def __init__(self):
+        self.prompts = []
+
+    def encode(self, images):
+        return images
+
+    def predict_noise(self, latents_t, t, prompt):
+        self.prompts.append(prompt)
+        value = {"a hat": 1.0, "blue skin": 10.0}[prompt]
+        return torch.full_like(latents_t, value), torch.full_like(latents_t, 0.5)
+
+
+def test_several_prompts_are_composed_in_the_guided_noise():
+    teacher = _RecordingTeacher()
+    sds = ScoreDistillation(teacher, SdsConfig(guidance_scale=2.0))
+    latents, t = torch.zeros(2, 3, 4, 4), torch.tensor([10, 20])
+    composed = sds.guided_noise(latents, t, ["a hat", "blue skin"])
+    # uncond + scale * ((cond_hat - uncond) + (cond_blue - uncond))
+    assert torch.allclose(composed, torch.full_like(latents, 0.5 + 2.0 * ((1.0 - 0.5) + (10.0 - 0.5))))
+    assert torch.allclose(sds.guided_noise(latents, t, "a hat"), sds.guided_noise(latents, t, ["a hat"]))
+    assert teacher.prompts == ["a hat", "blue skin", "a hat", "a hat"]

@@ -113,6 +113,25 @@ def test_composition_both_ways_asks_for_both_edits_on_one_render(model, guidance
     assert rendered == [2 * (1 + 2 + 2 + 2 + 4)]
 
 
+def test_sds_composition_groups_ask_the_teacher_for_both_prompts(model, guidance):
+    class Teacher:
+        def __init__(self):
+            self.prompts = []
+
+        def loss(self, domain_images, base_images, prompt, rng):
+            self.prompts.append(prompt)
+            return domain_images.mean() * 0
+
+    guidance.teacher = Teacher()
+    for domain in model.domains:
+        domain.method = "sds"
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, compositions_per_step=2))
+    trainer.step()
+    # two plain groups with their own prompt, two composition groups with both prompts (own first)
+    assert sorted(guidance.teacher.prompts[:2]) == ["a sketch", "a zombie"]
+    assert all(sorted(p) == ["a sketch", "a zombie"] and len(p) == 2 for p in guidance.teacher.prompts[2:]) and len(guidance.teacher.prompts) == 4
+
+
 def test_composition_both_ways_skips_partners_without_guidance(model, guidance):
     model.add_domain(Domain("subject", direction=-1, method="mystyle"))
     config = ExpansionConfig(**SMALL, compositions_per_step=6, composition_both_ways=True)

@@ -14,7 +14,7 @@ A teacher implements :class:`DiffusionTeacher`: the world's exact posterior-mean
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -53,12 +53,23 @@ class ScoreDistillation:
         self.teacher = teacher
         self.config = config or SdsConfig()
 
-    def guided_noise(self, latents_t: torch.Tensor, t: torch.Tensor, prompt: str) -> torch.Tensor:
-        cond, uncond = self.teacher.predict_noise(latents_t, t, prompt)
-        return uncond + self.config.guidance_scale * (cond - uncond)
+    def guided_noise(self, latents_t: torch.Tensor, t: torch.Tensor, prompt: Union[str, Sequence[str]]) -> torch.Tensor:
+        """Classifier-free guided noise prediction; several prompts are *composed* (Liu et al. 2022,
+        composable diffusion): ``uncond + scale * sum_k (cond_k - uncond)``, so the sample is pulled
+        towards every prompt at once instead of towards one that names them all (the world teacher
+        has no image carrying two attributes, and a long joint prompt drops words in real CLIPs)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        cond, uncond = self.teacher.predict_noise(latents_t, t, prompts[0])
+        guidance = cond - uncond
+        for other in prompts[1:]:
+            guidance = guidance + (self.teacher.predict_noise(latents_t, t, other)[0] - uncond)
+        return uncond + self.config.guidance_scale * guidance
 
-    def loss(self, domain_images: torch.Tensor, base_images: torch.Tensor, prompt: str, rng: torch.Generator) -> torch.Tensor:
-        """SDS (+ directional regularizer) surrogate for a batch of domain images and their base images."""
+    def loss(self, domain_images: torch.Tensor, base_images: torch.Tensor, prompt: Union[str, Sequence[str]], rng: torch.Generator) -> torch.Tensor:
+        """SDS (+ directional regularizer) surrogate for a batch of domain images and their base images.
+
+        ``prompt``: one prompt, or several to compose (see :meth:`guided_noise`).
+        """
         config, teacher = self.config, self.teacher
         latents = teacher.encode(domain_images)  # (B, C, h, w), differentiable
         batch = latents.shape[0]
