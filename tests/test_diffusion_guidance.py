@@ -182,3 +182,5 @@ def test_several_prompts_are_composed_in_the_guided_noise():
     assert torch.allclose(composed, torch.full_like(latents, 0.5 + 2.0 * ((1.0 - 0.5) + (10.0 - 0.5))))
     assert torch.allclose(sds.guided_noise(latents, t, "a hat"), sds.guided_noise(latents, t, ["a hat"]))
     assert teacher.prompts == ["a hat", "blue skin", "a hat", "a hat"]
+    with pytest.raises(ValueError, match="at least one prompt"):
+        sds.guided_noise(latents, t, [])

@@ -57,8 +57,10 @@ class ScoreDistillation:
         """Classifier-free guided noise prediction; several prompts are *composed* (Liu et al. 2022,
         composable diffusion): ``uncond + scale * sum_k (cond_k - uncond)``, so the sample is pulled
         towards every prompt at once instead of towards one that names them all (the world teacher
-        has no image carrying two attributes, and a long joint prompt drops words in real CLIPs)."""
+        has no image carrying two attributes, so it cannot answer a joint prompt)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("score distillation needs at least one prompt")
         cond, uncond = self.teacher.predict_noise(latents_t, t, prompts[0])
         guidance = cond - uncond
         for other in prompts[1:]:
