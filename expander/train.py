@@ -288,6 +288,7 @@ class Expander:
         # domains reached 51.6% mean success in 300 steps, summing 57.5%).
         nada_groups = [(g, img) for g, img in zip(groups, group_images) if g.kind == "train" and g.domain.method == "nada"]
         directions = {id(g): nada_image_directions(guidance.clip, img, references[id(g)], self.rng) for g, img in nada_groups}  # per CLIP: (V*B, D)
+        drawn = _directions_by_domain([(g, directions[id(g)]) for g, _ in nada_groups]) if config.lambda_nada_image_exclusive > 0 else {}
         for group, domain_images in zip(groups, group_images):
             domain = group.domain
             if group.kind != "train":
@@ -299,7 +300,7 @@ class Expander:
                 loss = loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast, config.lambda_nada_exclusive, image_directions=own)
                 add("loss_nada", config.lambda_nada * loss)
                 if config.lambda_nada_image_exclusive > 0:
-                    others = _directions_by_domain([(g, directions[id(g)]) for g, _ in nada_groups if g.domain.name != domain.name])
+                    others = [per_clip for name, per_clip in drawn.items() if name != domain.name]
                     add("loss_nada_image_exclusive", config.lambda_nada_image_exclusive * loss_nada_image_exclusive(guidance.clip, own, others, source, domain.prompt))
             elif domain.method == "sds":
                 # On top of another text domain, the teacher is asked for both prompts at once (composed guidance).
@@ -348,12 +349,12 @@ class Expander:
         return self.model.eval()
 
 
-def _directions_by_domain(groups_and_directions: list[tuple[_Group, list[torch.Tensor]]]) -> list[list[torch.Tensor]]:
-    """Per domain (in first-seen order), its groups' per-CLIP image directions concatenated: (N, D) each."""
+def _directions_by_domain(groups_and_directions: list[tuple[_Group, list[torch.Tensor]]]) -> dict[str, list[torch.Tensor]]:
+    """Domain name (in first-seen order) -> its groups' per-CLIP image directions concatenated: (N, D) each."""
     merged: dict[str, list[list[torch.Tensor]]] = {}
     for group, per_clip in groups_and_directions:
         merged.setdefault(group.domain.name, []).append(per_clip)
-    return [[torch.cat(parts) for parts in zip(*lists)] for lists in merged.values()]
+    return {name: [torch.cat(parts) for parts in zip(*lists)] for name, lists in merged.items()}
 
 
 def _check_guidance(domain: Domain, guidance: Guidance) -> None:
