@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 import torch
 from tqdm.auto import tqdm
@@ -83,12 +84,66 @@ class ExpansionConfig:
     seed: int = 0
     checkpoint_every: int = 50
 
+    def __post_init__(self) -> None:
+        """Check every value's type and range, so a bad recipe fails before anything is trained or written."""
+        for name, kind in get_type_hints(type(self)).items():
+            setattr(self, name, _checked_setting(name, getattr(self, name), kind))
+        at_least = {"steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "r1_every": 1, "checkpoint_every": 1, "seed": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"training setting {name} must be at least {low}, got {getattr(self, name)}")
+        if self.replay_batch_size is not None and self.replay_batch_size < 1:
+            raise ValueError(f"training setting replay_batch_size must be at least 1 (or null: the batch_size), got {self.replay_batch_size}")
+        for name in [n for n in self.__dataclass_fields__ if n.startswith("lambda_")] + ["r1_gamma", "sds_guidance_scale"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"training setting {name} must be >= 0 (0 turns the term off), got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"training setting lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"training setting betas must be two numbers in [0, 1) (Adam's beta1, beta2), got {list(self.betas)}")
+        if not 0 <= self.nada_contrast <= 1:
+            raise ValueError(f"training setting nada_contrast must be in [0, 1], got {self.nada_contrast}")
+        if not 0 <= self.sds_t_min < self.sds_t_max <= 1:
+            raise ValueError(f"training settings sds_t_min < sds_t_max must lie in [0, 1] (fractions of the teacher's steps), got {self.sds_t_min} and {self.sds_t_max}")
+        if not self.source_prompt.strip():
+            raise ValueError("training setting source_prompt must not be empty (it is what NADA measures edits from, e.g. 'a portrait of a person')")
+
     @classmethod
     def from_dict(cls, data: dict) -> "ExpansionConfig":
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown training settings {unknown}; allowed: {sorted(cls.__dataclass_fields__)}")
         return cls(**data)
+
+
+def _checked_setting(name: str, value: object, kind: object) -> object:
+    """``value`` as the annotated ``kind`` (int, float, bool, str, tuple, Optional[...]), or a ValueError
+    that names the setting: YAML's ``"no"`` or ``"0.1"`` strings must not pass as a bool or a number."""
+    if get_origin(kind) is Union:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(k for k in get_args(kind) if k is not type(None))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"training setting {name} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"training setting {name} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ValueError(f"training setting {name} must be a finite number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"training setting {name} must be a string, got {value!r}")
+    if kind is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_checked_setting(name, v, float) for v in value)
+        raise ValueError(f"training setting {name} must be a list of numbers, got {value!r}")
+    return value
 
 
 @dataclass

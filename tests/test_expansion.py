@@ -60,6 +60,14 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
     [
         ({"colour": "red"}, "unknown keys"),
         ({"training": {"stepz": 3}}, "unknown training settings"),
+        ({"training": {"composition_both_ways": "no"}}, "composition_both_ways must be true or false"),
+        ({"training": {"lr": "0.002"}}, "lr must be a finite number"),
+        ({"training": {"steps": 0}}, "steps must be at least 1"),
+        ({"training": {"checkpoint_every": 0}}, "checkpoint_every must be at least 1"),
+        ({"training": {"lambda_replay_l2": -10}}, "lambda_replay_l2 must be >= 0"),
+        ({"training": {"betas": [0.9]}}, "betas must be two numbers"),
+        ({"training": {"sds_t_min": 0.6, "sds_t_max": 0.5}}, "sds_t_min < sds_t_max"),
+        ({"training": {"nada_contrast": 2}}, "nada_contrast must be in"),
         ({"guidance": {"clipp": "world"}}, "unknown guidance keys"),
         ({"domains": []}, "non-empty 'domains'"),
         ({"domains": [{"name": "z", "prompt": "a zombie"}, {"name": "z", "prompt": "a ghost"}]}, "duplicate domain name 'z'"),
@@ -73,6 +81,12 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
 def test_bad_recipes_are_refused_with_a_clear_message(change, message):
     with pytest.raises(RecipeError, match=message):
         Recipe.from_dict({**GOOD, **change})
+
+
+def test_recipe_numbers_are_read_as_their_settings_types():
+    recipe = Recipe.from_dict({**GOOD, "training": {"lambda_gan": 0, "betas": [0, 0.99], "replay_batch_size": None}})
+    assert recipe.training.lambda_gan == 0.0 and isinstance(recipe.training.lambda_gan, float)
+    assert recipe.training.betas == (0.0, 0.99) and recipe.training.replay_batch_size is None
 
 
 def test_recipe_that_is_not_yaml(tmp_path):
@@ -194,6 +208,7 @@ def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lp
         (("a ghost", "--direction", 999), "out of range"),
         (("a ghost", "--name", "zombie"), "already has a domain"),
         (("a ghost", "--set", "no_such_setting=1"), "unknown training settings"),
+        (("a ghost", "--set", "replay_batch_size=eight"), "replay_batch_size must be an integer"),
         (("a ghost", "--set", "replay_batch_size"), "needs KEY=VALUE"),
         (("a ghost", "--set", "steps=3"), "use --steps"),
         (("a ghost", "--set", "betas=[0.9"), "cannot read the value"),
