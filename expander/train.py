@@ -302,11 +302,7 @@ class Expander:
 
     def _has_guidance(self, domain: Domain) -> bool:
         """Whether a reference-based loss (NADA/SDS) can be computed for ``domain`` in this run."""
-        if domain.method == "nada":
-            return self.guidance.clip is not None and bool((domain.prompt or "").strip())
-        if domain.method == "sds":
-            return self.guidance.teacher is not None and bool((domain.prompt or "").strip())
-        return False
+        return domain.method in ("nada", "sds") and _missing_guidance(domain, self.guidance) is None
 
     def losses(self) -> dict[str, torch.Tensor]:
         """Sample latents, run ONE synthesis call, return the weighted losses of this step."""
@@ -412,17 +408,25 @@ def _directions_by_domain(groups_and_directions: list[tuple[_Group, list[torch.T
     return {name: [torch.cat(parts) for parts in zip(*lists)] for name, lists in merged.items()}
 
 
-def _check_guidance(domain: Domain, guidance: Guidance) -> None:
+def _missing_guidance(domain: Domain, guidance: Guidance) -> Optional[str]:
+    """Why ``domain``'s training loss cannot be computed with ``guidance`` (None when it can)."""
     if domain.method in ("nada", "sds") and not (domain.prompt or "").strip():
-        raise ValueError(f"domain {domain.name!r} needs a non-empty prompt")
+        return f"domain {domain.name!r} needs a non-empty prompt"
     if domain.method == "nada" and guidance.clip is None:
-        raise ValueError(f"domain {domain.name!r} uses nada but no CLIP guidance was given")
+        return f"domain {domain.name!r} uses nada but no CLIP guidance was given"
     if domain.method == "sds" and guidance.teacher is None:
-        raise ValueError(f"domain {domain.name!r} uses sds but no diffusion teacher was given")
+        return f"domain {domain.name!r} uses sds but no diffusion teacher was given"
     if domain.method == "mystyle" and domain.name not in guidance.mystyle_targets:
-        raise ValueError(f"domain {domain.name!r} uses mystyle but has no inverted target images")
+        return f"domain {domain.name!r} uses mystyle but has no inverted target images"
     if domain.method == "manual":
-        raise ValueError(f"domain {domain.name!r} is 'manual': it has no training loss")
+        return f"domain {domain.name!r} is 'manual': it has no training loss"
+    return None
+
+
+def _check_guidance(domain: Domain, guidance: Guidance) -> None:
+    problem = _missing_guidance(domain, guidance)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def expand(
