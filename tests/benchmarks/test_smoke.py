@@ -25,3 +25,13 @@ def test_throughput_smoke(tmp_path, capsys):
     assert abs(sum(parts.values()) - step["step_s"]) < 1e-3
     assert (tmp_path / "results.json").exists() and (tmp_path / "throughput.png").stat().st_size > 0
     assert "speedup" in capsys.readouterr().out
+
+
+def test_clip_shortcuts_smoke(tmp_path, capsys):
+    results = load("clip_shortcuts").main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--attributes", "glasses", "crown", "pop_art"])
+    rows = {r["attribute"]: r for r in results["rows"]}
+    assert set(rows) == {"glasses", "crown"}  # pop art changes the whole image: not a local attribute
+    for row in rows.values():
+        assert row["classifier_true"] > row["classifier_misplaced"]  # the evaluator checks where the attribute is
+        assert row["world_true"] > 0.5 and row["world_ratio"] == row["world_misplaced"] / row["world_true"]
+    assert (tmp_path / "results.json").exists() and "misplaced" in capsys.readouterr().out
