@@ -31,28 +31,21 @@ import common  # noqa: E402
 from expander.guidance.clip import ClipEncoder, ClipGuidance  # noqa: E402
 from expander.world.classifier import load_world_classifier  # noqa: E402
 from expander.world.clip import WORLD_CLIPS, WORLD_TEMPLATES  # noqa: E402
-from expander.world.renderer import ATTRIBUTES, render, sample_factors  # noqa: E402
+from expander.world.renderer import ATTRIBUTES, move_attribute, render, sample_factors  # noqa: E402
 
 NAME = "clip_shortcuts"
 LOCAL_AREA = 1 / 3  # attributes that change more of the image than this are whole-image styles: skipped
-CHANGED = 0.05
-MIN_PROJECTION = 0.1  # below this the CLIP hardly sees the true attribute: no ratio  # a pixel belongs to the attribute when its RGB values move by more than this in total
+MIN_PROJECTION = 0.1  # below this the CLIP hardly sees the true attribute: no ratio
 
 
 def misplace(source: torch.Tensor, with_attribute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attribute's pixels moved a quarter of the image vertically, towards the centre.
-
-    source, with_attribute: (N, 3, R, R) renders of the same factors without / with the attribute.
-    Returns the misplaced images (N, 3, R, R) and the share of pixels the attribute changes (N,).
-    """
+    """The attribute's pixels moved a quarter of the image vertically, towards the centre: (N, 3, R, R), and its area (N,)."""
     size = source.shape[-1]
-    mask = ((with_attribute - source).abs().sum(1, keepdim=True) > CHANGED).float()  # (N, 1, R, R)
+    mask = ((with_attribute - source).abs().sum(1) > 0.05).float()  # (N, R, R)
     rows = torch.arange(size, dtype=torch.float32)[:, None]  # (R, 1)
-    centre_row = (mask[:, 0] * rows).sum((1, 2)) / mask[:, 0].sum((1, 2)).clamp(min=1)  # (N,)
+    centre_row = (mask * rows).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)  # (N,)
     shifts = [size // 4 if c < size / 2 else -(size // 4) for c in centre_row.tolist()]
-    moved_mask = torch.stack([torch.roll(m, s, dims=1) for m, s in zip(mask, shifts)])  # (N, 1, R, R)
-    moved = torch.stack([torch.roll(x, s, dims=1) for x, s in zip(with_attribute, shifts)])  # (N, 3, R, R)
-    return source * (1 - moved_mask) + moved * moved_mask, mask.mean((1, 2, 3))
+    return move_attribute(source, with_attribute, shifts, [0] * len(shifts))
 
 
 def measure(n: int, seed: int, attributes: Sequence[str]) -> list[dict]:

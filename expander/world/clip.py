@@ -16,7 +16,9 @@ code path a real user takes with ``openai/clip-vit-base-patch32`` (``CLIPModel.f
   templates, "a portrait of a person with ...") so that the prompts NADA users write are in
   distribution. Pairs whose images carry the same attribute set count as positives of each other
   (soft targets): a batch has many plain "a portrait of a person" images, and treating their
-  captions as negatives of one another would be wrong.
+  captions as negatives of one another would be wrong. Hard negatives (``misplaced_share``): some
+  images carry an attribute moved off its place and their captions do not name it, so the model
+  learns where a crown goes and not only that crowns are yellow (``benchmarks/clip_shortcuts.py``).
 * Images: :func:`clip_pixel_values` is torch-only and differentiable; the world CLIP uses OpenAI's
   normalisation at 64x64, so the same preprocessing serves both the world model and Hub models.
 
@@ -283,10 +285,42 @@ def _augment(images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     return (images + sigma * torch.randn(images.shape, generator=rng)).clamp(-1, 1)
 
 
-def sample_training_batch(n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Fresh renders (N, 3, 64, 64), their labels (N, A) and captions, all from ``rng``."""
+def _misplace_some(images: torch.Tensor, factors: torch.Tensor, labels: torch.Tensor, rng: torch.Generator, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard negatives: in about ``share`` of the images that carry a non-style attribute, one of them is
+    moved off its place (renderer.move_attribute) and dropped from the labels, so the caption no longer
+    names it. Why: a CLIP trained only on correct renders learns "yellow pixels" for a crown; NADA then
+    pays as much for a crown painted over an eye as for one on the head (benchmarks/clip_shortcuts.py).
+
+    images: (N, 3, R, R); factors: (N, F); labels: (N, A) bool. share 0 draws nothing from ``rng``.
+    """
+    if share <= 0:
+        return images, labels
+    movable = labels.clone()
+    movable[:, [renderer.ATTRIBUTES.index(a) for a in _STYLES]] = False
+    chosen = (torch.rand(len(images), generator=rng) < share) & movable.any(1)  # (N,)
+    rows = chosen.nonzero().flatten().tolist()
+    if not rows:
+        return images, labels
+    # One moved attribute per chosen image, drawn uniformly among its movable ones.
+    moved = torch.multinomial(movable[rows].float(), 1, generator=rng).flatten()  # (K,)
+    without = labels[rows].clone()
+    without[torch.arange(len(rows)), moved] = False
+    size = images.shape[-1]
+    sign = torch.where(torch.rand(len(rows), generator=rng) < 0.5, -1, 1)
+    shift_rows = sign * torch.randint(size // 8, size // 3 + 1, (len(rows),), generator=rng)  # (K,) a clearly wrong place
+    shift_cols = torch.randint(-(size // 8), size // 8 + 1, (len(rows),), generator=rng)  # (K,)
+    misplaced, _ = renderer.move_attribute(renderer.render(factors[rows], without, size), images[rows], shift_rows.tolist(), shift_cols.tolist())
+    images, labels = images.clone(), labels.clone()
+    images[rows], labels[rows] = misplaced, without
+    return images, labels
+
+
+def sample_training_batch(n: int, rng: torch.Generator, misplaced_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Fresh renders (N, 3, 64, 64), their labels (N, A) and captions, all from ``rng``; with
+    ``misplaced_share`` > 0 some carry an attribute in the wrong place, not named by their caption."""
     batch = renderer.sample_portraits(n, rng, attributes=_sample_labels(n, rng), with_captions=False)
-    return _augment(batch.images, rng), batch.labels, compose_captions(batch.labels, rng)
+    images, labels = _misplace_some(batch.images, batch.factors, batch.labels, rng, misplaced_share)
+    return _augment(images, rng), labels, compose_captions(labels, rng)
 
 
 def contrastive_loss(logits_per_image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -310,6 +344,9 @@ class ClipTrainingConfig:
     weight_decay: float = 0.05
     seed: int = 0
     save_every: int = 100
+    # Share of images with an attribute moved off its place and left out of the caption (hard
+    # negatives, see _misplace_some). The first shipped CLIPs were trained with 0.
+    misplaced_share: float = 0.15
 
 
 def _lr_at(step: int, config: ClipTrainingConfig) -> float:
@@ -378,7 +415,7 @@ def train_world_clip(
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="world clip")
     loss_avg, began = None, time.perf_counter()
     for step in range(start, config.steps):
-        images, labels, captions = sample_training_batch(config.batch_size, rng)  # (B, 3, 64, 64), (B, A), B
+        images, labels, captions = sample_training_batch(config.batch_size, rng, config.misplaced_share)  # (B, 3, 64, 64), (B, A), B
         tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
@@ -500,6 +537,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:  # pragma: no cover - `p
     parser.add_argument("steps", type=int, nargs="?", default=ClipTrainingConfig.steps)
     parser.add_argument("--batch-size", type=int, default=ClipTrainingConfig.batch_size)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--misplaced-share", type=float, default=ClipTrainingConfig.misplaced_share, help="share of hard negatives: an attribute moved off its place, not captioned")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--export", default=None, help="copy the trained inference files here (e.g. expander/world/weights/clip)")
     parser.add_argument("--no-progress", action="store_true")
@@ -510,11 +548,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:  # pragma: no cover - `p
     hf_logging.disable_progress_bar()  # save_pretrained's shard bar would interleave with ours in the log
     torch.set_num_threads(args.threads)  # the CPU is shared with other training jobs
     began = time.perf_counter()
-    model_dir = train_world_clip(args.out_dir, args.steps, args.batch_size, seed=args.seed, progress=not args.no_progress)
+    config = ClipTrainingConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, misplaced_share=args.misplaced_share)
+    model_dir = train_world_clip(args.out_dir, progress=not args.no_progress, config=config)
     print(f"trained in {time.perf_counter() - began:.0f} s (this run) -> {model_dir}", flush=True)
     model, tokenizer = load_world_clip(model_dir)
     metrics = evaluate_world_clip(model, tokenizer)
-    metrics["training"] = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "wall_s_this_run": round(time.perf_counter() - began)}
+    metrics["training"] = {**asdict(config), "wall_s_this_run": round(time.perf_counter() - began)}
     print(format_metrics(metrics), flush=True)
     write_json(Path(args.out_dir) / "metrics.json", metrics)
     if args.export:

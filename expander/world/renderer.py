@@ -589,6 +589,21 @@ def caption(labels: torch.Tensor, generator: Union[torch.Generator, int]) -> lis
     return captions
 
 
+def move_attribute(without: torch.Tensor, with_attribute: torch.Tensor, rows: Sequence[int], cols: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attribute drawn in the wrong place: the pixels it changes, moved and pasted over the image without it.
+
+    without, with_attribute: (N, 3, R, R) renders of the same factors without / with the attribute;
+    rows, cols: N pixel shifts (down, right; wrapping at the border). Returns the images (N, 3, R, R)
+    and the share of pixels the attribute changes (N,). The evaluation classifier does not label such
+    images with the attribute (``benchmarks/clip_shortcuts.py``), and a CLIP should not either.
+    """
+    mask = ((with_attribute - without).abs().sum(1, keepdim=True) > 0.05).float()  # (N, 1, R, R)
+    shift = [(int(r), int(c)) for r, c in zip(rows, cols)]
+    moved_mask = torch.stack([torch.roll(m, s, dims=(1, 2)) for m, s in zip(mask, shift)])  # (N, 1, R, R)
+    moved = torch.stack([torch.roll(x, s, dims=(1, 2)) for x, s in zip(with_attribute, shift)])  # (N, 3, R, R)
+    return without * (1 - moved_mask) + moved * moved_mask, mask.mean((1, 2, 3))
+
+
 def sample_portraits(
     n: int,
     generator: Union[torch.Generator, int] = 0,

@@ -170,11 +170,11 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = world_clip.sample_training_batch
 
-    def crashing(n, rng):
+    def crashing(n, rng, *options):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return original(n, rng)
+        return original(n, rng, *options)
 
     monkeypatch.setattr(world_clip, "sample_training_batch", crashing)
     with pytest.raises(KeyboardInterrupt):
@@ -186,6 +186,38 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
     b, _ = load_clip(str(resumed))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_hard_negatives_move_one_attribute_and_drop_it_from_the_caption():
+    rng = torch.Generator().manual_seed(0)
+    labels = torch.zeros(6, len(renderer.ATTRIBUTES), dtype=torch.bool)
+    crown, pop_art = renderer.ATTRIBUTES.index("crown"), renderer.ATTRIBUTES.index("pop_art")
+    labels[:4, crown] = True
+    labels[4, pop_art] = True  # a whole-image style has no place to be moved from
+    factors = renderer.sample_factors(6, 0)
+    images = renderer.render(factors, labels)
+
+    moved_images, moved_labels = world_clip._misplace_some(images, factors, labels, rng, share=1.0)
+    assert not moved_labels[:4, crown].any() and moved_labels[4, pop_art]  # the crown is no longer named
+    assert torch.equal(moved_images[4:], images[4:])  # nothing to move: untouched
+    without = renderer.render(factors[:4], moved_labels[:4])
+    for image, plain, original in zip(moved_images[:4], without, images[:4]):
+        assert not torch.equal(image, plain) and not torch.equal(image, original)  # the crown is drawn, elsewhere
+    assert world_clip.sample_training_batch(8, rng, misplaced_share=0.5)[0].shape == (8, 3, 64, 64)
+
+    before = rng.get_state()
+    assert world_clip._misplace_some(images, factors, labels, rng, share=0.0)[1] is labels
+    assert torch.equal(rng.get_state(), before)  # share 0 reproduces the first CLIPs' data stream
+
+
+def test_move_attribute_moves_exactly_the_changed_pixels():
+    without = torch.zeros(1, 3, 8, 8)
+    with_attribute = without.clone()
+    with_attribute[0, :, 1, 2] = 1.0  # a one-pixel attribute at row 1, column 2
+    moved, area = renderer.move_attribute(without, with_attribute, rows=[3], cols=[-1])
+    expected = without.clone()
+    expected[0, :, 4, 1] = 1.0
+    assert torch.equal(moved, expected) and area.tolist() == [1 / 64]
 
 
 def test_retrieval_and_paraphrase_consistency(world):
