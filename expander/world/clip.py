@@ -43,7 +43,7 @@ import torch.nn.functional as F
 # One implementation of the generic (Hub) path, shared with the guidance code: the world CLIP must
 # load and preprocess exactly like openai/clip-vit-base-patch32 does.
 from ..guidance.clip import OPENAI_MEAN, OPENAI_STD, clip_pixel_values, load_clip
-from ..utils.io import load_training_state, save_training_state, write_json
+from ..utils.io import atomic_path, load_training_state, save_training_state, write_json
 from . import renderer
 
 __all__ = [
@@ -444,7 +444,10 @@ def export_world_clip(model_dir: Union[str, Path], dest: Union[str, Path] = WORL
     model_dir, dest = Path(model_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        shutil.copyfile(model_dir / name, dest / name)  # not copy2: package files get ordinary permissions
+        # Each file is moved into place whole: a running job that memory-maps the old weights
+        # (safetensors does) keeps reading them instead of dying with SIGBUS on a rewritten file.
+        with atomic_path(dest / name) as tmp:
+            shutil.copyfile(model_dir / name, tmp)  # not copy2: package files get ordinary permissions
     if metrics is not None:
         write_json(dest / "metrics.json", metrics)
     return dest

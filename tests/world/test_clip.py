@@ -242,3 +242,18 @@ def test_world_build_trains_each_ensemble_member_from_its_own_seed_into_its_own_
     monkeypatch.setattr(world_clip, "export_world_clip", lambda model_dir, dest, metrics: dest)
     assert world_build.build(what, steps=3, runs=tmp_path) == WORLD_CLIPS[name]
     assert calls == {"out": tmp_path / f"world-{what}", "seed": seed}
+
+
+def test_export_replaces_files_whole_so_running_readers_keep_the_old_weights(tmp_path):
+    names = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+    for version in ("old", "new"):
+        (tmp_path / version).mkdir()
+        for name in names:
+            (tmp_path / version / name).write_text(f"{version} {name}")
+    dest = tmp_path / "shipped"
+    world_clip.export_world_clip(tmp_path / "old", dest)
+    with open(dest / "model.safetensors") as reader:  # a job that has the old weights open (or mapped)
+        world_clip.export_world_clip(tmp_path / "new", dest, metrics={"retrieval_mean": 1.0})
+        assert reader.read() == "old model.safetensors"
+    assert all((dest / name).read_text() == f"new {name}" for name in names)
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*names, "metrics.json"])  # no temporary files left
