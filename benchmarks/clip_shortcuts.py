@@ -31,7 +31,7 @@ import common  # noqa: E402
 from expander.guidance.clip import ClipEncoder, ClipGuidance  # noqa: E402
 from expander.world.classifier import load_world_classifier  # noqa: E402
 from expander.world.clip import WORLD_CLIPS, WORLD_TEMPLATES  # noqa: E402
-from expander.world.renderer import ATTRIBUTES, move_attribute, render, sample_factors  # noqa: E402
+from expander.world.renderer import ATTRIBUTES, attribute_mask, move_attribute, render, sample_factors  # noqa: E402
 
 NAME = "clip_shortcuts"
 LOCAL_AREA = 1 / 3  # attributes that change more of the image than this are whole-image styles: skipped
@@ -41,7 +41,7 @@ MIN_PROJECTION = 0.1  # below this the CLIP hardly sees the true attribute: no r
 def misplace(source: torch.Tensor, with_attribute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The attribute's pixels moved a quarter of the image vertically, towards the centre: (N, 3, R, R), and its area (N,)."""
     size = source.shape[-1]
-    mask = ((with_attribute - source).abs().sum(1) > 0.05).float()  # (N, R, R)
+    mask = attribute_mask(source, with_attribute)[:, 0]  # (N, R, R)
     rows = torch.arange(size, dtype=torch.float32)[:, None]  # (R, 1)
     centre_row = (mask * rows).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)  # (N,)
     shifts = [size // 4 if c < size / 2 else -(size // 4) for c in centre_row.tolist()]

@@ -589,6 +589,12 @@ def caption(labels: torch.Tensor, generator: Union[torch.Generator, int]) -> lis
     return captions
 
 
+def attribute_mask(without: torch.Tensor, with_attribute: torch.Tensor) -> torch.Tensor:
+    """(N, 1, R, R) float mask of the pixels an attribute changes, from renders of the same factors
+    without / with it (N, 3, R, R)."""
+    return ((with_attribute - without).abs().sum(1, keepdim=True) > 0.05).float()
+
+
 def move_attribute(without: torch.Tensor, with_attribute: torch.Tensor, rows: Sequence[int], cols: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """An attribute drawn in the wrong place: the pixels it changes, moved and pasted over the image without it.
 
@@ -597,7 +603,7 @@ def move_attribute(without: torch.Tensor, with_attribute: torch.Tensor, rows: Se
     and the share of pixels the attribute changes (N,). The evaluation classifier does not label such
     images with the attribute (``benchmarks/clip_shortcuts.py``), and a CLIP should not either.
     """
-    mask = ((with_attribute - without).abs().sum(1, keepdim=True) > 0.05).float()  # (N, 1, R, R)
+    mask = attribute_mask(without, with_attribute)  # (N, 1, R, R)
     shift = [(int(r), int(c)) for r, c in zip(rows, cols)]
     moved_mask = torch.stack([torch.roll(m, s, dims=(1, 2)) for m, s in zip(mask, shift)])  # (N, 1, R, R)
     moved = torch.stack([torch.roll(x, s, dims=(1, 2)) for x, s in zip(with_attribute, shift)])  # (N, 3, R, R)
