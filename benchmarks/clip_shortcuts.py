@@ -55,6 +55,7 @@ def measure(n: int, seed: int, attributes: Sequence[str]) -> list[dict]:
     source = render(factors)
     rows = []
     with torch.no_grad():
+        source_features = [encoder.encode_images(source) for encoder in guidance.encoders]  # per CLIP: (N, D)
         for attribute in attributes:
             labels = torch.zeros(n, len(ATTRIBUTES), dtype=torch.bool)
             labels[:, ATTRIBUTES.index(attribute)] = True
@@ -64,11 +65,10 @@ def measure(n: int, seed: int, attributes: Sequence[str]) -> list[dict]:
             if row["area"] > LOCAL_AREA:
                 continue
             prompt = common.PROMPTS[attribute]
-            for name, encoder in zip(WORLD_CLIPS, guidance.encoders):
+            for name, encoder, features in zip(WORLD_CLIPS, guidance.encoders, source_features):
                 text = guidance.text_direction(encoder, common.SOURCE_PROMPT, prompt)  # (D,)
-                source_features = encoder.encode_images(source)  # (N, D)
                 for kind, images in (("true", true), ("misplaced", misplaced)):
-                    row[f"{name}_{kind}"] = float(((encoder.encode_images(images) - source_features) @ text).mean())
+                    row[f"{name}_{kind}"] = float(((encoder.encode_images(images) - features) @ text).mean())
                 # No ratio where the CLIP does not see the attribute at all (elf ears, cat ears).
                 row[f"{name}_ratio"] = row[f"{name}_misplaced"] / row[f"{name}_true"] if row[f"{name}_true"] > MIN_PROJECTION else None
             column = ATTRIBUTES.index(attribute)
