@@ -306,7 +306,7 @@ def expand(recipe, steps, out, resume, force):
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder (default: the model folder, or $EXPANDER_HOME/models/NAME for registered models).")
 @click.option("--force", is_flag=True, help="Allow a non-dormant direction.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--clip", "clip_models", multiple=True, help="CLIP for nada: 'world', 'world-b' or a transformers id/folder; repeat for an ensemble (default: world + world-b for world models, ViT-B/32 + ViT-B/16 otherwise).")
+@click.option("--clip", "clip_models", multiple=True, help="CLIP for nada: 'world', 'world-b', 'world-c' or a transformers id/folder; repeat for an ensemble (default: world + world-b for world models, ViT-B/32 + ViT-B/16 otherwise).")
 @click.option("--perceptual", default="auto", show_default=True, type=click.Choice(["auto", "world", "lpips-vgg", "lpips-alex"]), help="Distance for replay and mystyle.")
 @click.option("--diffusion", default=None, help="Teacher for sds: 'world' or a diffusers Stable Diffusion id/folder.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other training setting (an ExpansionConfig field, as in a recipe's `training` block), e.g. --set replay_batch_size=8; repeatable.")
@@ -416,7 +416,7 @@ def preview(out, num, attributes, seed):
     click.echo(f"wrote {num} renders to {out}; first caption: {batch.captions[0]!r}")
 
 
-WORLD_PARTS = ("gan", "parent", "clip", "clip-b", "classifier", "perceptual")
+WORLD_PARTS = ("gan", "parent", "clip", "clip-b", "clip-c", "classifier", "perceptual")
 
 
 @world.command()
@@ -433,6 +433,7 @@ def build(what, steps, runs, no_resume):
       expander world build --what classifier
       expander world build --what clip
       expander world build --what clip-b     # the second world CLIP of the NADA ensemble
+      expander world build --what clip-c     # the third, trained with hard negatives
       expander world build --what gan        # about an hour or two on a 2-core CPU
       expander world build --what parent     # wraps the GAN: SeFA basis + dormancy curve
     """

@@ -13,7 +13,9 @@ from .perceptual import is_world_model, load_perceptual
 
 REAL_CLIP = ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16")
 # Two world CLIPs trained from different seeds. Measured in the world (recipes/world-nada-10.yaml,
-# README "Results"): mean success 62% with the first alone, 75-83% with both (two seeds).
+# README "Results"): mean success 62% with the first alone, 75-83% with both (two seeds). The joint
+# recipe adds the third, "world-c" (91%); add-domain keeps two: with three, the base subspace drifted
+# further over three successive calls (base FD 146 vs 98).
 WORLD_CLIP_ENSEMBLE = ("world", "world-b")
 REAL_DIFFUSION = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 WORLD = "world"

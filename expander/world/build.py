@@ -6,10 +6,13 @@ Training state lives under ``runs/`` (resumable); only the final inference files
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-
+# The world's NADA ensemble: build part -> (name in a guidance spec, seed, share of hard negatives).
+# clip-b is the first's recipe from another seed; clip-c adds hard negatives (misplaced attributes).
+CLIP_MEMBERS = {"clip": ("world", 0, 0.0), "clip-b": ("world-b", 1, 0.0), "clip-c": ("world-c", 24680, 0.15)}
 
 
 def build(what: str, steps: Optional[int] = None, runs: Path = Path("runs"), resume: bool = True) -> Path:
@@ -29,14 +32,14 @@ def build(what: str, steps: Optional[int] = None, runs: Path = Path("runs"), res
         G, D = load_gan_export(export)
         build_world_parent(G, D, PARENT_DIR, perceptual=load_world_perceptual())
         return PARENT_DIR
-    if what in ("clip", "clip-b"):
+    if what in CLIP_MEMBERS:
         from .clip import WORLD_CLIPS, ClipTrainingConfig, evaluate_world_clip, export_world_clip, load_world_clip, train_world_clip
 
-        # clip-b: the second member of the world's NADA ensemble, the same recipe from another seed.
-        name, seed = ("world", 0) if what == "clip" else ("world-b", 1)
-        model_dir = train_world_clip(runs / f"world-{what}", steps or ClipTrainingConfig.steps, seed=seed, resume=resume)
+        name, seed, misplaced_share = CLIP_MEMBERS[what]
+        config = ClipTrainingConfig(steps=steps or ClipTrainingConfig.steps, seed=seed, misplaced_share=misplaced_share)
+        model_dir = train_world_clip(runs / f"world-{what}", resume=resume, config=config)
         model, tokenizer = load_world_clip(model_dir)
-        return export_world_clip(model_dir, WORLD_CLIPS[name], metrics=evaluate_world_clip(model, tokenizer))
+        return export_world_clip(model_dir, WORLD_CLIPS[name], metrics={**evaluate_world_clip(model, tokenizer), "training": asdict(config)})
     if what == "classifier":
         from .classifier import train_world_classifier
 

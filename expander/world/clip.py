@@ -60,7 +60,10 @@ WORLD_CLIP_DIR = Path(__file__).parent / "weights" / "clip"
 # "world-b" is the same architecture trained from another seed: an ensemble of independently trained
 # models is harder to satisfy with changes that do not draw the attribute (StyleGAN-NADA ensembles
 # ViT-B/32 and ViT-B/16 for the same reason).
-WORLD_CLIPS = {"world": WORLD_CLIP_DIR, "world-b": WORLD_CLIP_DIR.parent / "clip-b"}
+# "world-c" is trained with hard negatives (``misplaced_share``: attributes moved off their place, not
+# captioned), so it refuses what the first two pay for (a crown painted over the eyes), while they keep
+# refusing what it lets through (a clown nose on a cheek); see README "Results".
+WORLD_CLIPS = {"world": WORLD_CLIP_DIR, "world-b": WORLD_CLIP_DIR.parent / "clip-b", "world-c": WORLD_CLIP_DIR.parent / "clip-c"}
 
 # Prompt templates for the NADA text direction with the world CLIP (all words are in its vocabulary).
 WORLD_TEMPLATES = ("a photo of {}.", "a portrait of {}.", "a picture of {}.", "an image of {}.", "{}.")

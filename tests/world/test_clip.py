@@ -6,6 +6,7 @@ Quality checks load the shipped weights (``expander/world/weights/clip``) and us
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -231,17 +232,31 @@ def test_retrieval_and_paraphrase_consistency(world):
     assert metrics["paraphrase_fraction"] >= 15 / 17, world_clip.format_metrics(metrics)
 
 
-@pytest.mark.parametrize("what, seed, name", [("clip", 0, "world"), ("clip-b", 1, "world-b")])
-def test_world_build_trains_each_ensemble_member_from_its_own_seed_into_its_own_folder(what, seed, name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("what, seed, misplaced_share, name", [("clip", 0, 0.0, "world"), ("clip-b", 1, 0.0, "world-b"), ("clip-c", 24680, 0.15, "world-c")])
+def test_world_build_trains_each_ensemble_member_with_its_own_recipe_into_its_own_folder(what, seed, misplaced_share, name, tmp_path, monkeypatch):
     from expander.world import build as world_build
 
     calls = {}
-    monkeypatch.setattr(world_clip, "train_world_clip", lambda out, steps, seed, resume: calls.update(out=out, seed=seed) or tmp_path / "model")
+    monkeypatch.setattr(world_clip, "train_world_clip", lambda out, resume, config: calls.update(out=out, config=config) or tmp_path / "model")
     monkeypatch.setattr(world_clip, "load_world_clip", lambda folder: (None, None))
     monkeypatch.setattr(world_clip, "evaluate_world_clip", lambda model, tokenizer: {"retrieval_mean": 1.0})
-    monkeypatch.setattr(world_clip, "export_world_clip", lambda model_dir, dest, metrics: dest)
+    monkeypatch.setattr(world_clip, "export_world_clip", lambda model_dir, dest, metrics: calls.update(metrics=metrics) or dest)
     assert world_build.build(what, steps=3, runs=tmp_path) == WORLD_CLIPS[name]
-    assert calls == {"out": tmp_path / f"world-{what}", "seed": seed}
+    assert calls["out"] == tmp_path / f"world-{what}"
+    assert (calls["config"].steps, calls["config"].seed, calls["config"].misplaced_share) == (3, seed, misplaced_share)
+    assert calls["metrics"]["training"]["misplaced_share"] == misplaced_share  # how the shipped weights were made, next to them
+
+
+def test_every_shipped_world_clip_has_weights_and_a_build_recipe():
+    from expander.world.build import CLIP_MEMBERS
+
+    recipes = {name: (seed, share) for name, seed, share in CLIP_MEMBERS.values()}
+    for name in WORLD_CLIPS:
+        assert (WORLD_CLIPS[name] / "model.safetensors").is_file(), name
+        assert name in recipes, f"{name} has no `expander world build` part"
+    # clip-c's metrics record the recipe it was trained with; build must reproduce it
+    training = json.loads((WORLD_CLIPS["world-c"] / "metrics.json").read_text())["training"]
+    assert (training["seed"], training["misplaced_share"]) == recipes["world-c"]
 
 
 def test_export_replaces_files_whole_so_running_readers_keep_the_old_weights(tmp_path):
