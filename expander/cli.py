@@ -10,6 +10,7 @@ from typing import Optional
 import click
 
 from .domains import BASE_DOMAIN
+from .world.build import CLIP_MEMBERS
 
 MODEL_HELP = "Registered model name, model folder, or Hub repo id (default: the registry's default model)."
 
@@ -416,7 +417,7 @@ def preview(out, num, attributes, seed):
     click.echo(f"wrote {num} renders to {out}; first caption: {batch.captions[0]!r}")
 
 
-WORLD_PARTS = ("gan", "parent", "clip", "clip-b", "clip-c", "classifier", "perceptual")
+WORLD_PARTS = ("gan", "parent", *CLIP_MEMBERS, "classifier", "perceptual")
 
 
 @world.command()
