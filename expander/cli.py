@@ -286,13 +286,16 @@ def expand(recipe, steps, out, resume, force):
 
     try:
         plan = Recipe.load(recipe)
+        out = out or plan.out
+        if not out:
+            raise ValueError(f"recipe {recipe} has no 'out' folder; add `out: FOLDER` to it or pass --out FOLDER")
         if steps is not None:
             plan.training.steps = steps
-        model = run_expansion(plan.model, plan.domains, out or plan.out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force)
+        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     if is_main_process():  # once per run, not once per rank under accelerate/torchrun
-        click.echo(f"wrote {out or plan.out} with {len(model.domains)} domains: {', '.join(model.domain_names)}")
+        click.echo(f"wrote {out} with {len(model.domains)} domains: {', '.join(model.domain_names)}")
 
 
 @main.command(name="add-domain")

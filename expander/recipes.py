@@ -2,7 +2,7 @@
 
 ```yaml
 model: world-portraits            # registered name, folder, or Hub repo id of the parent
-out: runs/world-nada-10           # where the expanded checkpoint is written
+out: runs/world-nada-10           # where the expanded checkpoint is written (optional when `expander expand --out` is given)
 name: world-nada-10               # optional: register the result under this name
 guidance:                         # optional; defaults pick the world's models for world parents
   clip: [openai/clip-vit-base-patch32, openai/clip-vit-base-patch16]   # or world CLIPs: [world, world-b] (the default for world parents), world
@@ -43,7 +43,7 @@ class RecipeError(ValueError):
 @dataclass
 class Recipe:
     model: Optional[str]
-    out: str
+    out: Optional[str]  # None: the caller names the folder (`expander expand --out`)
     domains: list[Domain]
     training: ExpansionConfig
     name: Optional[str] = None
@@ -69,8 +69,9 @@ class Recipe:
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
             raise RecipeError(f"{where} has unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
-        if "out" not in data:
-            raise RecipeError(f"{where} needs 'out': the folder for the expanded checkpoint")
+        out = data.get("out")
+        if out is not None and (not isinstance(out, str) or not out.strip()):
+            raise RecipeError(f"{where}: 'out' must be a folder path, got {out!r}")
         guidance = data.get("guidance") or {}
         bad = sorted(set(guidance) - _GUIDANCE_KEYS)
         if bad:
@@ -88,7 +89,7 @@ class Recipe:
             if domains[-1].name in seen:
                 raise RecipeError(f"{where}: duplicate domain name {domains[-1].name!r}")
             seen.add(domains[-1].name)
-        return cls(data.get("model"), str(data["out"]), domains, training, data.get("name"), data.get("description", ""), guidance)
+        return cls(data.get("model"), out, domains, training, data.get("name"), data.get("description", ""), guidance)
 
 
 def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:

@@ -59,6 +59,8 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
     "change, message",
     [
         ({"colour": "red"}, "unknown keys"),
+        ({"out": ""}, "'out' must be a folder path"),
+        ({"out": ["a", "b"]}, "'out' must be a folder path"),
         ({"training": {"stepz": 3}}, "unknown training settings"),
         ({"training": {"composition_both_ways": "no"}}, "composition_both_ways must be true or false"),
         ({"training": {"lr": "0.002"}}, "lr must be a finite number"),
@@ -257,6 +259,21 @@ def test_expand_recipe_with_a_duplicate_domain_writes_nothing(parent_dir, tmp_pa
     result = run("expand", tmp_path / "r.yaml")
     assert result.exit_code != 0 and "duplicate domain name 'a'" in result.output
     assert not (tmp_path / "joint").exists()
+
+
+def test_expand_takes_the_output_folder_from_the_command_line_when_the_recipe_has_none(parent_dir, tiny_clip_dir, tmp_path, home):
+    recipe = {
+        "model": str(parent_dir),
+        "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"},
+        "training": {"steps": 1, "batch_size": 1, "base_batch_size": 1},
+        "domains": [{"name": "zombie", "prompt": "a zombie"}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    refused = run("expand", tmp_path / "r.yaml")
+    assert refused.exit_code != 0 and "pass --out FOLDER" in refused.output
+    result = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint")
+    assert result.exit_code == 0, result.output
+    assert ExpandedGenerator.from_pretrained(tmp_path / "joint").domain_names == ["zombie"]
 
 
 class _LinearEncoder:
