@@ -10,7 +10,7 @@ from typing import Optional
 import click
 
 from .domains import BASE_DOMAIN
-from .world.build import CLIP_MEMBERS
+from .world.build import CLIP_PARTS
 
 MODEL_HELP = "Registered model name, model folder, or Hub repo id (default: the registry's default model)."
 
@@ -420,7 +420,7 @@ def preview(out, num, attributes, seed):
     click.echo(f"wrote {num} renders to {out}; first caption: {batch.captions[0]!r}")
 
 
-WORLD_PARTS = ("gan", "parent", *CLIP_MEMBERS, "classifier", "perceptual")
+WORLD_PARTS = ("gan", "parent", *CLIP_PARTS, "classifier", "perceptual")
 
 
 @world.command()

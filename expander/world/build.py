@@ -6,13 +6,29 @@ Training state lives under ``runs/`` (resumable); only the final inference files
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-# The world's NADA ensemble: build part -> (name in a guidance spec, seed, share of hard negatives).
-# clip-b is the first's recipe from another seed; clip-c adds hard negatives (misplaced attributes).
-CLIP_MEMBERS = {"clip": ("world", 0, 0.0), "clip-b": ("world-b", 1, 0.0), "clip-c": ("world-c", 24680, 0.15)}
+
+@dataclass(frozen=True)
+class WorldClipRecipe:
+    """How one shipped world CLIP is trained (``expander.world.clip.ClipTrainingConfig`` settings)."""
+
+    part: str  # `expander world build --what PART`, and its folder under expander/world/weights/
+    seed: int
+    misplaced_share: float = 0.0  # share of hard negatives (attributes moved off their place)
+
+
+# The world's CLIPs, by the name a guidance spec uses (`clip:` in a recipe, `--clip`): world-b is the
+# first's recipe from another seed; world-c adds hard negatives. Kept here, not in world.clip, so the
+# CLI can list the build parts without importing torch.
+WORLD_CLIP_RECIPES = {
+    "world": WorldClipRecipe("clip", seed=0),
+    "world-b": WorldClipRecipe("clip-b", seed=1),
+    "world-c": WorldClipRecipe("clip-c", seed=24680, misplaced_share=0.15),
+}
+CLIP_PARTS = {recipe.part: name for name, recipe in WORLD_CLIP_RECIPES.items()}  # build part -> CLIP name
 
 
 def build(what: str, steps: Optional[int] = None, runs: Path = Path("runs"), resume: bool = True) -> Path:
@@ -32,11 +48,12 @@ def build(what: str, steps: Optional[int] = None, runs: Path = Path("runs"), res
         G, D = load_gan_export(export)
         build_world_parent(G, D, PARENT_DIR, perceptual=load_world_perceptual())
         return PARENT_DIR
-    if what in CLIP_MEMBERS:
+    if what in CLIP_PARTS:
         from .clip import WORLD_CLIPS, ClipTrainingConfig, evaluate_world_clip, export_world_clip, load_world_clip, train_world_clip
 
-        name, seed, misplaced_share = CLIP_MEMBERS[what]
-        config = ClipTrainingConfig(steps=steps or ClipTrainingConfig.steps, seed=seed, misplaced_share=misplaced_share)
+        name = CLIP_PARTS[what]
+        recipe = WORLD_CLIP_RECIPES[name]
+        config = ClipTrainingConfig(steps=steps or ClipTrainingConfig.steps, seed=recipe.seed, misplaced_share=recipe.misplaced_share)
         model_dir = train_world_clip(runs / f"world-{what}", resume=resume, config=config)
         model, tokenizer = load_world_clip(model_dir)
         return export_world_clip(model_dir, WORLD_CLIPS[name], metrics={**evaluate_world_clip(model, tokenizer), "training": asdict(config)})

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..guidance.clip import OPENAI_MEAN, OPENAI_STD, clip_pixel_values, load_clip
 from ..utils.io import atomic_path, load_training_state, save_training_state, write_json
 from . import renderer
+from .build import WORLD_CLIP_RECIPES
 
 __all__ = [
     "WORLD_CLIP_DIR", "WORLD_CLIPS", "WORLD_TEMPLATES", "ClipTrainingConfig", "build_world_tokenizer", "world_clip_config",
@@ -63,7 +64,7 @@ WORLD_CLIP_DIR = Path(__file__).parent / "weights" / "clip"
 # "world-c" is trained with hard negatives (``misplaced_share``: attributes moved off their place, not
 # captioned), so it refuses what the first two pay for (a crown painted over the eyes), while they keep
 # refusing what it lets through (a clown nose on a cheek); see README "Results".
-WORLD_CLIPS = {"world": WORLD_CLIP_DIR, "world-b": WORLD_CLIP_DIR.parent / "clip-b", "world-c": WORLD_CLIP_DIR.parent / "clip-c"}
+WORLD_CLIPS = {name: WORLD_CLIP_DIR.parent / recipe.part for name, recipe in WORLD_CLIP_RECIPES.items()}
 
 # Prompt templates for the NADA text direction with the world CLIP (all words are in its vocabulary).
 WORLD_TEMPLATES = ("a photo of {}.", "a portrait of {}.", "a picture of {}.", "an image of {}.", "{}.")

@@ -248,15 +248,15 @@ def test_world_build_trains_each_ensemble_member_with_its_own_recipe_into_its_ow
 
 
 def test_every_shipped_world_clip_has_weights_and_a_build_recipe():
-    from expander.world.build import CLIP_MEMBERS
+    from expander.world.build import WORLD_CLIP_RECIPES
 
-    recipes = {name: (seed, share) for name, seed, share in CLIP_MEMBERS.values()}
     for name in WORLD_CLIPS:
         assert (WORLD_CLIPS[name] / "model.safetensors").is_file(), name
-        assert name in recipes, f"{name} has no `expander world build` part"
+        assert WORLD_CLIPS[name].name == WORLD_CLIP_RECIPES[name].part  # `expander world build --what PART` writes this folder
     # clip-c's metrics record the recipe it was trained with; build must reproduce it
     training = json.loads((WORLD_CLIPS["world-c"] / "metrics.json").read_text())["training"]
-    assert (training["seed"], training["misplaced_share"]) == recipes["world-c"]
+    recipe = WORLD_CLIP_RECIPES["world-c"]
+    assert (training["seed"], training["misplaced_share"]) == (recipe.seed, recipe.misplaced_share)
 
 
 def test_export_replaces_files_whole_so_running_readers_keep_the_old_weights(tmp_path):
