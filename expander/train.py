@@ -69,6 +69,10 @@ class ExpansionConfig:
     lambda_nada_exclusive: float = 0.0  # hinge on moving towards what only the other NADA domains' prompts ask for (0 = off; see loss_nada)
     lambda_nada_image_exclusive: float = 0.0  # hinge on moving towards what the other NADA domains of the step draw (0 = off; see loss_nada_image_exclusive)
     nada_contrast: float = 1.0  # how much of the model's NADA domains' mean text direction each domain's direction drops (0 = off; see ClipGuidance.text_direction)
+    # Ridge of the dual basis of the model's NADA text directions (None = off; replaces nada_contrast,
+    # which must then be 0): each domain is paid only for what the other domains' directions do not
+    # explain, so drawing another domain's attribute stops paying (see ClipGuidance.text_direction).
+    nada_dual_ridge: Optional[float] = None
     lambda_sds: float = 1.0
     lambda_mystyle: float = 1.0
     lambda_sds_directional: float = 1.0  # SDS directional regularizer (0 = off)
@@ -103,6 +107,11 @@ class ExpansionConfig:
             raise ValueError(f"training setting betas must be two numbers in [0, 1) (Adam's beta1, beta2), got {list(self.betas)}")
         if not 0 <= self.nada_contrast <= 1:
             raise ValueError(f"training setting nada_contrast must be in [0, 1], got {self.nada_contrast}")
+        if self.nada_dual_ridge is not None:
+            if self.nada_dual_ridge <= 0:
+                raise ValueError(f"training setting nada_dual_ridge must be > 0 (or null: off), got {self.nada_dual_ridge}")
+            if self.nada_contrast > 0:
+                raise ValueError(f"training settings nada_dual_ridge and nada_contrast ({self.nada_contrast}) are two ways to shape the text directions; set nada_contrast: 0 to use the dual basis")
         if not 0 <= self.sds_t_min < self.sds_t_max <= 1:
             raise ValueError(f"training settings sds_t_min < sds_t_max must lie in [0, 1] (fractions of the teacher's steps), got {self.sds_t_min} and {self.sds_t_max}")
         if not self.source_prompt.strip():
@@ -346,9 +355,9 @@ class Expander:
                 continue
             if domain.method == "nada":
                 source = domain.source_prompt or config.source_prompt
-                contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if (config.nada_contrast > 0 or config.lambda_nada_exclusive > 0) else []
+                contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if (config.nada_contrast > 0 or config.nada_dual_ridge is not None or config.lambda_nada_exclusive > 0) else []
                 own = directions[id(group)]
-                loss = loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast, config.lambda_nada_exclusive, image_directions=own)
+                loss = loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast, config.lambda_nada_exclusive, image_directions=own, dual_ridge=config.nada_dual_ridge)
                 add("loss_nada", config.lambda_nada * loss)
                 if config.lambda_nada_image_exclusive > 0:
                     others = [per_clip for name, per_clip in drawn.items() if name != domain.name]

@@ -70,6 +70,8 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"training": {"betas": [0.9]}}, "betas must be two numbers"),
         ({"training": {"sds_t_min": 0.6, "sds_t_max": 0.5}}, "sds_t_min < sds_t_max"),
         ({"training": {"nada_contrast": 2}}, "nada_contrast must be in"),
+        ({"training": {"nada_dual_ridge": 0.1}}, "set nada_contrast: 0 to use the dual basis"),
+        ({"training": {"nada_contrast": 0, "nada_dual_ridge": 0}}, "nada_dual_ridge must be > 0"),
         ({"guidance": {"clipp": "world"}}, "unknown guidance keys"),
         ({"domains": []}, "non-empty 'domains'"),
         ({"domains": [{"name": "z", "prompt": "a zombie"}, {"name": "z", "prompt": "a ghost"}]}, "duplicate domain name 'z'"),
@@ -362,6 +364,46 @@ def test_contrast_removes_the_component_shared_by_the_domains():
     raw = torch.stack([guidance._raw_direction(encoder, "a person", p) for p in ("a zombie", "a ghost", "a ghoul")])
     half = guidance.text_direction(encoder, "a person", "a zombie", ["a ghost", "a ghoul"], 0.5)
     assert torch.allclose(half, torch.nn.functional.normalize(raw[0] - 0.5 * raw.mean(0), dim=-1))
+
+
+class _FixedTextEncoder(_LinearEncoder):
+    """Text directions chosen by the test: "a person" at the origin, every other prompt its own vector."""
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def encode_text(self, prompts):
+        return torch.stack([self.vectors.get(p, torch.zeros(3)) for p in prompts])
+
+
+def test_dual_basis_pays_only_for_what_the_other_domains_do_not_explain():
+    from expander.losses.nada import loss_nada
+
+    correlated = {"a zombie": torch.tensor([1.0, 0.0, 0.0]), "a ghost": torch.nn.functional.normalize(torch.tensor([0.8, 0.6, 0.0]), dim=0)}
+    guidance = ClipGuidance([_FixedTextEncoder(correlated)], templates=("{}",), direction_loss="projection")
+    encoder = guidance.encoders[0]
+    raw = torch.stack([guidance._raw_direction(encoder, "a person", p) for p in ("a zombie", "a ghost")])  # (2, 3)
+    plain = guidance.text_direction(encoder, "a person", "a zombie")
+    assert float(raw[1] @ plain) == pytest.approx(0.8)  # moving exactly like a ghost pays 0.8 of a zombie
+    for ridge, leak in ((1e-6, 0.0), (0.1, None)):
+        dual = guidance.text_direction(encoder, "a person", "a zombie", ["a ghost"], dual_ridge=ridge)
+        assert float(dual @ raw[0]) == pytest.approx(1.0, abs=1e-5)  # its own text direction pays as much as the plain one
+        if leak is not None:  # the exact dual basis: another domain's direction pays nothing
+            assert float(dual @ raw[1]) == pytest.approx(leak, abs=1e-4)
+        else:  # the ridge trades a little of that for a bounded direction
+            assert 0 < float(dual @ raw[1]) < 0.8 and dual.norm() < guidance.text_direction(encoder, "a person", "a zombie", ["a ghost"], dual_ridge=1e-6).norm()
+    assert guidance.text_direction(encoder, "a person", "a zombie", ["a ghost"], dual_ridge=0.1) is guidance.text_direction(encoder, "a person", "a zombie", ["a ghost"], dual_ridge=0.1)  # cached
+    # domains whose directions are orthogonal keep their plain directions
+    orthogonal = ClipGuidance([_FixedTextEncoder({"a zombie": torch.tensor([1.0, 0.0, 0.0]), "a ghost": torch.tensor([0.0, 1.0, 0.0])})], templates=("{}",), direction_loss="projection")
+    assert torch.allclose(orthogonal.text_direction(orthogonal.encoders[0], "a person", "a zombie", ["a ghost"], dual_ridge=0.1), torch.tensor([1.0, 0.0, 0.0]))
+    # in the loss: an image change along the ghost's direction loses its pay for the zombie domain
+    base = torch.zeros(2, 3, 4, 4)
+    ghostly = base + raw[1][None, :, None, None]  # mean RGB == the ghost's text direction
+    assert loss_nada(guidance, ghostly, base, "a person", "a zombie", ["a ghost"], contrast_strength=0.0).item() == pytest.approx(0.2, abs=1e-5)
+    assert loss_nada(guidance, ghostly, base, "a person", "a zombie", ["a ghost"], contrast_strength=0.0, dual_ridge=1e-6).item() == pytest.approx(1.0, abs=1e-3)
+    # with the cosine loss the dual direction is a unit vector
+    cosine = ClipGuidance([_FixedTextEncoder(correlated)], templates=("{}",), direction_loss="cosine")
+    assert cosine.text_direction(cosine.encoders[0], "a person", "a zombie", ["a ghost"], dual_ridge=0.1).norm() == pytest.approx(1.0)
 
 
 def test_add_domain_on_a_registered_model_updates_it_only_without_out(parent_dir, tiny_clip_dir, tmp_path, home, offline_lpips):

@@ -39,6 +39,14 @@ def test_nada_step_trains_synthesis_only(model, guidance):
     assert any(not torch.equal(a, b) for a, b in zip(synthesis_before, model.generator.synthesis_parameters()))
 
 
+def test_dual_basis_step_uses_the_other_domains_directions(model, guidance):
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, nada_contrast=0.0, nada_dual_ridge=0.1))
+    losses = trainer.step()
+    assert torch.isfinite(torch.tensor(losses["loss_nada"]))
+    keys = [key for key in guidance.clip._directions if key[-1] == 0.1]  # (encoder, source, target, contrast, strength, ridge)
+    assert {(key[2], key[3]) for key in keys} == {("a zombie", ("a sketch",)), ("a sketch", ("a zombie",))}
+
+
 def test_resume_gives_the_same_weights(model, guidance, tmp_path):
     reference = ExpandedGenerator.from_pretrained  # a pristine copy of the input model each time
     model.save_pretrained(tmp_path / "start")

@@ -40,11 +40,13 @@ def loss_nada(
     contrast_strength: float = 1.0,
     exclusive_weight: float = 0.0,
     image_directions: Optional[Sequence[torch.Tensor]] = None,
+    dual_ridge: Optional[float] = None,
 ) -> torch.Tensor:
     """1 - cos(image direction, text direction) (or its unnormalised projection form, see
     ``ClipGuidance.direction_loss``), averaged over the batch and the CLIP ensemble.
 
-    ``exclusive_weight`` > 0 adds ``weight * sum_j relu(<image direction, e_j>)`` over the
+    ``contrast_strength`` / ``dual_ridge``: how the ``contrast_prompts`` (the model's other domains)
+    shape the text direction, see ``ClipGuidance.text_direction``. ``exclusive_weight`` > 0 adds ``weight * sum_j relu(<image direction, e_j>)`` over the
     ``contrast_prompts``' exclusive directions e_j (``ClipGuidance.exclusive_directions``): a hinge
     that stops this domain from drawing what only the *other* domains ask for.
 
@@ -56,7 +58,7 @@ def loss_nada(
         image_directions = nada_image_directions(guidance, domain_images, base_images, rng)
     total = domain_images.new_zeros(())
     for encoder, image_direction in zip(guidance.encoders, image_directions):
-        text_direction = guidance.text_direction(encoder, source_prompt, target_prompt, contrast_prompts, contrast_strength).to(image_direction.device)  # (D,)
+        text_direction = guidance.text_direction(encoder, source_prompt, target_prompt, contrast_prompts, contrast_strength, dual_ridge).to(image_direction.device)  # (D,)
         agreement = image_direction @ text_direction  # (V*B,)
         if guidance.max_projection is not None:
             agreement = agreement.clamp(max=guidance.max_projection)  # hinge: no gradient past the cap

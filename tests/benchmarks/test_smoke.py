@@ -35,3 +35,16 @@ def test_clip_shortcuts_smoke(tmp_path, capsys):
         assert row["classifier_true"] > row["classifier_misplaced"]  # the evaluator checks where the attribute is
         assert row["world_true"] > 0.5 and row["world_ratio"] == row["world_misplaced"] / row["world_true"]
     assert (tmp_path / "results.json").exists() and "misplaced" in capsys.readouterr().out
+
+
+def test_clip_directions_smoke(tmp_path, capsys):
+    results = load("clip_directions").main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--attributes", "glasses", "eyepatch", "freckles", "--ridges", "0.1"])
+    modes = results["modes"]
+    assert list(modes) == ["plain", "centred", "dual 0.1"]
+    for mode in modes.values():
+        assert set(mode["worst_leak"]) == {"glasses", "eyepatch", "freckles"}
+        assert mode["pay"]["glasses"]["glasses"] > 0.3  # every mode pays for the domain's own attribute
+    # the dual basis pays less for another domain's attribute than the plain directions do
+    assert modes["dual 0.1"]["off_diagonal_positive_mean"] < modes["plain"]["off_diagonal_positive_mean"]
+    assert (tmp_path / "results.json").exists() and "worst leak" in capsys.readouterr().out
+    assert load("clip_directions").recipe_attributes()[:2] == ["glasses", "zombie"]
