@@ -38,7 +38,7 @@ import common  # noqa: E402
 from expander.guidance.clip import ClipEncoder, ClipGuidance  # noqa: E402
 from expander.recipes import Recipe  # noqa: E402
 from expander.world.clip import WORLD_CLIPS, WORLD_TEMPLATES  # noqa: E402
-from expander.world.renderer import ATTRIBUTES, render, sample_factors  # noqa: E402
+from expander.world.renderer import ATTRIBUTES, attribute_labels, render, sample_factors  # noqa: E402
 
 NAME = "clip_directions"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "world-nada-10.yaml"
@@ -50,18 +50,12 @@ def recipe_attributes() -> list[str]:
     return [d.name for d in Recipe.load(RECIPE).domains if d.method == "nada" and d.name in ATTRIBUTES]
 
 
-def text_directions(guidance: ClipGuidance, encoder: ClipEncoder, attributes: Sequence[str], mode: str, ridge: Optional[float]) -> torch.Tensor:
+def text_directions(guidance: ClipGuidance, encoder: ClipEncoder, attributes: Sequence[str], contrast_strength: float, ridge: Optional[float]) -> torch.Tensor:
     """(A, D): each attribute's direction u_d as the trainer builds it, the others as its contrast prompts."""
-    rows = []
-    for attribute in attributes:
-        others = [common.PROMPTS[a] for a in attributes if a != attribute]
-        if mode == "plain":
-            rows.append(guidance.text_direction(encoder, common.SOURCE_PROMPT, common.PROMPTS[attribute]))
-        elif mode == "centred":
-            rows.append(guidance.text_direction(encoder, common.SOURCE_PROMPT, common.PROMPTS[attribute], others, 1.0))
-        else:
-            rows.append(guidance.text_direction(encoder, common.SOURCE_PROMPT, common.PROMPTS[attribute], others, 0.0, dual_ridge=ridge))
-    return torch.stack(rows)
+    return torch.stack([
+        guidance.text_direction(encoder, common.SOURCE_PROMPT, common.PROMPTS[a], [common.PROMPTS[o] for o in attributes if o != a], contrast_strength, ridge)
+        for a in attributes
+    ])
 
 
 def summarise(pay: torch.Tensor, attributes: Sequence[str]) -> dict:
@@ -82,22 +76,20 @@ def measure(n: int, seed: int, attributes: Sequence[str], ridges: Sequence[float
     guidance = ClipGuidance([ClipEncoder.from_pretrained(str(WORLD_CLIPS[name])) for name in WORLD_CLIPS], templates=WORLD_TEMPLATES, direction_loss="projection")
     factors = sample_factors(n, seed)
     source = render(factors)
-    modes = [("plain", None), ("centred", None)] + [(f"dual {r:g}", r) for r in ridges]
+    # name -> (contrast strength, dual ridge), as ExpansionConfig's nada_contrast / nada_dual_ridge
+    modes = {"plain": (0.0, None), "centred": (1.0, None), **{f"dual {r:g}": (0.0, r) for r in ridges}}
     changes = []  # per CLIP: (A, N, D) image directions of the true renders
     with torch.no_grad():
         for encoder in guidance.encoders:
             source_features = encoder.encode_images(source)  # (N, D)
             per_attribute = []
             for attribute in attributes:
-                labels = torch.zeros(n, len(ATTRIBUTES), dtype=torch.bool)
-                labels[:, ATTRIBUTES.index(attribute)] = True
-                per_attribute.append(encoder.encode_images(render(factors, labels)) - source_features)
+                per_attribute.append(encoder.encode_images(render(factors, attribute_labels(n, attribute))) - source_features)
             changes.append(torch.stack(per_attribute))
     results = {}
-    for mode, ridge in modes:
-        kind = "dual" if ridge is not None else mode
+    for mode, (strength, ridge) in modes.items():
         # (A rendered, A domains), averaged over the ensemble as the NADA loss is
-        pay = torch.stack([changes[c].mean(1) @ text_directions(guidance, encoder, attributes, kind, ridge).T for c, encoder in enumerate(guidance.encoders)]).mean(0)
+        pay = torch.stack([changes[c].mean(1) @ text_directions(guidance, encoder, attributes, strength, ridge).T for c, encoder in enumerate(guidance.encoders)]).mean(0)
         results[mode] = summarise(pay, attributes)
     return results
 

@@ -31,7 +31,7 @@ import common  # noqa: E402
 from expander.guidance.clip import ClipEncoder, ClipGuidance  # noqa: E402
 from expander.world.classifier import load_world_classifier  # noqa: E402
 from expander.world.clip import WORLD_CLIPS, WORLD_TEMPLATES  # noqa: E402
-from expander.world.renderer import ATTRIBUTES, attribute_mask, move_attribute, render, sample_factors  # noqa: E402
+from expander.world.renderer import ATTRIBUTES, attribute_labels, attribute_mask, move_attribute, render, sample_factors  # noqa: E402
 
 NAME = "clip_shortcuts"
 LOCAL_AREA = 1 / 3  # attributes that change more of the image than this are whole-image styles: skipped
@@ -57,9 +57,7 @@ def measure(n: int, seed: int, attributes: Sequence[str]) -> list[dict]:
     with torch.no_grad():
         source_features = [encoder.encode_images(source) for encoder in guidance.encoders]  # per CLIP: (N, D)
         for attribute in attributes:
-            labels = torch.zeros(n, len(ATTRIBUTES), dtype=torch.bool)
-            labels[:, ATTRIBUTES.index(attribute)] = True
-            true = render(factors, labels)
+            true = render(factors, attribute_labels(n, attribute))
             misplaced, area = misplace(source, true)
             row = {"attribute": attribute, "area": float(area.mean())}
             if row["area"] > LOCAL_AREA:

@@ -448,10 +448,7 @@ class WorldMeter:
         key = (attribute, n)
         if key not in self._render_cache:
             factors = renderer.sample_factors(n, self.seed + 31_337)
-            labels = None
-            if attribute is not None:
-                labels = torch.zeros(n, len(ATTRIBUTES), dtype=torch.bool)
-                labels[:, ATTRIBUTES.index(attribute)] = True
+            labels = None if attribute is None else renderer.attribute_labels(n, attribute)
             self._render_cache[key] = self.predict(renderer.render(factors, labels))["features"]
         return self._render_cache[key]
 

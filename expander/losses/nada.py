@@ -46,7 +46,9 @@ def loss_nada(
     ``ClipGuidance.direction_loss``), averaged over the batch and the CLIP ensemble.
 
     ``contrast_strength`` / ``dual_ridge``: how the ``contrast_prompts`` (the model's other domains)
-    shape the text direction, see ``ClipGuidance.text_direction``. ``exclusive_weight`` > 0 adds ``weight * sum_j relu(<image direction, e_j>)`` over the
+    shape the text direction, see ``ClipGuidance.text_direction``.
+
+    ``exclusive_weight`` > 0 adds ``weight * sum_j relu(<image direction, e_j>)`` over the
     ``contrast_prompts``' exclusive directions e_j (``ClipGuidance.exclusive_directions``): a hinge
     that stops this domain from drawing what only the *other* domains ask for.
 

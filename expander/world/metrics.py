@@ -343,9 +343,7 @@ def _reference_preservation(classifier, attribute: str, n: int, seed: int, toler
     n = min(n, 256)
     factors = renderer.sample_factors(n, seed + _RENDER_SEED_OFFSET + 2)
     plain = renderer.render(factors)
-    labels = torch.zeros(n, len(ATTRIBUTES), dtype=torch.bool)
-    labels[:, ATTRIBUTES.index(attribute)] = True
-    changed = renderer.render(factors, labels)
+    changed = renderer.render(factors, renderer.attribute_labels(n, attribute))
     return _preserved(_classify(classifier, plain)["factors"], _classify(classifier, changed)["factors"], tolerance)[:, columns].float().mean().item()
 
 

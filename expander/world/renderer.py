@@ -589,6 +589,13 @@ def caption(labels: torch.Tensor, generator: Union[torch.Generator, int]) -> lis
     return captions
 
 
+def attribute_labels(n: int, attribute: str) -> torch.Tensor:
+    """(N, A) bool labels with ``attribute`` on every row and nothing else."""
+    labels = torch.zeros(n, len(ATTRIBUTES), dtype=torch.bool)
+    labels[:, ATTRIBUTES.index(attribute)] = True
+    return labels
+
+
 def attribute_mask(without: torch.Tensor, with_attribute: torch.Tensor) -> torch.Tensor:
     """(N, 1, R, R) float mask of the pixels an attribute changes, from renders of the same factors
     without / with it (N, 3, R, R)."""
