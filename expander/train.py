@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import Domain
-from .losses import loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions
+from .losses import loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
 from .utils.io import load_training_state, save_training_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,6 +73,11 @@ class ExpansionConfig:
     # which must then be 0): each domain is paid only for what the other domains' directions do not
     # explain, so drawing another domain's attribute stops paying (see ClipGuidance.text_direction).
     nada_dual_ridge: Optional[float] = None
+    # Cross-domain consistency of NADA domains (0 = off): who resembles whom among a step's latents
+    # (a softmax over CLIP similarities at this temperature) stays as in the base subspace, so a
+    # domain edits each sample instead of replacing them all with one template (see loss_nada_consistency).
+    lambda_nada_consistency: float = 0.0
+    nada_consistency_temperature: float = 0.1
     lambda_sds: float = 1.0
     lambda_mystyle: float = 1.0
     lambda_sds_directional: float = 1.0  # SDS directional regularizer (0 = off)
@@ -112,6 +117,10 @@ class ExpansionConfig:
                 raise ValueError(f"training setting nada_dual_ridge must be > 0 (or null: off), got {self.nada_dual_ridge}")
             if self.nada_contrast > 0:
                 raise ValueError(f"training settings nada_dual_ridge and nada_contrast ({self.nada_contrast}) are two ways to shape the text directions; set nada_contrast: 0 to use the dual basis")
+        if self.nada_consistency_temperature <= 0:
+            raise ValueError(f"training setting nada_consistency_temperature must be > 0 (a softmax temperature over CLIP cosine similarities, e.g. 0.1), got {self.nada_consistency_temperature}")
+        if self.lambda_nada_consistency > 0 and self.batch_size < 3:
+            raise ValueError(f"training setting lambda_nada_consistency needs batch_size >= 3 (each latent ranks at least two others), got {self.batch_size}")
         if not 0 <= self.sds_t_min < self.sds_t_max <= 1:
             raise ValueError(f"training settings sds_t_min < sds_t_max must lie in [0, 1] (fractions of the teacher's steps), got {self.sds_t_min} and {self.sds_t_max}")
         if not self.source_prompt.strip():
@@ -347,7 +356,8 @@ class Expander:
         # replay does not shrink when more domains share a step (measured: averaging them, 10 joint
         # domains reached 51.6% mean success in 300 steps, summing 57.5%).
         nada_groups = [(g, img) for g, img in zip(groups, group_images) if g.kind == "train" and g.domain.method == "nada"]
-        directions = {id(g): nada_image_directions(guidance.clip, img, references[id(g)], self.rng) for g, img in nada_groups}  # per CLIP: (V*B, D)
+        features = {id(g): nada_image_features(guidance.clip, img, references[id(g)], self.rng) for g, img in nada_groups}  # per CLIP: (V*B, D) x 2
+        directions = {id(g): nada_image_directions(guidance.clip, img, references[id(g)], features=features[id(g)]) for g, img in nada_groups}  # per CLIP: (V*B, D)
         drawn = _directions_by_domain([(g, directions[id(g)]) for g, _ in nada_groups]) if config.lambda_nada_image_exclusive > 0 else {}
         for group, domain_images in zip(groups, group_images):
             domain = group.domain
@@ -359,6 +369,9 @@ class Expander:
                 own = directions[id(group)]
                 loss = loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast, config.lambda_nada_exclusive, image_directions=own, dual_ridge=config.nada_dual_ridge)
                 add("loss_nada", config.lambda_nada * loss)
+                if config.lambda_nada_consistency > 0:
+                    consistency = loss_nada_consistency(features[id(group)], len(domain_images), config.nada_consistency_temperature)
+                    add("loss_nada_consistency", config.lambda_nada_consistency * consistency)
                 if config.lambda_nada_image_exclusive > 0:
                     others = [per_clip for name, per_clip in drawn.items() if name != domain.name]
                     add("loss_nada_image_exclusive", config.lambda_nada_image_exclusive * loss_nada_image_exclusive(guidance.clip, own, others, source, domain.prompt))

@@ -72,6 +72,8 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"training": {"nada_contrast": 2}}, "nada_contrast must be in"),
         ({"training": {"nada_dual_ridge": 0.1}}, "set nada_contrast: 0 to use the dual basis"),
         ({"training": {"nada_contrast": 0, "nada_dual_ridge": 0}}, "nada_dual_ridge must be > 0"),
+        ({"training": {"nada_consistency_temperature": 0}}, "nada_consistency_temperature must be > 0"),
+        ({"training": {"lambda_nada_consistency": 1, "batch_size": 2}}, "lambda_nada_consistency needs batch_size >= 3"),
         ({"guidance": {"clipp": "world"}}, "unknown guidance keys"),
         ({"domains": []}, "non-empty 'domains'"),
         ({"domains": [{"name": "z", "prompt": "a zombie"}, {"name": "z", "prompt": "a ghost"}]}, "duplicate domain name 'z'"),
@@ -348,6 +350,30 @@ def test_image_exclusive_hinge_penalises_what_other_domains_draw_beyond_the_own_
     loss.backward()
     assert leaking.grad[:, 2].sum() > 0 and leaking.grad[:, :2].abs().max() == pytest.approx(0.0, abs=1e-7)
     assert loss_nada_image_exclusive(guidance, own, [], "a person", "a zombie").item() == 0.0
+
+
+def test_consistency_keeps_who_resembles_whom_not_what_they_look_like():
+    from expander.losses.nada import loss_nada_consistency
+
+    rng = torch.Generator().manual_seed(0)
+    views, batch, dim = 2, 5, 8
+    base = torch.randn(views * batch, dim, generator=rng)  # (V*B, D), view-major
+    rotation = torch.linalg.qr(torch.randn(dim, dim, generator=rng))[0]
+    # the same neighbourhoods in another place (a whole-image style moves every sample alike): free
+    assert loss_nada_consistency([(base @ rotation, base)], batch).item() == pytest.approx(0.0, abs=1e-5)
+    # one template for every latent (what NADA alone converges to): paid for
+    template = (torch.randn(1, dim, generator=rng) * 10 + 0.1 * torch.randn(views * batch, dim, generator=rng)).requires_grad_(True)
+    loss = loss_nada_consistency([(template, base), (template, base)], batch)
+    assert loss.item() > 0.1
+    loss.backward()
+    assert template.grad.abs().sum() > 0
+    # views are ranked separately: each view's rows only compare with the same view's rows
+    per_view = [loss_nada_consistency([(template[v * batch : (v + 1) * batch], base[v * batch : (v + 1) * batch])], batch) for v in range(views)]
+    assert loss.item() == pytest.approx(sum(p.item() for p in per_view) / views, rel=1e-5)
+    # a sharper temperature weighs the nearest neighbours more
+    assert loss_nada_consistency([(template, base)], batch, temperature=0.05).item() != pytest.approx(loss.item())
+    # fewer than three latents: nothing to rank
+    assert loss_nada_consistency([(template[:2], base[:2])], 2).item() == 0.0
 
 
 def test_contrast_removes_the_component_shared_by_the_domains():

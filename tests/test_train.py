@@ -102,6 +102,17 @@ def test_image_exclusive_hinge_compares_the_domains_of_one_step(model, guidance)
     assert alone.step()["loss_nada_image_exclusive"] == 0.0  # no other NADA domain trained in the step
 
 
+def test_consistency_step_reuses_the_nada_embeddings(model, guidance):
+    config = {**SMALL, "batch_size": 3}
+    plain = Expander(model, list(model.domains), guidance, ExpansionConfig(**config)).losses()  # no step: the model is unchanged
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**config, lambda_nada_consistency=2.0))
+    losses = trainer.losses()
+    # the same latents, views and NADA loss (the RNG is drawn as without it), plus the consistency term
+    assert losses["loss_nada"].item() == pytest.approx(plain["loss_nada"].item(), rel=1e-5)
+    assert losses["loss_nada_consistency"].item() >= 0 and torch.isfinite(losses["loss_nada_consistency"])
+    assert "loss_nada_consistency" in trainer.step()
+
+
 def test_composition_both_ways_asks_for_both_edits_on_one_render(model, guidance):
     config = ExpansionConfig(**SMALL, compositions_per_step=2, composition_both_ways=True)
     trainer = Expander(model, list(model.domains), guidance, config)

@@ -14,19 +14,62 @@ import torch.nn.functional as F
 from ..guidance.clip import ClipGuidance
 
 
-def nada_image_directions(guidance: ClipGuidance, domain_images: torch.Tensor, base_images: torch.Tensor, rng: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+def nada_image_features(guidance: ClipGuidance, domain_images: torch.Tensor, base_images: torch.Tensor, rng: Optional[torch.Generator] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per CLIP of the ensemble, the (V*B, D) embeddings of the domain images and of the base images
+    (detached), on the same paired augmented views: what NADA's directions and the consistency loss
+    are both computed from, so each image is encoded once per step.
+
+    domain_images, base_images: (B, 3, H, W) in [-1, 1], paired by latent; V = the guidance's
+    augmented views (1 when off), in view-major order (row v * B + b is view v of latent b).
+    """
+    domain_images, base_images = guidance.augment(domain_images, base_images.detach(), rng)  # paired views (off by default)
+    return [(encoder.encode_images(domain_images), encoder.encode_images(base_images).detach()) for encoder in guidance.encoders]
+
+
+def nada_image_directions(guidance: ClipGuidance, domain_images: torch.Tensor, base_images: torch.Tensor, rng: Optional[torch.Generator] = None, features: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None) -> list[torch.Tensor]:
     """One (V*B, D) image direction per CLIP of the ensemble: CLIP(domain) - CLIP(base), unit rows
     for the cosine loss, differentiable w.r.t. ``domain_images`` only.
 
-    domain_images, base_images: (B, 3, H, W) in [-1, 1], paired by latent; V = the guidance's
-    augmented views (1 when off).
+    domain_images, base_images: (B, 3, H, W) in [-1, 1], paired by latent; ``features``: the output
+    of :func:`nada_image_features` for these images, when the caller has computed it already.
     """
-    domain_images, base_images = guidance.augment(domain_images, base_images.detach(), rng)  # paired views (off by default)
+    if features is None:
+        features = nada_image_features(guidance, domain_images, base_images, rng)
     directions = []
-    for encoder in guidance.encoders:
-        direction = encoder.encode_images(domain_images) - encoder.encode_images(base_images).detach()  # (V*B, D)
+    for domain_features, base_features in features:
+        direction = domain_features - base_features  # (V*B, D)
         directions.append(F.normalize(direction, dim=-1) if guidance.direction_loss == "cosine" else direction)
     return directions
+
+
+def loss_nada_consistency(features: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int, temperature: float = 0.1) -> torch.Tensor:
+    """Cross-domain consistency (Ojha et al. 2021, "Few-shot image generation via cross-domain
+    correspondence"), in CLIP space: for each latent, the softmax over how similar the *other*
+    latents of the batch are to it must stay what it is in the base subspace,
+    ``KL(p_base || p_domain)``, averaged over anchors, views and the CLIP ensemble.
+
+    Why: NADA's loss is met by one template image that moves every sample along the text direction,
+    whoever the sample was; in the world, 10 jointly trained domains collapsed to templates (CLIP
+    similarity between a domain's samples 0.97-0.99 against 0.84 in the base, uncorrelated with the
+    base's), and templates do not compose. This keeps who is similar to whom, not what they look
+    like, so whole-image styles stay free.
+
+    features: per CLIP, (domain, base) embeddings (V*B, D) in view-major order
+    (:func:`nada_image_features`); batch: B, the latents per view. Needs B >= 3 (two others to rank).
+    """
+    total = features[0][0].new_zeros(())
+    if batch < 3:
+        return total
+    others = ~torch.eye(batch, dtype=torch.bool, device=total.device)  # (B, B)
+    for domain_features, base_features in features:
+        def log_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
+            unit = F.normalize(embeddings, dim=-1).reshape(-1, batch, embeddings.shape[-1])  # (V, B, D)
+            similarity = (unit @ unit.transpose(1, 2))[:, others].reshape(-1, batch, batch - 1)  # (V, B, B-1): self left out
+            return F.log_softmax(similarity / temperature, dim=-1)
+
+        log_p_base, log_p_domain = log_neighbours(base_features.detach()), log_neighbours(domain_features)
+        total = total + (log_p_base.exp() * (log_p_base - log_p_domain)).sum(-1).mean()
+    return total / len(features)
 
 
 def loss_nada(

@@ -36,13 +36,16 @@ Report of :func:`evaluate` (a JSON-serialisable dict)::
                           hues on the circle), "per_factor": {factor: fraction} (all factors),
                           "reference_factors_preserved": the same measured on renders with and
                           without the attribute (what a perfectly aligned domain scores; some
-                          attributes hide factors, e.g. sunglasses hide eye colour), or null}}
+                          attributes hide factors, e.g. sunglasses hide eye colour), or null,
+                          "diversity": world-perceptual distance between the domain's samples of
+                          consecutive latents, over the same for the base samples (1 = as varied
+                          as the source domain; near 0 = one template whatever the latent)}}
     composition          {"i+j": {"domains": [i, j], "attributes": [a_i, a_j], "both": fraction of
                           samples of w + a_i + a_j labelled with both, "first"/"second": with each,
                           "conflicting": true when the renderer cannot show both (renderer.CONFLICTS)}}
     summary              {"mean_success", "mean_leakage" (off-diagonal, domain rows),
                           "mean_base_false_positive", "mean_perceptual", "mean_factors_preserved",
-                          "mean_composition"} (null when there is nothing to average)
+                          "mean_composition", "mean_diversity"} (null when there is nothing to average)
     factor_tolerance     tolerance used for continuous factors
     reliable_factors     the factors the classifier reads back well (classifier.reliable_factors;
                          all factors for a classifier without that attribute), used by
@@ -176,6 +179,13 @@ def _perceptual(perceptual: Callable, a: torch.Tensor, b: torch.Tensor, batch_si
     return torch.cat([perceptual(x, y).reshape(-1).cpu() for x, y in zip(a.split(batch_size), b.split(batch_size))])
 
 
+def _spread(perceptual: Callable, images: torch.Tensor, batch_size: int) -> float:
+    """Mean perceptual distance between the images of consecutive latents (i, i+1): how much samples differ."""
+    if len(images) < 2:
+        return 0.0
+    return _perceptual(perceptual, images[:-1], images[1:], batch_size).mean().item()
+
+
 def _preserved(predicted_a: torch.Tensor, predicted_b: torch.Tensor, tolerance: float) -> torch.Tensor:
     """(N, F) bool: factor unchanged (categorical equal, continuous within ``tolerance``)."""
     errors = factor_errors(predicted_a, predicted_b)
@@ -245,6 +255,7 @@ def evaluate(
     # (a) source preservation
     base_images = _synthesize(model, w, {}, batch_size)
     base = _classify(classifier, base_images)
+    base_spread = _spread(perceptual, base_images, batch_size)
     renders = renderer.sample_portraits(n_samples, seed + _RENDER_SEED_OFFSET, with_captions=False).images
     floor = renderer.sample_portraits(n_samples, seed + _RENDER_SEED_OFFSET + 1, with_captions=False).images
     render_features = _classify(classifier, renders)["features"]
@@ -273,6 +284,7 @@ def evaluate(
             "factors_preserved": _round(preserved[:, reliable_index].float().mean().item()),
             "per_factor": {f: _round(preserved[:, i].float().mean().item(), 4) for i, f in enumerate(SOURCE_FACTORS)},
             "reference_factors_preserved": None,
+            "diversity": _round(_spread(perceptual, images, batch_size) / base_spread) if base_spread > 0 else None,
         }
         if attributes[name] is not None:
             entry["reference_factors_preserved"] = _round(_reference_preservation(classifier, attributes[name], n_samples, seed, factor_tolerance, reliable_index))
@@ -308,6 +320,7 @@ def evaluate(
         "mean_perceptual": _mean([a["perceptual"] for a in alignment.values()]),
         "mean_factors_preserved": _mean([a["factors_preserved"] for a in alignment.values()]),
         "mean_composition": _mean([c["both"] for c in composition.values() if not c["conflicting"]]),
+        "mean_diversity": _mean([a["diversity"] for a in alignment.values()]),
     }
     # MyStyle domains of a world subject: how well they reproduce it (their "success").
     subjects = {}
@@ -381,7 +394,7 @@ def format_report(report: dict[str, Any]) -> str:
     worst = max(base_rates, key=base_rates.get)
     lines.append(f"base samples labelled with any attribute: max {base_rates[worst]:.3f} ({worst})")
     if report["domains"]:
-        lines.append(f"{'domain':<14}{'success':>9}{'max leak':>10}{'perceptual':>12}{'factors kept':>14}")
+        lines.append(f"{'domain':<14}{'success':>9}{'max leak':>10}{'perceptual':>12}{'factors kept':>14}{'diversity':>11}")
         matrix = report["leakage"]["matrix"]
         for name in report["domains"]:
             success = report["domain_success"].get(name)
@@ -389,7 +402,7 @@ def format_report(report: dict[str, Any]) -> str:
             align = report["alignment"][name]
             lines.append(
                 f"{name:<14}{'-' if success is None else f'{success:.3f}':>9}{max(leaks) if leaks else 0.0:>10.3f}"
-                f"{align['perceptual']:>12.4f}{align['factors_preserved']:>14.3f}"
+                f"{align['perceptual']:>12.4f}{align['factors_preserved']:>14.3f}{'-' if align.get('diversity') is None else format(align['diversity'], '.3f'):>11}"
             )
         if report["composition"]:
             lines.append(f"composition (both attributes): mean {report['summary']['mean_composition']}")

@@ -125,7 +125,7 @@ def test_report_schema_and_json(world_like):
     for key in ("fid", "fid_floor"):
         assert report["source_preservation"][key] >= 0
     assert report["source_preservation"]["parent_fid"] is None
-    assert set(report["summary"]) == {"mean_success", "mean_leakage", "mean_base_false_positive", "mean_perceptual", "mean_factors_preserved", "mean_composition"}
+    assert set(report["summary"]) == {"mean_success", "mean_leakage", "mean_base_false_positive", "mean_perceptual", "mean_factors_preserved", "mean_composition", "mean_diversity"}
 
 
 def test_success_and_leakage_match_direct_computation(world_like):
@@ -155,6 +155,9 @@ def test_alignment_numbers(world_like):
     base = world_like.generator.synthesis(world_like.domain_latents(w, {}), noise_mode="const").clamp(-1, 1)
     glasses = world_like.generator.synthesis(world_like.domain_latents(w, {"glasses": 1.0}), noise_mode="const").clamp(-1, 1)
     assert report["alignment"]["glasses"]["perceptual"] == pytest.approx(pixel_distance(base, glasses).mean().item(), rel=1e-4)
+    # diversity: how much consecutive samples differ, relative to the base samples
+    spread = lambda images: pixel_distance(images[:-1], images[1:]).mean().item()  # noqa: E731
+    assert report["alignment"]["glasses"]["diversity"] == pytest.approx(spread(glasses) / spread(base), rel=1e-3)
     for entry in report["alignment"].values():
         assert 0 <= entry["factors_preserved"] <= 1
         assert set(entry["per_factor"]) == set(SOURCE_FACTORS)
