@@ -61,14 +61,16 @@ def loss_nada_consistency(features: Sequence[tuple[torch.Tensor, torch.Tensor]],
     if batch < 3:
         return total
     others = ~torch.eye(batch, dtype=torch.bool, device=total.device)  # (B, B)
-    for domain_features, base_features in features:
-        def log_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
-            unit = F.normalize(embeddings, dim=-1).reshape(-1, batch, embeddings.shape[-1])  # (V, B, D)
-            similarity = (unit @ unit.transpose(1, 2))[:, others].reshape(-1, batch, batch - 1)  # (V, B, B-1): self left out
-            return F.log_softmax(similarity / temperature, dim=-1)
 
-        log_p_base, log_p_domain = log_neighbours(base_features.detach()), log_neighbours(domain_features)
-        total = total + (log_p_base.exp() * (log_p_base - log_p_domain)).sum(-1).mean()
+    def log_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
+        unit = F.normalize(embeddings, dim=-1).reshape(-1, batch, embeddings.shape[-1])  # (V, B, D)
+        similarity = (unit @ unit.transpose(1, 2))[:, others].reshape(-1, batch, batch - 1)  # (V, B, B-1): self left out
+        return F.log_softmax(similarity / temperature, dim=-1)
+
+    for domain_features, base_features in features:
+        # KL(p_base || p_domain) per anchor: (V, B, B-1) summed over the neighbours
+        kl = F.kl_div(log_neighbours(domain_features), log_neighbours(base_features.detach()), reduction="none", log_target=True)
+        total = total + kl.sum(-1).mean()
     return total / len(features)
 
 
