@@ -17,7 +17,11 @@ training:                         # any expander.train.ExpansionConfig field
 domains:
   - {name: glasses, method: nada, prompt: "a portrait of a person with glasses"}
   - {name: me, method: mystyle, images: photos/me, direction: 100, alpha: 5.0}
+  - {name: blue_skin, prompt: "a portrait of a person with blue skin", weights: {lambda_nada_consistency: 0.3}}
 ```
+
+A domain's ``weights`` override the ``training`` loss weights for that domain's own adaptation losses
+(``expander.train.DOMAIN_LOSS_WEIGHTS``); they become ``training.domain_weights``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .train import ExpansionConfig
 
 _TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description"}
 _GUIDANCE_KEYS = {"clip", "clip_loss", "clip_views", "clip_max_projection", "perceptual", "diffusion"}
-_DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha"}
+_DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha", "weights"}
 
 
 class RecipeError(ValueError):
@@ -76,19 +80,26 @@ class Recipe:
         bad = sorted(set(guidance) - _GUIDANCE_KEYS)
         if bad:
             raise RecipeError(f"{where}: unknown guidance keys {bad}; allowed: {sorted(_GUIDANCE_KEYS)}")
-        try:
-            training = ExpansionConfig.from_dict(data.get("training") or {})
-        except (TypeError, ValueError) as err:
-            raise RecipeError(f"{where}: {err}") from None
         entries = data.get("domains")
         if not isinstance(entries, list) or not entries:
             raise RecipeError(f"{where} needs a non-empty 'domains' list")
-        domains, seen = [], set()
+        domains, weights = [], {}
         for i, entry in enumerate(entries):
             domains.append(_domain(entry, f"{where}: domains[{i}]", base_dir))
-            if domains[-1].name in seen:
+            if domains[-1].name in weights:
                 raise RecipeError(f"{where}: duplicate domain name {domains[-1].name!r}")
-            seen.add(domains[-1].name)
+            weights[domains[-1].name] = entry.get("weights") or {}
+        if not isinstance(data.get("training") or {}, dict):
+            raise RecipeError(f"{where}: 'training' must be a mapping of ExpansionConfig settings, got {data['training']!r}")
+        training_data = dict(data.get("training") or {})
+        if "domain_weights" in training_data:
+            raise RecipeError(f"{where}: set a domain's loss weights in its entry (weights: {{lambda_nada_consistency: 0.3}}), not in training.domain_weights")
+        if any(weights.values()):
+            training_data["domain_weights"] = {name: own for name, own in weights.items() if own}
+        try:
+            training = ExpansionConfig.from_dict(training_data)
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"{where}: {err}") from None
         return cls(data.get("model"), out, domains, training, data.get("name"), data.get("description", ""), guidance)
 
 
@@ -111,6 +122,8 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
             raise RecipeError(f"{where}: a mystyle domain needs 'images' (a folder of photos of the subject)")
         if base_dir is not None and not Path(images).is_absolute() and not str(images).startswith("world:"):
             images = str((base_dir / images).resolve())
+    if not isinstance(entry.get("weights") or {}, dict):
+        raise RecipeError(f"{where}: weights must map loss weights to numbers, e.g. {{lambda_nada_consistency: 0.3}}, got {entry['weights']!r}")
     direction = entry.get("direction", "auto")
     if direction in (None, "auto"):
         direction = -1

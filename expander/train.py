@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Union, get_args, get_origin, get_type_hints
@@ -92,6 +93,11 @@ class ExpansionConfig:
     source_prompt: str = "a portrait of a person"
     seed: int = 0
     checkpoint_every: int = 50
+    # Per-domain loss weights: {domain name: {lambda_name: weight}} overriding the weights above for
+    # that domain's own adaptation losses (DOMAIN_LOSS_WEIGHTS), e.g. a recolouring domain that needs
+    # a lighter cross-domain consistency than domains that add an object. Recipes set it with a
+    # domain entry's `weights:`.
+    domain_weights: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Check every value's type and range, so a bad recipe fails before anything is trained or written."""
@@ -119,12 +125,17 @@ class ExpansionConfig:
                 raise ValueError(f"training settings nada_dual_ridge and nada_contrast ({self.nada_contrast}) are two ways to shape the text directions; set nada_contrast: 0 to use the dual basis")
         if self.nada_consistency_temperature <= 0:
             raise ValueError(f"training setting nada_consistency_temperature must be > 0 (a softmax temperature over CLIP cosine similarities, e.g. 0.1), got {self.nada_consistency_temperature}")
-        if self.lambda_nada_consistency > 0 and self.batch_size < 3:
+        self.domain_weights = _checked_domain_weights(self.domain_weights)
+        if self.batch_size < 3 and any(self.weight("lambda_nada_consistency", name) > 0 for name in [None, *self.domain_weights]):
             raise ValueError(f"training setting lambda_nada_consistency needs batch_size >= 3 (each latent ranks at least two others), got {self.batch_size}")
         if not 0 <= self.sds_t_min < self.sds_t_max <= 1:
             raise ValueError(f"training settings sds_t_min < sds_t_max must lie in [0, 1] (fractions of the teacher's steps), got {self.sds_t_min} and {self.sds_t_max}")
         if not self.source_prompt.strip():
             raise ValueError("training setting source_prompt must not be empty (it is what NADA measures edits from, e.g. 'a portrait of a person')")
+
+    def weight(self, name: str, domain: Optional[str]) -> float:
+        """The loss weight ``name`` for ``domain``'s adaptation losses: its override, else the run's."""
+        return self.domain_weights.get(domain, {}).get(name, getattr(self, name))
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExpansionConfig":
@@ -132,6 +143,31 @@ class ExpansionConfig:
         if unknown:
             raise ValueError(f"unknown training settings {unknown}; allowed: {sorted(cls.__dataclass_fields__)}")
         return cls(**data)
+
+
+# Loss weights a domain may override (ExpansionConfig.domain_weights): those of its own adaptation
+# losses. Replay and GAN weights act on the shared base subspace, so they stay per run.
+DOMAIN_LOSS_WEIGHTS = ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_sds", "lambda_mystyle")
+
+
+def _checked_domain_weights(value: object) -> dict[str, dict[str, float]]:
+    """``domain_weights`` as {domain name: {lambda name: float >= 0}}, or a ValueError saying what is wrong."""
+    if not isinstance(value, dict):
+        raise ValueError(f"training setting domain_weights must map domain names to {{loss weight: number}}, got {value!r}")
+    checked = {}
+    for domain, weights in value.items():
+        if not isinstance(domain, str) or not isinstance(weights, dict):
+            raise ValueError(f"training setting domain_weights: entry {domain!r} must map a domain name to {{loss weight: number}}, got {weights!r}")
+        unknown = sorted(set(weights) - set(DOMAIN_LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(f"loss weights {unknown} of domain {domain!r} cannot be set per domain; allowed: {list(DOMAIN_LOSS_WEIGHTS)} (the others act on the base subspace: set them in `training`)")
+        checked[domain] = {}
+        for name, weight in weights.items():
+            weight = _checked_setting(f"{name} of domain {domain!r}", weight, float)
+            if weight < 0:
+                raise ValueError(f"training setting {name} of domain {domain!r} must be >= 0 (0 turns the term off for that domain), got {weight}")
+            checked[domain][name] = weight
+    return checked
 
 
 def _checked_setting(name: str, value: object, kind: object) -> object:
@@ -214,6 +250,9 @@ class Expander:
         missing = sorted(set(new_names) - set(model.domain_names))
         if missing:
             raise ValueError(f"domains {missing} must be added to the model (model.add_domain) before training")
+        strangers = sorted(set(config.domain_weights) - set(new_names))
+        if strangers:
+            raise ValueError(f"training setting domain_weights names {strangers}, which this run does not train; trained here: {new_names}")
         self.trained = [model.get_domain(n) for n in new_names]
         self.replayed = [d for d in model.domains if d.name not in new_names]
         for domain in self.trained:
@@ -358,30 +397,31 @@ class Expander:
         nada_groups = [(g, img) for g, img in zip(groups, group_images) if g.kind == "train" and g.domain.method == "nada"]
         features = {id(g): nada_image_features(guidance.clip, img, references[id(g)], self.rng) for g, img in nada_groups}  # per CLIP: (V*B, D) x 2
         directions = {id(g): nada_image_directions(guidance.clip, img, references[id(g)], features=features[id(g)]) for g, img in nada_groups}  # per CLIP: (V*B, D)
-        drawn = _directions_by_domain([(g, directions[id(g)]) for g, _ in nada_groups]) if config.lambda_nada_image_exclusive > 0 else {}
+        drawn = _directions_by_domain([(g, directions[id(g)]) for g, _ in nada_groups]) if any(config.weight("lambda_nada_image_exclusive", g.domain.name) > 0 for g, _ in nada_groups) else {}
         for group, domain_images in zip(groups, group_images):
             domain = group.domain
             if group.kind != "train":
                 continue
+            weight = partial(config.weight, domain=domain.name)  # this domain's loss weights
             if domain.method == "nada":
                 source = domain.source_prompt or config.source_prompt
-                contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if (config.nada_contrast > 0 or config.nada_dual_ridge is not None or config.lambda_nada_exclusive > 0) else []
+                contrast = [d.prompt for d in self.model.domains if d.method == "nada" and d.name != domain.name and d.prompt] if (config.nada_contrast > 0 or config.nada_dual_ridge is not None or weight("lambda_nada_exclusive") > 0) else []
                 own = directions[id(group)]
-                loss = loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast, config.lambda_nada_exclusive, image_directions=own, dual_ridge=config.nada_dual_ridge)
-                add("loss_nada", config.lambda_nada * loss)
-                if config.lambda_nada_consistency > 0:
+                loss = loss_nada(guidance.clip, domain_images, references[id(group)], source, domain.prompt, contrast, self.rng, config.nada_contrast, weight("lambda_nada_exclusive"), image_directions=own, dual_ridge=config.nada_dual_ridge)
+                add("loss_nada", weight("lambda_nada") * loss)
+                if weight("lambda_nada_consistency") > 0:
                     consistency = loss_nada_consistency(features[id(group)], len(domain_images), config.nada_consistency_temperature)
-                    add("loss_nada_consistency", config.lambda_nada_consistency * consistency)
-                if config.lambda_nada_image_exclusive > 0:
+                    add("loss_nada_consistency", weight("lambda_nada_consistency") * consistency)
+                if weight("lambda_nada_image_exclusive") > 0:
                     others = [per_clip for name, per_clip in drawn.items() if name != domain.name]
-                    add("loss_nada_image_exclusive", config.lambda_nada_image_exclusive * loss_nada_image_exclusive(guidance.clip, own, others, source, domain.prompt))
+                    add("loss_nada_image_exclusive", weight("lambda_nada_image_exclusive") * loss_nada_image_exclusive(guidance.clip, own, others, source, domain.prompt))
             elif domain.method == "sds":
                 # On top of another text domain, the teacher is asked for both prompts at once (composed guidance).
                 prompts = [domain.prompt] + ([group.partner.prompt] if group.partner is not None and group.partner.method in ("nada", "sds") and group.partner.prompt else [])
-                add("loss_sds", config.lambda_sds * guidance.teacher.loss(domain_images, references[id(group)], prompts if len(prompts) > 1 else domain.prompt, self.rng))
+                add("loss_sds", weight("lambda_sds") * guidance.teacher.loss(domain_images, references[id(group)], prompts if len(prompts) > 1 else domain.prompt, self.rng))
             elif domain.method == "mystyle":
                 loss = (domain_images - group.targets).square().mean() + guidance.perceptual(domain_images, group.targets).mean()
-                add("loss_mystyle", config.lambda_mystyle * loss)
+                add("loss_mystyle", weight("lambda_mystyle") * loss)
 
         if self.D is not None:
             add("loss_gan", config.lambda_gan * loss_g_nonsaturating(self.D(base_images)))

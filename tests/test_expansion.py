@@ -82,6 +82,13 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"domains": [{"name": "z", "prompt": "x", "method": "paint"}]}, "method must be"),
         ({"domains": [{"name": "z", "prompt": "x", "direction": "last"}]}, "direction must be an integer"),
         ({"domains": [{"name": "z", "prompt": "x", "colour": 1}]}, "unknown keys"),
+        ({"training": [1, 2]}, "'training' must be a mapping"),
+        ({"domains": [{"name": "z", "prompt": "x", "weights": 0.3}]}, "weights must map loss weights to numbers"),
+        ({"domains": [{"name": "z", "prompt": "x", "weights": {"lambda_replay_l2": 3}}]}, r"cannot be set per domain.*set them in `training`"),
+        ({"domains": [{"name": "z", "prompt": "x", "weights": {"lambda_nada": -1}}]}, "lambda_nada of domain 'z' must be >= 0"),
+        ({"domains": [{"name": "z", "prompt": "x", "weights": {"lambda_nada": "1"}}]}, "lambda_nada of domain 'z' must be a finite number"),
+        ({"domains": [{"name": "z", "prompt": "x", "weights": {"lambda_nada_consistency": 1}}], "training": {"batch_size": 2}}, "lambda_nada_consistency needs batch_size >= 3"),
+        ({"training": {"domain_weights": {"zombie": {"lambda_nada": 2}}}}, "set a domain's loss weights in its entry"),
     ],
 )
 def test_bad_recipes_are_refused_with_a_clear_message(change, message):
@@ -93,6 +100,15 @@ def test_recipe_numbers_are_read_as_their_settings_types():
     recipe = Recipe.from_dict({**GOOD, "training": {"lambda_gan": 0, "betas": [0, 0.99], "replay_batch_size": None}})
     assert recipe.training.lambda_gan == 0.0 and isinstance(recipe.training.lambda_gan, float)
     assert recipe.training.betas == (0.0, 0.99) and recipe.training.replay_batch_size is None
+
+
+def test_recipe_domain_weights_override_the_training_weights_for_that_domain():
+    domains = [{"name": "zombie", "prompt": "a zombie", "weights": {"lambda_nada_consistency": 0.3, "lambda_nada": 2}}, {"name": "hat", "prompt": "a hat"}]
+    recipe = Recipe.from_dict({**GOOD, "domains": domains, "training": {"lambda_nada_consistency": 1.0}})
+    assert recipe.training.domain_weights == {"zombie": {"lambda_nada_consistency": 0.3, "lambda_nada": 2.0}}
+    assert recipe.training.weight("lambda_nada_consistency", "zombie") == 0.3
+    assert recipe.training.weight("lambda_nada_consistency", "hat") == 1.0
+    assert recipe.training.weight("lambda_nada", "hat") == 1.0
 
 
 def test_recipe_that_is_not_yaml(tmp_path):

@@ -113,6 +113,29 @@ def test_consistency_step_reuses_the_nada_embeddings(model, guidance):
     assert "loss_nada_consistency" in trainer.step()
 
 
+def test_domain_weights_scale_only_that_domains_losses(model, guidance):
+    config = {**SMALL, "batch_size": 3}
+
+    def losses(**settings):  # no step: the model is unchanged, and weights draw nothing from the RNG
+        return Expander(model, list(model.domains), guidance, ExpansionConfig(**config, **settings)).losses()
+
+    zombie = losses(domain_weights={"sketch": {"lambda_nada": 0.0}})["loss_nada"].item()
+    sketch = losses(domain_weights={"zombie": {"lambda_nada": 0.0}})["loss_nada"].item()
+    assert losses()["loss_nada"].item() == pytest.approx(zombie + sketch, rel=1e-5)
+    assert losses(domain_weights={"sketch": {"lambda_nada": 3.0}})["loss_nada"].item() == pytest.approx(zombie + 3 * sketch, rel=1e-5)
+    # a term the run leaves off can be turned on for one domain, and the other way round
+    assert "loss_nada_consistency" not in losses()
+    one = losses(domain_weights={"zombie": {"lambda_nada_consistency": 2.0}})["loss_nada_consistency"].item()
+    both = losses(lambda_nada_consistency=2.0)["loss_nada_consistency"].item()
+    other = losses(lambda_nada_consistency=2.0, domain_weights={"zombie": {"lambda_nada_consistency": 0.0}})["loss_nada_consistency"].item()
+    assert one > 0 and other > 0 and both == pytest.approx(one + other, rel=1e-5)
+
+
+def test_domain_weights_for_a_domain_not_trained_are_refused(model, guidance):
+    with pytest.raises(ValueError, match=r"domain_weights names \['hat'\], which this run does not train"):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, domain_weights={"hat": {"lambda_nada": 2.0}}))
+
+
 def test_composition_both_ways_asks_for_both_edits_on_one_render(model, guidance):
     config = ExpansionConfig(**SMALL, compositions_per_step=2, composition_both_ways=True)
     trainer = Expander(model, list(model.domains), guidance, config)
