@@ -7,6 +7,7 @@ diffusers Stable Diffusion with its VAE, lpips) are the same classes a user load
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,14 @@ def test_recipe_domain_weights_override_the_training_weights_for_that_domain():
     assert recipe.training.weight("lambda_nada_consistency", "zombie") == 0.3
     assert recipe.training.weight("lambda_nada_consistency", "hat") == 1.0
     assert recipe.training.weight("lambda_nada", "hat") == 1.0
+
+
+def test_compose_recipe_differs_from_the_nada_recipe_only_in_consistency_weights():
+    base, compose = (Recipe.load(RECIPES / name) for name in ("world-nada-10.yaml", "world-nada-10-compose.yaml"))
+    assert compose.model == base.model and compose.guidance == base.guidance
+    assert [d.to_dict() for d in compose.domains] == [d.to_dict() for d in base.domains]
+    consistency_only = {"lambda_nada_consistency": None, "domain_weights": None}
+    assert asdict(compose.training) | consistency_only == asdict(base.training) | consistency_only
 
 
 def test_recipe_that_is_not_yaml(tmp_path):
