@@ -24,8 +24,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from functools import partial
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
