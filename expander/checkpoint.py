@@ -6,6 +6,8 @@ On disk (a folder, or a Hugging Face Hub repo with the same files)::
     model.safetensors        generator.* (rosinality keys), latent_avg, basis.* (SeFA basis, dormancy),
                              anchors.K (MyStyle domains: the subject's inversions, sampled by convex combination)
     domains.json             the domains registry: name -> direction, method, prompt/images, ...
+    training.json            optional: every training run that made this checkpoint (domains trained and
+                             replayed, guidance, all training settings incl. per-domain loss weights)
     discriminator.safetensors  optional, rosinality keys; needed only to keep training with a GAN loss
     README.md                generated model card (+ samples.png when the model is small enough)
 
@@ -39,6 +41,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DOMAINS_FILE = "domains.json"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
+TRAINING_FILE = "training.json"
+TRAINING_FORMAT = "expander.training_log"
 SAMPLES_FILE = "samples.png"
 ANCHORS_PREFIX = "anchors."  # + the domain's direction: directions are unique and stable, names may change
 ANCHORS_PER_SAMPLE = 3  # anchors mixed per sample of an anchored domain (see ExpandedGenerator.sampling_latents)
@@ -79,6 +83,8 @@ class ExpandedGenerator(
         self._domains: list[Domain] = []
         # direction -> (K, D) anchor latents in W; a domain with anchors is sampled from their convex hull
         self._anchors: dict[int, torch.Tensor] = {}
+        # One entry per training run that made this checkpoint, oldest first (see record_training).
+        self._training_log: list[dict[str, Any]] = []
 
     # ---- construction -----------------------------------------------------------------------------
 
@@ -256,6 +262,28 @@ class ExpandedGenerator(
         w = self.generator.mapping(z, truncation_psi)
         return self.generator.synthesis(self.domain_latents(w, strengths or {}))
 
+    # ---- provenance -------------------------------------------------------------------------------
+
+    @property
+    def training_log(self) -> list[dict[str, Any]]:
+        """Every training run that made this checkpoint, oldest first (copies; see ``record_training``)."""
+        return json.loads(json.dumps(self._training_log))
+
+    def record_training(self, run: dict[str, Any]) -> None:
+        """Append one training run (a JSON-serialisable dict with at least ``trained``: the domain names).
+
+        Saved as training.json next to the weights, so a published checkpoint says how it was made:
+        `add-domain` on a pulled model extends the log of the runs before it.
+        """
+        _check_training_run(run, where="record_training")
+        unknown = sorted(set(run["trained"]) - set(self.domain_names))
+        if unknown:
+            raise ValueError(f"record_training: the run trained {unknown}, which are not domains of the model ({', '.join(self.domain_names) or 'none'}); add them first")
+        try:
+            self._training_log.append(json.loads(json.dumps(run)))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"record_training needs a JSON-serialisable run record: {err}") from None
+
     # ---- serialization ----------------------------------------------------------------------------
 
     def config_dict(self) -> dict[str, Any]:
@@ -285,6 +313,8 @@ class ExpandedGenerator(
             save_file(d_state, str(save_directory / DISCRIMINATOR_FILE))
         (save_directory / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
         (save_directory / DOMAINS_FILE).write_text(json.dumps({"domains": [d.to_dict() for d in self._domains]}, indent=2) + "\n")
+        if self._training_log:
+            (save_directory / TRAINING_FILE).write_text(json.dumps({"format": TRAINING_FORMAT, "runs": self._training_log}, indent=2) + "\n")
         from .model_card import write_model_card  # local import: pulls in plotting only when saving
 
         write_model_card(self, save_directory)
@@ -372,7 +402,20 @@ class ExpandedGenerator(
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise CheckpointError(f"invalid domains registry {folder / DOMAINS_FILE}: {err}") from None
         model._load_anchors(anchors, source=folder / WEIGHTS_FILE)
+        if (folder / TRAINING_FILE).exists():  # optional: parents and checkpoints of older versions have none
+            model._load_training_log(folder / TRAINING_FILE)
         return model.to(map_location).eval()
+
+    def _load_training_log(self, path: Path) -> None:
+        try:
+            log = read_json(path, what="training log")
+            if not isinstance(log, dict) or log.get("format") != TRAINING_FORMAT or not isinstance(log.get("runs"), list):
+                raise ValueError(f"expected {{'format': {TRAINING_FORMAT!r}, 'runs': [...]}}")
+            for run in log["runs"]:
+                _check_training_run(run, where="a run")
+        except ValueError as err:
+            raise CheckpointError(f"invalid training log {path}: {err}. It only records how the model was trained: restore it, or delete it to load the model without that history") from None
+        self._training_log = log["runs"]
 
     def _load_anchors(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
         by_direction = {d.direction: d.name for d in self._domains}
@@ -397,6 +440,16 @@ class ExpandedGenerator(
             self.basis.load_state_dict(basis_state, strict=True)
         except RuntimeError as err:  # shape mismatches
             raise CheckpointError(f"{source} does not match its config.json: {err}") from None
+
+
+def _check_training_run(run: Any, where: str) -> None:
+    """A training run record is a mapping that names the domains it trained.
+
+    Loading does not ask that they still be domains of the model: the log is history, and
+    ``set_domains`` may have dropped one since.
+    """
+    if not isinstance(run, dict) or not isinstance(run.get("trained"), list) or not all(isinstance(n, str) for n in run["trained"]):
+        raise ValueError(f"{where}: a training run must be a mapping with 'trained': [domain names], got {str(run)[:200]}")
 
 
 def _check_keys(expected: set[str], found: set[str], source: Path) -> None:

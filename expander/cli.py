@@ -215,6 +215,7 @@ def info(model):
     Example:
       expander info world-portraits
     """
+    from .checkpoint import TRAINING_FILE
     from .hub import resolve_model_folder
 
     try:
@@ -234,6 +235,13 @@ def info(model):
     click.echo(f"alpha:        {generator.alpha:g}")
     click.echo(f"domains:      {len(generator.domains)} ({', '.join(generator.domain_names) or 'none yet'})")
     click.echo(f"discriminator: {'yes' if generator.discriminator is not None else 'no'}")
+    runs = generator.training_log
+    if runs:
+        last = runs[-1]
+        settings = last.get("settings") or {}
+        click.echo(f"training:     {len(runs)} run{'s' if len(runs) > 1 else ''}; last {last.get('date', '?')[:10]}: {len(last['trained'])} domains, {settings.get('steps', '?')} steps, seed {settings.get('seed', '?')} (all settings: {folder / TRAINING_FILE})")
+    else:
+        click.echo("training:     not recorded (a parent model, or trained before expander kept training.json)")
 
 
 @main.command(name="import")

@@ -6,8 +6,11 @@ atomically at the end, so a bad input or a crash never leaves a half-written che
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,6 +71,7 @@ def run_expansion(
         accelerator = Accelerator()
     is_main = accelerator is None or accelerator.is_main_process
     parent = load_model(model)
+    replayed = parent.domain_names  # the domains the model had before this run
     # Directions named explicitly are reserved first, so an 'auto' domain listed earlier cannot take them.
     requested = {d.direction for d in domains if d.direction >= 0}
     for domain in domains:
@@ -92,6 +96,7 @@ def run_expansion(
     expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator)
     for domain_name, (_, w) in guidance.mystyle_targets.items():
         parent.set_anchors(domain_name, w)  # the subject is sampled between its inversions, not at random latents
+    parent.record_training(training_run_record(config, [d.name for d in domains], replayed, guidance_spec, 1 if accelerator is None else accelerator.num_processes))
     if is_main:
         parent.save_pretrained(out)
         if name:
@@ -100,6 +105,21 @@ def run_expansion(
     if accelerator is not None:
         accelerator.wait_for_everyone()  # the other ranks return once the checkpoint is in place
     return parent
+
+
+def training_run_record(config: ExpansionConfig, trained: list[str], replayed: list[str], guidance_spec: Optional[dict[str, Any]], processes: int = 1) -> dict[str, Any]:
+    """What one run did, for the checkpoint's training.json and model card: enough to reproduce it."""
+    from . import __version__
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "expander_version": __version__,
+        "trained": list(trained),
+        "replayed": list(replayed),
+        "guidance": json.loads(json.dumps(guidance_spec or {}, default=str)),  # paths as text
+        "processes": processes,
+        "settings": asdict(config),  # every setting, defaults included: defaults may change between versions
+    }
 
 
 def _world_real_sampler(model: ExpandedGenerator):

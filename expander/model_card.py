@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +52,7 @@ def write_model_card(model: "ExpandedGenerator", folder: Path) -> None:
     for d in model.domains:
         source = d.prompt or d.images or ""
         lines.append(f"| {d.name} | {d.direction} | {d.method} | {source} | {model.domain_alpha(d):g} | {d.steps} |")
+    lines += _training_section(model.training_log)
     first = model.domain_names[0] if model.domains else "base"
     lines += [
         "",
@@ -68,3 +71,35 @@ def write_model_card(model: "ExpandedGenerator", folder: Path) -> None:
         "",
     ]
     (folder / "README.md").write_text("\n".join(lines))
+
+
+def _training_section(runs: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines telling how each training run was set up (what differs from today's defaults)."""
+    if not runs:
+        return []
+    from .checkpoint import TRAINING_FILE
+    from .train import ExpansionConfig
+
+    defaults = json.loads(json.dumps(asdict(ExpansionConfig())))  # as the log stores them (tuples -> lists)
+    lines = ["", "## Training", ""]
+    for index, run in enumerate(runs, 1):
+        settings = dict(run.get("settings") or {})
+        domain_weights = settings.pop("domain_weights", None) or {}
+        steps, seed = settings.pop("steps", "?"), settings.pop("seed", "?")
+        changed = [f"`{k}={_short(v)}`" for k, v in settings.items() if k not in defaults or defaults[k] != v]
+        head = f"{run.get('date', '?')[:10]}, expander {run.get('expander_version', '?')}"
+        text = f"- Run {index} ({head}): trained {', '.join(run['trained'])} for {steps} steps (seed {seed})"
+        if run.get("replayed"):
+            text += f", replaying {', '.join(run['replayed'])}"
+        if run.get("guidance"):
+            text += "; guidance " + ", ".join(f"{k}: `{_short(v)}`" for k, v in run["guidance"].items())
+        text += "; settings changed from the defaults: " + (", ".join(changed) if changed else "none")
+        if domain_weights:
+            text += "; per-domain loss weights: " + "; ".join(f"{name} " + ", ".join(f"`{k}={_short(v)}`" for k, v in weights.items()) for name, weights in domain_weights.items())
+        lines.append(text + ".")
+    lines += ["", f"Every setting of every run is in [`{TRAINING_FILE}`]({TRAINING_FILE})."]
+    return lines
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)

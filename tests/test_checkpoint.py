@@ -177,3 +177,40 @@ def test_failed_save_leaves_previous_checkpoint_intact(expanded, tmp_path, monke
         expanded.save_pretrained(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left behind
+
+
+def test_training_log_round_trips_and_reaches_the_model_card(expanded, tmp_path):
+    from expander.expansion import training_run_record
+    from expander.train import ExpansionConfig
+
+    config = ExpansionConfig(steps=7, seed=3, lambda_nada_consistency=1.0, domain_weights={"zombie": {"lambda_nada_consistency": 0.3}})
+    expanded.record_training(training_run_record(config, ["zombie"], [], {"clip": ["world"], "perceptual": "auto"}))
+    expanded.record_training(training_run_record(ExpansionConfig(steps=2), ["sketch"], ["zombie"], None))
+    expanded.save_pretrained(tmp_path / "m")
+    log = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert log["format"] == "expander.training_log" and [r["trained"] for r in log["runs"]] == [["zombie"], ["sketch"]]
+    assert log["runs"][0]["settings"]["domain_weights"] == {"zombie": {"lambda_nada_consistency": 0.3}}
+    loaded = ExpandedGenerator.from_pretrained(tmp_path / "m")
+    assert loaded.training_log == expanded.training_log == log["runs"]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "- Run 1 (" in card and "trained zombie for 7 steps (seed 3)" in card and "`lambda_nada_consistency=1.0`" in card
+    assert "per-domain loss weights: zombie `lambda_nada_consistency=0.3`" in card
+    assert "- Run 2 (" in card and "trained sketch for 2 steps (seed 0), replaying zombie" in card and "settings changed from the defaults: none" in card
+    # training_log hands out copies: editing one does not rewrite the model's history.
+    loaded.training_log[0]["trained"].append("x")
+    assert loaded.training_log[0]["trained"] == ["zombie"]
+
+
+def test_training_log_refuses_unknown_domains_and_loads_only_well_formed_files(expanded, tmp_path):
+    with pytest.raises(ValueError, match=r"trained \['ghost'\], which are not domains of the model"):
+        expanded.record_training({"trained": ["ghost"]})
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        expanded.record_training({"trained": ["zombie"], "when": object()})
+    assert expanded.training_log == []
+    expanded.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m" / "training.json").exists(), "no runs, no file (parents, older checkpoints)"
+    for text, message in [("{not json", "not valid JSON"), ('{"runs": []}', "expected"), ('{"format": "expander.training_log", "runs": [{"steps": 3}]}', "'trained'")]:
+        (tmp_path / "m" / "training.json").write_text(text)
+        with pytest.raises(CheckpointError, match=message) as caught:
+            ExpandedGenerator.from_pretrained(tmp_path / "m")
+        assert "delete it to load the model" in str(caught.value)

@@ -202,6 +202,14 @@ def test_add_domain_three_times_keeps_every_domain(parent_dir, tiny_clip_dir, tm
     assert all(d.direction in model.dormant_directions() for d in model.domains)
     assert all(d.steps == 2 for d in model.domains)
     assert not list(tmp_path.glob(".expanded.state*")), "training state must be cleaned up"
+    # Each call's run is logged in the checkpoint (training.json), after the runs before it.
+    runs = model.training_log
+    assert [r["trained"] for r in runs] == [["zombie"], ["sketch"], ["glasses"]]
+    assert [r["replayed"] for r in runs] == [[], ["zombie"], ["zombie", "sketch"]]
+    assert runs[0]["settings"]["lambda_nada_exclusive"] == 0.0 and runs[2]["settings"]["lambda_nada_exclusive"] == 0.2
+    assert runs[2]["settings"]["replay_batch_size"] == 3 and runs[2]["guidance"]["clip"] == [str(tiny_clip_dir)]
+    info = run("info", out)
+    assert info.exit_code == 0 and "training:     3 runs" in info.output and "1 domains, 2 steps, seed 0" in info.output, info.output
 
 
 def test_add_domain_settings_are_parsed_like_a_recipe():
@@ -269,13 +277,18 @@ def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip
         "name": "tiny-joint",
         "guidance": {"clip": str(tiny_clip_dir), "perceptual": "lpips-alex"},
         "training": {"steps": 2, "batch_size": 2, "base_batch_size": 2},
-        "domains": [{"name": "zombie", "prompt": "a zombie"}, {"name": "sketch", "prompt": "a sketch", "direction": 31}],
+        "domains": [{"name": "zombie", "prompt": "a zombie", "weights": {"lambda_nada": 2.0}}, {"name": "sketch", "prompt": "a sketch", "direction": 31}],
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = run("expand", tmp_path / "r.yaml")
     assert result.exit_code == 0, result.output
     model = ExpandedGenerator.from_pretrained(tmp_path / "joint")
     assert model.get_domain("sketch").direction == 31
+    # The checkpoint says how it was trained, per-domain weights included.
+    (logged,) = model.training_log
+    assert logged["trained"] == ["zombie", "sketch"] and logged["settings"]["steps"] == 2
+    assert logged["settings"]["domain_weights"] == {"zombie": {"lambda_nada": 2.0}}
+    assert "per-domain loss weights: zombie `lambda_nada=2.0`" in (tmp_path / "joint" / "README.md").read_text()
     registry = json.loads((home / "registry.json").read_text())
     assert "tiny-joint" in registry["models"]
     sample = run("sample", "--model", "tiny-joint", "--domain", "sketch", "-n", 2, "--out", tmp_path / "s.png")
