@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import Domain
-from .losses import loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
+from .losses import loss_composed_edits, loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
 from .utils.io import load_training_state, save_training_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,6 +64,11 @@ class ExpansionConfig:
     # relative to the trained domain's own image (else one domain's edit may erase the other's:
     # the projection loss does not see what the partner's attribute loses).
     composition_both_ways: bool = False
+    # Composed edits (0 = off): for composed_pairs_per_step pairs of a trained domain i (its latents
+    # of this step) and another domain j, the image of w + a_i v_i + a_j v_j must embed in CLIP where
+    # e_i + e_j - e_base does, so composing two domains shows both (see loss_composed_edits).
+    lambda_composed_edits: float = 0.0
+    composed_pairs_per_step: int = 2
     lr: float = 0.002
     betas: tuple = (0.0, 0.99)
     lambda_nada: float = 1.0
@@ -103,7 +108,7 @@ class ExpansionConfig:
         """Check every value's type and range, so a bad recipe fails before anything is trained or written."""
         for name, kind in get_type_hints(type(self)).items():
             setattr(self, name, _checked_setting(name, getattr(self, name), kind))
-        at_least = {"steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "r1_every": 1, "checkpoint_every": 1, "seed": 0}
+        at_least = {"steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "composed_pairs_per_step": 1, "r1_every": 1, "checkpoint_every": 1, "seed": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"training setting {name} must be at least {low}, got {getattr(self, name)}")
@@ -257,6 +262,8 @@ class Expander:
         self.replayed = [d for d in model.domains if d.name not in new_names]
         for domain in self.trained:
             _check_guidance(domain, guidance)
+        if config.lambda_composed_edits > 0 and guidance.clip is None:
+            raise ValueError("training setting lambda_composed_edits compares composed images in CLIP space and needs CLIP guidance: train at least one NADA domain in the run, or set it to 0")
 
         if accelerator is not None:
             model.to(accelerator.device)  # before the parent copy, so both live on this rank's device
@@ -357,6 +364,22 @@ class Expander:
                 groups.append(_Group("train", partner, w_composed, w_base, w_reference=w_base + self._offset(domain), partner=domain))
         return groups
 
+    def _composed_pairs(self, groups: list[_Group]) -> list[tuple[_Group, Domain, torch.Tensor, torch.Tensor]]:
+        """(group of domain i, partner j, w + a_j v_j, w + a_i v_i + a_j v_j) for the composed-edits
+        loss, on the latents of this step's trained groups with a reference image (so w's image is
+        rendered already); each (B, D). Draws from the RNG only when the loss is on."""
+        candidates = [g for g in groups if g.kind == "train" and g.partner is None]
+        if self.config.lambda_composed_edits <= 0 or not candidates or len(self.model.domains) < 2:
+            return []
+        pairs = []
+        for _ in range(self.config.composed_pairs_per_step):
+            group = candidates[int(torch.randint(len(candidates), (), generator=self.rng))]
+            others = [d for d in self.model.domains if d.name != group.domain.name]
+            partner = others[int(torch.randint(len(others), (), generator=self.rng))]
+            offset = self._offset(partner)
+            pairs.append((group, partner, group.w_base + offset, group.w_domain + offset))
+        return pairs
+
     def _has_guidance(self, domain: Domain) -> bool:
         """Whether a reference-based loss (NADA/SDS) can be computed for ``domain`` in this run."""
         return domain.method in ("nada", "sds") and _missing_guidance(domain, self.guidance) is None
@@ -370,12 +393,16 @@ class Expander:
         needs_reference = [g for g in groups if g.kind == "train" and g.domain.method in ("nada", "sds")]
         # Latents shared by several groups (both sides of a composition) are rendered once.
         unique_latents = list({id(g.w_domain): g.w_domain for g in groups}.values())
-        batches = [w_base] + unique_latents + [g.reference for g in needs_reference]
+        pairs = self._composed_pairs(needs_reference)
+        pair_latents = [w for _, _, w_partner, w_composed in pairs for w in (w_partner, w_composed)]
+        batches = [w_base] + unique_latents + [g.reference for g in needs_reference] + pair_latents
         images = self.synthesis(torch.cat(batches)).split([len(b) for b in batches])  # ONE batched call
         base_images = images[0]
         rendered = dict(zip((id(w) for w in unique_latents), images[1 : 1 + len(unique_latents)]))
         group_images = [rendered[id(g.w_domain)] for g in groups]
-        references = dict(zip((id(g) for g in needs_reference), images[1 + len(unique_latents) :]))
+        after_references = 1 + len(unique_latents) + len(needs_reference)
+        references = dict(zip((id(g) for g in needs_reference), images[1 + len(unique_latents) : after_references]))
+        pair_images = images[after_references:]  # partner, composed, per pair
 
         weighted: dict[str, torch.Tensor] = {}
 
@@ -422,6 +449,12 @@ class Expander:
             elif domain.method == "mystyle":
                 loss = (domain_images - group.targets).square().mean() + guidance.perceptual(domain_images, group.targets).mean()
                 add("loss_mystyle", weight("lambda_mystyle") * loss)
+
+        for index, (group, _, _, _) in enumerate(pairs):
+            partner_images, composed_images = pair_images[2 * index], pair_images[2 * index + 1]
+            domain_images = rendered[id(group.w_domain)]
+            loss = loss_composed_edits(guidance.clip, composed_images, domain_images, partner_images, references[id(group)], self.rng)
+            add("loss_composed_edits", config.lambda_composed_edits * loss)  # summed over pairs, like the adaptation losses
 
         if self.D is not None:
             add("loss_gan", config.lambda_gan * loss_g_nonsaturating(self.D(base_images)))

@@ -390,6 +390,26 @@ def test_image_exclusive_hinge_penalises_what_other_domains_draw_beyond_the_own_
     assert loss_nada_image_exclusive(guidance, own, [], "a person", "a zombie").item() == 0.0
 
 
+def test_composed_edits_are_free_when_edits_add_up_and_cost_half_when_one_is_lost():
+    from expander.losses.nada import loss_composed_edits
+
+    # Views on (crops): the four images of a latent must share each view, else adding up would not be free.
+    guidance = ClipGuidance([_LinearEncoder()], templates=("{}",), augment_views=4, augment_noise=0.0)
+    rng = torch.Generator().manual_seed(0)
+    base = torch.rand(2, 3, 8, 8, generator=rng)
+    ramp = torch.linspace(0, 1, 8).expand(8, 8)  # spatial structure, so differently cropped views differ
+    domain, partner = base.clone(), base.clone()
+    domain[:, 0] += ramp  # domain i moves the red channel, partner j the blue one
+    partner[:, 2] += ramp.T
+    added = (domain + partner - base).requires_grad_(True)
+    assert loss_composed_edits(guidance, added, domain, partner, base, rng).item() == pytest.approx(0.0, abs=1e-6)
+    only_domain = domain.clone().requires_grad_(True)  # j's edit erased by i's
+    loss = loss_composed_edits(guidance, only_domain, domain, partner, base, rng)
+    assert 0.3 < loss.item() < 0.7  # ||e_j - e_base||^2 over the sum of both edits (equal sizes up to the crop)
+    loss.backward()
+    assert only_domain.grad[:, 2].sum() < 0 and only_domain.grad[:, 1].abs().max() == pytest.approx(0.0, abs=1e-7)  # pushes blue up, nothing else
+
+
 def test_consistency_keeps_who_resembles_whom_not_what_they_look_like():
     from expander.losses.nada import loss_nada_consistency
 

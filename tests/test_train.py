@@ -194,3 +194,31 @@ def test_replayed_domains_use_their_own_batch_size(model, guidance):
     trainer = Expander(model, [model.get_domain("zombie")], guidance, ExpansionConfig(**SMALL, replay_batch_size=5))
     sizes = {g.kind: len(g.w_domain) for g in trainer._groups()}
     assert sizes == {"replay": 5, "train": SMALL["batch_size"]}
+
+
+def test_composed_edits_loss_renders_two_latents_per_pair_and_is_off_by_default(model, guidance):
+    config = {**SMALL, "batch_size": 3}
+    plain = Expander(model, list(model.domains), guidance, ExpansionConfig(**config))
+    assert plain._composed_pairs([g for g in plain._groups()]) == [], "off by default: draws nothing from the RNG"
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**config, lambda_composed_edits=2.0, composed_pairs_per_step=3))
+    pairs = trainer._composed_pairs(trainer._groups())
+    assert len(pairs) == 3
+    for group, partner, w_partner, w_composed in pairs:
+        assert partner.name != group.domain.name
+        # the same latents as the group's: base + the partner's edit, and the group's own edit on top
+        assert torch.allclose(w_partner, group.w_base + trainer._offset(partner))
+        assert torch.allclose(w_composed, group.w_domain + trainer._offset(partner))
+    rendered = []
+    synthesis = trainer.synthesis
+    trainer.synthesis = lambda w: rendered.append(len(w)) or synthesis(w)
+    losses = trainer.step()
+    # base (batch 2) + 2 trained domains, their 2 references and 2 latents (partner, composed) per pair (batch 3)
+    assert rendered == [2 + 3 * (2 + 2 + 2 * 3)]
+    assert losses["loss_composed_edits"] > 0 and torch.isfinite(torch.tensor(losses["loss_composed_edits"]))
+
+
+def test_composed_edits_need_clip_guidance(model):
+    model.get_domain("zombie").method = "sds"  # an SDS-only run builds no CLIP
+    teacher_only = Guidance(perceptual=pixel_distance, teacher=object())
+    with pytest.raises(ValueError, match="lambda_composed_edits .* needs CLIP guidance"):
+        Expander(model, [model.get_domain("zombie")], teacher_only, ExpansionConfig(**SMALL, lambda_composed_edits=1.0))

@@ -144,3 +144,42 @@ def loss_nada_image_exclusive(
         others = F.normalize(others - (others @ text_direction)[:, None] * text_direction, dim=-1)  # (C, D)
         total = total + (image_direction @ others.T).relu().sum(-1).mean()
     return total / len(guidance.encoders)
+
+
+def loss_composed_edits(
+    guidance: ClipGuidance,
+    composed_images: torch.Tensor,
+    domain_images: torch.Tensor,
+    partner_images: torch.Tensor,
+    base_images: torch.Tensor,
+    rng: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Composed edits add up in CLIP space: the image of ``w + a_i v_i + a_j v_j`` should embed where
+    ``e_i + e_j - e_base`` lies, i.e. adding domain j on top of domain i moves CLIP as adding j
+    to the base image does, and the other way round (the two are one condition). Returns
+    ``||e_ij - (e_i + e_j - e_base)||^2 / (||e_i - e_base||^2 + ||e_j - e_base||^2)``, averaged over
+    the batch, the views and the CLIP ensemble: 0 when the edits add up, about 0.5 when the composed
+    image shows only one of them.
+
+    Why: trained one at a time, each domain learns a large style offset; composed, the two offsets
+    take the synthesis network where no training sample was, and the stronger edit erases the other
+    (measured in the world: eyepatch + glasses rendered exactly like eyepatch alone). Text
+    directions cannot tell what to keep; each domain's own image edit of the same latent can.
+
+    composed_images: (B, 3, H, W) of w + a_i v_i + a_j v_j, the only input that gets gradients;
+    domain_images / partner_images / base_images: the same latents with only i / only j / neither
+    (targets, detached). Views (``ClipGuidance.augment``) are shared by the four images of a latent.
+    """
+    # The four images of a latent must share one view: stacked on channels, they are cropped together.
+    first, second = guidance.augment(torch.cat([composed_images, domain_images.detach()], 1), torch.cat([partner_images, base_images], 1).detach(), rng)  # (V*B, 6, H, W) x 2
+    images = torch.cat([first[:, :3], first[:, 3:], second[:, :3], second[:, 3:]])  # (4*V*B, 3, H, W): composed, i, j, base
+    total = composed_images.new_zeros(())
+    composed_views = images[: len(first)]
+    for encoder in guidance.encoders:
+        with torch.no_grad():
+            e_i, e_j, e_base = encoder.encode_images(images[len(first) :]).chunk(3)  # (V*B, D) each
+        composed = encoder.encode_images(composed_views)  # (V*B, D)
+        target = e_i + e_j - e_base
+        scale = ((e_i - e_base).square().sum(-1) + (e_j - e_base).square().sum(-1)).clamp_min(1e-8)  # (V*B,)
+        total = total + ((composed - target).square().sum(-1) / scale).mean()
+    return total / len(guidance.encoders)
