@@ -112,12 +112,13 @@ def test_recipe_domain_weights_override_the_training_weights_for_that_domain():
     assert recipe.training.weight("lambda_nada", "hat") == 1.0
 
 
-def test_compose_recipe_differs_from_the_nada_recipe_only_in_consistency_weights():
+def test_compose_recipe_differs_from_the_nada_recipe_only_in_consistency_weights_and_composed_edits():
     base, compose = (Recipe.load(RECIPES / name) for name in ("world-nada-10.yaml", "world-nada-10-compose.yaml"))
     assert compose.model == base.model and compose.guidance == base.guidance
     assert [d.to_dict() for d in compose.domains] == [d.to_dict() for d in base.domains]
-    consistency_only = {"lambda_nada_consistency": None, "domain_weights": None}
-    assert asdict(compose.training) | consistency_only == asdict(base.training) | consistency_only
+    tuned = {"lambda_nada_consistency": None, "domain_weights": None, "lambda_composed_edits": None}
+    assert asdict(compose.training) | tuned == asdict(base.training) | tuned
+    assert compose.training.lambda_composed_edits == 2.0 and base.training.lambda_composed_edits == 0.0
 
 
 def test_recipe_that_is_not_yaml(tmp_path):
