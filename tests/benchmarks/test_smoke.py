@@ -48,3 +48,12 @@ def test_clip_directions_smoke(tmp_path, capsys):
     assert modes["dual 0.1"]["off_diagonal_positive_mean"] < modes["plain"]["off_diagonal_positive_mean"]
     assert (tmp_path / "results.json").exists() and "worst leak" in capsys.readouterr().out
     assert load("clip_directions").recipe_attributes()[:2] == ["glasses", "zombie"]
+
+
+def test_step_cost_smoke(tmp_path, capsys):
+    results = load("step_cost").main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--steps", "2", "--warmup", "1"])
+    # The compose recipe's step against the same step without its composed-edits loss, two steps each.
+    assert results["variant_settings"] == {"lambda_composed_edits": 0}
+    assert all(len(v) == 2 and min(v) > 0 for v in results["step_s"].values())
+    assert results["ratio_recipe_over_variant"] > 0 and (tmp_path / "results.json").exists()
+    assert "recipe / variant" in capsys.readouterr().out
