@@ -172,12 +172,12 @@ def loss_composed_edits(
     """
     # The four images of a latent must share one view: stacked on channels, they are cropped together.
     first, second = guidance.augment(torch.cat([composed_images, domain_images.detach()], 1), torch.cat([partner_images, base_images], 1).detach(), rng)  # (V*B, 6, H, W) x 2
-    images = torch.cat([first[:, :3], first[:, 3:], second[:, :3], second[:, 3:]])  # (4*V*B, 3, H, W): composed, i, j, base
+    composed_views = first[:, :3]  # (V*B, 3, H, W)
+    target_views = torch.cat([first[:, 3:], second[:, :3], second[:, 3:]])  # (3*V*B, 3, H, W): i, j, base
     total = composed_images.new_zeros(())
-    composed_views = images[: len(first)]
     for encoder in guidance.encoders:
         with torch.no_grad():
-            e_i, e_j, e_base = encoder.encode_images(images[len(first) :]).chunk(3)  # (V*B, D) each
+            e_i, e_j, e_base = encoder.encode_images(target_views).chunk(3)  # (V*B, D) each
         composed = encoder.encode_images(composed_views)  # (V*B, D)
         target = e_i + e_j - e_base
         scale = ((e_i - e_base).square().sum(-1) + (e_j - e_base).square().sum(-1)).clamp_min(1e-8)  # (V*B,)
