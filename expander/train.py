@@ -22,6 +22,7 @@ for how such a run relates to a single-process one.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import Domain
 from .losses import loss_composed_edits, loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
-from .utils.io import load_training_state, save_training_state
+from .utils.io import load_training_state, read_json, save_training_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
@@ -148,6 +149,11 @@ class ExpansionConfig:
         if unknown:
             raise ValueError(f"unknown training settings {unknown}; allowed: {sorted(cls.__dataclass_fields__)}")
         return cls(**data)
+
+
+# Settings a resumed run may change: they do not alter the steps already taken (a run can be continued
+# for more steps, or saved more often), unlike every other setting (Expander.check_resumable).
+RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 
 
 # Loss weights a domain may override (ExpansionConfig.domain_weights): those of its own adaptation
@@ -299,17 +305,54 @@ class Expander:
 
     def save_state(self, folder: str | Path) -> None:
         accelerator = self.accelerator
+        info = {"step": self.step_index, "config": asdict(self.config), "domains": self._domain_signature()}
         if accelerator is None:
-            save_training_state(folder, self.modules, self.optimizers, {"rng": self.rng}, {"step": self.step_index, "config": asdict(self.config)})
+            save_training_state(folder, self.modules, self.optimizers, {"rng": self.rng}, info)
             return
         generators = gather_generators(accelerator, self.rng)  # every rank's RNG; a collective
         if accelerator.is_main_process:  # the weights and optimizer moments are the same on every rank
-            info = {"step": self.step_index, "config": asdict(self.config), "num_processes": accelerator.num_processes}
-            save_training_state(folder, self.modules, self.optimizers, generators, info)
+            save_training_state(folder, self.modules, self.optimizers, generators, {**info, "num_processes": accelerator.num_processes})
         accelerator.wait_for_everyone()
 
     def load_state(self, folder: str | Path) -> None:
+        """Continue from a state :meth:`save_state` wrote, after checking it belongs to this run: resuming
+        with another recipe would silently mix two trainings (the weights fit any run of the same model)."""
+        self.check_resumable(folder)
         self.step_index = load_training_state(folder, self.modules, self.optimizers, {"rng": self.rng})["step"]
+
+    def _domain_signature(self) -> dict[str, list[dict]]:
+        """What a state's weights were trained for: the trained domains (what each learns) and the replayed ones (where they live)."""
+        trained = [{k: getattr(d, k) for k in ("name", "direction", "method", "prompt", "source_prompt", "images", "alpha")} for d in self.trained]
+        replayed = [{k: getattr(d, k) for k in ("name", "direction", "alpha")} for d in self.replayed]
+        return {"trained": trained, "replayed": replayed}
+
+    def check_resumable(self, folder: str | Path) -> None:
+        """Raise a ValueError naming every difference between the run that saved ``folder`` and this one."""
+        info = read_json(Path(folder) / "state.json", what="training state").get("info", {})
+        # JSON round trip, so tuples compare equal to the lists they were saved as
+        now = json.loads(json.dumps({"config": asdict(self.config), "domains": self._domain_signature()}))
+        saved_config, saved_domains = info.get("config", {}), info.get("domains")  # domains: absent in states saved before this check
+        differences = [
+            f"{name}: {saved_config.get(name, '(unset)')!r} in the state, {value!r} now"
+            for name, value in now["config"].items()
+            if name not in RESUMABLE_CHANGES and saved_config.get(name, value) != value
+        ]
+        if saved_domains is not None:
+            for kind in ("trained", "replayed"):
+                saved_names, names = [e["name"] for e in saved_domains.get(kind, [])], [e["name"] for e in now["domains"][kind]]
+                if saved_names != names:
+                    differences.append(f"{kind} domains: {', '.join(saved_names) or 'none'} in the state, {', '.join(names) or 'none'} now")
+                elif saved_domains.get(kind) != now["domains"][kind]:
+                    differences.append(f"{kind} domains: their prompts, methods, directions or alphas differ")
+        if differences:
+            raise ValueError(
+                f"cannot resume from the training state in {folder}: it was saved by a run with other settings ("
+                + "; ".join(differences)
+                + "). Resume with the recipe that started it, or start over without --resume (the state is then replaced)"
+            )
+        saved_step = info.get("step", 0)
+        if saved_step > self.config.steps:
+            raise ValueError(f"cannot resume from the training state in {folder}: it is at step {saved_step}, past this run's {self.config.steps} steps; resume with at least {saved_step} steps, or start over without --resume")
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -551,6 +594,8 @@ def expand(
         if accelerator is not None:
             restore_rank_rng(state_dir, accelerator.process_index, accelerator.num_processes, trainer.rng)
         logger.info("resumed expansion at step %d", trainer.step_index)
+    elif resume:
+        logger.warning("--resume: no training state in %s, starting from step 0", state_dir)
     is_main = accelerator is None or accelerator.is_main_process
     bar = tqdm(total=config.steps, initial=trainer.step_index, disable=not (progress and is_main), desc="expand")
     while trainer.step_index < config.steps:

@@ -304,6 +304,41 @@ def test_expand_recipe_with_a_duplicate_domain_writes_nothing(parent_dir, tmp_pa
     assert not (tmp_path / "joint").exists()
 
 
+def test_expand_resume_continues_a_killed_run_and_refuses_a_changed_recipe(parent_dir, tiny_clip_dir, tmp_path, home, monkeypatch):
+    recipe = {
+        "model": str(parent_dir),
+        "out": str(tmp_path / "joint"),
+        "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"},
+        "training": {"steps": 2, "batch_size": 1, "base_batch_size": 1, "checkpoint_every": 1},
+        "domains": [{"name": "zombie", "prompt": "a zombie"}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while saving")
+
+    with monkeypatch.context() as patch:  # the run dies after its last step, before the checkpoint is written
+        patch.setattr(ExpandedGenerator, "save_pretrained", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            run("expand", tmp_path / "r.yaml")
+    state = tmp_path / ".joint.state"
+    assert (state / "state.json").exists() and not (tmp_path / "joint").exists()
+
+    recipe["training"]["lr"] = 0.01
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    refused = run("expand", tmp_path / "r.yaml", "--resume")
+    assert refused.exit_code != 0 and "lr: 0.002 in the state, 0.01 now" in refused.output, refused.output
+    assert "Resume with the recipe that started it" in refused.output
+    assert not (tmp_path / "joint").exists() and (state / "state.json").exists()
+
+    del recipe["training"]["lr"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = run("expand", tmp_path / "r.yaml", "--resume", "--steps", 3)  # and one step more than the killed run
+    assert result.exit_code == 0, result.output
+    assert ExpandedGenerator.from_pretrained(tmp_path / "joint").get_domain("zombie").steps == 3
+    assert not state.exists()
+
+
 def test_expand_takes_the_output_folder_from_the_command_line_when_the_recipe_has_none(parent_dir, tiny_clip_dir, tmp_path, home):
     recipe = {
         "model": str(parent_dir),

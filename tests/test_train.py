@@ -61,6 +61,33 @@ def test_resume_gives_the_same_weights(model, guidance, tmp_path):
     assert [d.steps for d in c.domains] == [4, 4]
 
 
+def test_resume_refuses_a_state_of_another_run(model, guidance, tmp_path):
+    model.save_pretrained(tmp_path / "start")
+    fresh = lambda: ExpandedGenerator.from_pretrained(tmp_path / "start")  # noqa: E731
+    first = fresh()
+    expand(first, list(first.domains), guidance, ExpansionConfig(**{**SMALL, "steps": 2}), state_dir=tmp_path / "state", progress=False)
+    state = (tmp_path / "state" / "state.safetensors").read_bytes()
+
+    other_lr = fresh()
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.002 in the state, 0.001 now\)"):
+        expand(other_lr, list(other_lr.domains), guidance, ExpansionConfig(**{**SMALL, "lr": 0.001}), state_dir=tmp_path / "state", resume=True, progress=False)
+    other_prompt = fresh()
+    other_prompt.get_domain("zombie").prompt = "a ghoul"
+    with pytest.raises(ValueError, match="trained domains: their prompts, methods, directions or alphas differ"):
+        expand(other_prompt, list(other_prompt.domains), guidance, ExpansionConfig(**SMALL), state_dir=tmp_path / "state", resume=True, progress=False)
+    one_domain = fresh()
+    with pytest.raises(ValueError, match="trained domains: zombie, sketch in the state, zombie now; replayed domains: none in the state, sketch now"):
+        expand(one_domain, [one_domain.get_domain("zombie")], guidance, ExpansionConfig(**SMALL), state_dir=tmp_path / "state", resume=True, progress=False)
+    fewer_steps = fresh()
+    with pytest.raises(ValueError, match="at step 2, past this run's 1 steps"):
+        expand(fewer_steps, list(fewer_steps.domains), guidance, ExpansionConfig(**{**SMALL, "steps": 1}), state_dir=tmp_path / "state", resume=True, progress=False)
+    assert (tmp_path / "state" / "state.safetensors").read_bytes() == state  # a refused resume leaves the state as it was
+    # Steps and the checkpoint interval may change: continuing for more steps is what --steps is for.
+    more = fresh()
+    expand(more, list(more.domains), guidance, ExpansionConfig(**{**SMALL, "checkpoint_every": 3}), state_dir=tmp_path / "state", resume=True, progress=False)
+    assert [d.steps for d in more.domains] == [4, 4]
+
+
 def test_gan_loss_with_real_images(model, guidance):
     real = lambda n, rng: torch.rand(n, 3, 16, 16, generator=rng) * 2 - 1  # noqa: E731
     trainer = Expander(model, [model.get_domain("zombie")], guidance, ExpansionConfig(**SMALL), real_sampler=real)
