@@ -93,7 +93,7 @@ def run_expansion(
         guidance.mystyle_targets[domain_name] = (images, w)
     real_sampler = _world_real_sampler(parent) if real_data else None
     state_dir = out.parent / f".{out.name}.state"
-    expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator)
+    expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator, run_info={"guidance": guidance_spec})
     for domain_name, (_, w) in guidance.mystyle_targets.items():
         parent.set_anchors(domain_name, w)  # the subject is sampled between its inversions, not at random latents
     parent.record_training(training_run_record(config, [d.name for d in domains], replayed, guidance_spec, 1 if accelerator is None else accelerator.num_processes))

@@ -28,7 +28,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 import torch
 from tqdm.auto import tqdm
@@ -254,8 +254,18 @@ class Expander:
     ``seed + rank``; without it, everything runs in this process exactly as before.
     """
 
-    def __init__(self, model: ExpandedGenerator, new_domains: list[Domain], guidance: Guidance, config: Optional[ExpansionConfig] = None, real_sampler: Optional[RealSampler] = None, accelerator: Optional["Accelerator"] = None):
+    def __init__(
+        self,
+        model: ExpandedGenerator,
+        new_domains: list[Domain],
+        guidance: Guidance,
+        config: Optional[ExpansionConfig] = None,
+        real_sampler: Optional[RealSampler] = None,
+        accelerator: Optional["Accelerator"] = None,
+        run_info: Optional[dict[str, Any]] = None,  # what else defines the run (e.g. the recipe's guidance): saved with the state, checked on resume
+    ):
         self.model, self.guidance, self.real_sampler, self.accelerator = model, guidance, real_sampler, accelerator
+        self.run_info = run_info or {}
         self.config = config = config or ExpansionConfig()
         new_names = [d.name for d in new_domains]
         missing = sorted(set(new_names) - set(model.domain_names))
@@ -305,7 +315,7 @@ class Expander:
 
     def save_state(self, folder: str | Path) -> None:
         accelerator = self.accelerator
-        info = {"step": self.step_index, "config": asdict(self.config), "domains": self._domain_signature()}
+        info = {"step": self.step_index, "config": asdict(self.config), "domains": self._domain_signature(), "run": self._run_signature()}
         if accelerator is None:
             save_training_state(folder, self.modules, self.optimizers, {"rng": self.rng}, info)
             return
@@ -326,17 +336,22 @@ class Expander:
         replayed = [{k: getattr(d, k) for k in ("name", "direction", "alpha")} for d in self.replayed]
         return {"trained": trained, "replayed": replayed}
 
+    def _run_signature(self) -> dict[str, Any]:
+        return {**self.run_info, "gan": self.D is not None}  # the GAN loss also needs real images, which no setting names
+
     def check_resumable(self, folder: str | Path) -> None:
         """Raise a ValueError naming every difference between the run that saved ``folder`` and this one."""
         info = read_json(Path(folder) / "state.json", what="training state").get("info", {})
         # JSON round trip, so tuples compare equal to the lists they were saved as
-        now = json.loads(json.dumps({"config": asdict(self.config), "domains": self._domain_signature()}))
-        saved_config, saved_domains = info.get("config", {}), info.get("domains")  # domains: absent in states saved before this check
+        now = json.loads(json.dumps({"config": asdict(self.config), "domains": self._domain_signature(), "run": self._run_signature()}))
+        # domains and run: absent in states saved before this check
+        saved_config, saved_domains, saved_run = info.get("config", {}), info.get("domains"), info.get("run", now["run"])
         differences = [
             f"{name}: {saved_config.get(name, '(unset)')!r} in the state, {value!r} now"
             for name, value in now["config"].items()
             if name not in RESUMABLE_CHANGES and saved_config.get(name, value) != value
         ]
+        differences += [f"{name}: {saved_run.get(name)!r} in the state, {now['run'].get(name)!r} now" for name in sorted(set(saved_run) | set(now["run"])) if saved_run.get(name) != now["run"].get(name)]
         if saved_domains is not None:
             for kind in ("trained", "replayed"):
                 saved_names, names = [e["name"] for e in saved_domains.get(kind, [])], [e["name"] for e in now["domains"][kind]]
@@ -577,17 +592,20 @@ def expand(
     real_sampler: Optional[RealSampler] = None,
     progress: bool = True,
     accelerator: Optional["Accelerator"] = None,
+    run_info: Optional[dict[str, Any]] = None,
 ) -> ExpandedGenerator:
     """Train ``new_domains`` (already registered in ``model``) into ``model`` in place and return it.
 
     Every other domain of ``model`` is replayed (held in place). With ``state_dir``, the full training
-    state is saved every ``checkpoint_every`` steps, and ``resume=True`` continues from it exactly.
+    state is saved every ``checkpoint_every`` steps, and ``resume=True`` continues from it exactly; a
+    state saved by another run (other settings but ``steps`` and ``checkpoint_every``, other domains,
+    another ``run_info``, e.g. the recipe's guidance) is refused with what differs.
 
     With ``accelerator`` (call this on every process of an ``accelerate launch``), each rank trains on
     its own latents and the gradients are averaged; the main process writes the state (every rank's
     RNG included, so a resume with the same number of processes is exact) and shows the progress bar.
     """
-    trainer = Expander(model, new_domains, guidance, config, real_sampler, accelerator=accelerator)
+    trainer = Expander(model, new_domains, guidance, config, real_sampler, accelerator=accelerator, run_info=run_info)
     config = trainer.config
     if resume and state_dir is not None and (Path(state_dir) / "state.json").exists():
         trainer.load_state(state_dir)

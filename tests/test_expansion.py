@@ -330,8 +330,13 @@ def test_expand_resume_continues_a_killed_run_and_refuses_a_changed_recipe(paren
     assert refused.exit_code != 0 and "lr: 0.002 in the state, 0.01 now" in refused.output, refused.output
     assert "Resume with the recipe that started it" in refused.output
     assert not (tmp_path / "joint").exists() and (state / "state.json").exists()
-
     del recipe["training"]["lr"]
+    recipe["guidance"]["clip"] = [str(tiny_clip_dir)] * 2  # an ensemble: another guidance, same settings
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    refused = run("expand", tmp_path / "r.yaml", "--resume")
+    assert refused.exit_code != 0 and "guidance: {'clip': '" in refused.output and "now" in refused.output, refused.output
+
+    recipe["guidance"]["clip"] = str(tiny_clip_dir)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = run("expand", tmp_path / "r.yaml", "--resume", "--steps", 3)  # and one step more than the killed run
     assert result.exit_code == 0, result.output
