@@ -279,26 +279,33 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
 @click.option("--out", default=None, help="Override the recipe's output folder.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last saved step.")
 @click.option("--force", is_flag=True, help="Allow non-dormant directions named in the recipe.")
-def expand(recipe, steps, out, resume, force):
+@click.option("--seed", default=None, type=int, help="Override the recipe's seed.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override any other training setting of the recipe (an ExpansionConfig field), e.g. --set lambda_composed_edits=4.0; repeatable.")
+def expand(recipe, steps, out, resume, force, seed, settings):
     """Joint expansion of a model with every domain of a recipe file (see recipes/).
 
     \b
     Example:
       expander expand recipes/world-nada-10.yaml
       expander expand recipes/world-nada-10.yaml --resume
+      expander expand recipes/world-nada-10.yaml --seed 1 --set lambda_nada_consistency=0.5 --out runs/variant
       accelerate launch --multi_gpu --num_processes 4 -m expander.cli expand recipes/ffhq-nada.yaml
     """
+    from dataclasses import asdict
+
     from .distributed import is_main_process
     from .expansion import run_expansion
     from .recipes import Recipe
+    from .train import ExpansionConfig
 
     try:
         plan = Recipe.load(recipe)
         out = out or plan.out
         if not out:
             raise ValueError(f"recipe {recipe} has no 'out' folder; add `out: FOLDER` to it or pass --out FOLDER")
-        if steps is not None:
-            plan.training.steps = steps
+        overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
+        if overrides:  # validated like the recipe's own settings
+            plan.training = ExpansionConfig.from_dict({**asdict(plan.training), **overrides})
         model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))

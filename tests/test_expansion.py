@@ -344,6 +344,32 @@ def test_expand_resume_continues_a_killed_run_and_refuses_a_changed_recipe(paren
     assert not state.exists()
 
 
+def test_expand_overrides_recipe_settings_from_the_command_line(parent_dir, tiny_clip_dir, tmp_path, home):
+    recipe = {
+        "model": str(parent_dir),
+        "out": str(tmp_path / "joint"),
+        "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"},
+        "training": {"steps": 5, "batch_size": 1, "base_batch_size": 1, "lambda_nada": 2.0},
+        "domains": [{"name": "zombie", "prompt": "a zombie", "weights": {"lambda_nada": 3.0}}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    for args, message in [
+        (["--set", "lambda_nada=-1"], "lambda_nada must be >= 0"),
+        (["--set", "no_such_setting=1"], "unknown training settings ['no_such_setting']"),
+        (["--set", "steps=3"], "use --steps instead"),
+        (["--seed", "-1"], "seed must be at least 0"),
+    ]:
+        refused = run("expand", tmp_path / "r.yaml", *args)
+        assert refused.exit_code != 0 and message in refused.output, refused.output
+        assert not (tmp_path / "joint").exists()
+    result = run("expand", tmp_path / "r.yaml", "--steps", 1, "--seed", 3, "--set", "lambda_nada=0.5", "--set", "betas=[0.0, 0.9]")
+    assert result.exit_code == 0, result.output
+    (logged,) = ExpandedGenerator.from_pretrained(tmp_path / "joint").training_log
+    settings = logged["settings"]
+    assert (settings["steps"], settings["seed"], settings["lambda_nada"], settings["betas"]) == (1, 3, 0.5, [0.0, 0.9])
+    assert settings["domain_weights"] == {"zombie": {"lambda_nada": 3.0}}  # the recipe's per-domain weights are kept
+
+
 def test_expand_takes_the_output_folder_from_the_command_line_when_the_recipe_has_none(parent_dir, tiny_clip_dir, tmp_path, home):
     recipe = {
         "model": str(parent_dir),
