@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,7 +30,7 @@ import common  # noqa: E402
 from expander.cli import _training_settings  # noqa: E402
 from expander.guidance.build import build_guidance  # noqa: E402
 from expander.recipes import Recipe  # noqa: E402
-from expander.train import ExpansionConfig, Expander  # noqa: E402
+from expander.train import Expander  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     config = recipe.training
     if args.smoke:  # tiny batches, as every benchmark's smoke mode
         config = replace(config, batch_size=3, base_batch_size=2)
-    variant = ExpansionConfig(**{**asdict(config), **overrides})  # validated like a recipe's settings
+    variant = config.with_settings(overrides)
 
     if args.model is None and not args.smoke:
         args.model = recipe.model

@@ -291,12 +291,9 @@ def expand(recipe, steps, out, resume, force, seed, settings):
       expander expand recipes/world-nada-10.yaml --seed 1 --set lambda_nada_consistency=0.5 --out runs/variant
       accelerate launch --multi_gpu --num_processes 4 -m expander.cli expand recipes/ffhq-nada.yaml
     """
-    from dataclasses import asdict
-
     from .distributed import is_main_process
     from .expansion import run_expansion
     from .recipes import Recipe
-    from .train import ExpansionConfig
 
     try:
         plan = Recipe.load(recipe)
@@ -305,7 +302,7 @@ def expand(recipe, steps, out, resume, force, seed, settings):
             raise ValueError(f"recipe {recipe} has no 'out' folder; add `out: FOLDER` to it or pass --out FOLDER")
         overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
         if overrides:  # validated like the recipe's own settings
-            plan.training = ExpansionConfig.from_dict({**asdict(plan.training), **overrides})
+            plan.training = plan.training.with_settings(overrides)
         model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))

@@ -150,6 +150,10 @@ class ExpansionConfig:
             raise ValueError(f"unknown training settings {unknown}; allowed: {sorted(cls.__dataclass_fields__)}")
         return cls(**data)
 
+    def with_settings(self, overrides: dict) -> "ExpansionConfig":
+        """A copy with ``overrides`` (e.g. a command line's ``--set``) on top, validated like a recipe's settings."""
+        return type(self).from_dict({**asdict(self), **overrides})
+
 
 # Settings a resumed run may change: they do not alter the steps already taken (a run can be continued
 # for more steps, or saved more often), unlike every other setting (Expander.check_resumable).
