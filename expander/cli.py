@@ -277,22 +277,25 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--steps", default=None, type=int, help="Override the recipe's training steps.")
 @click.option("--out", default=None, help="Override the recipe's output folder.")
-@click.option("--resume", is_flag=True, help="Continue a killed run from its last saved step.")
+@click.option("--resume", is_flag=True, help="Continue a killed run (or one finished with --keep-state) from its last saved step; with a larger --steps, train it longer.")
+@click.option("--keep-state", is_flag=True, help="Keep the training state (next to the output folder) after the run, so it can be continued later with --resume --steps N.")
 @click.option("--force", is_flag=True, help="Allow non-dormant directions named in the recipe.")
 @click.option("--seed", default=None, type=int, help="Override the recipe's seed.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override any other training setting of the recipe (an ExpansionConfig field), e.g. --set lambda_composed_edits=4.0; repeatable.")
-def expand(recipe, steps, out, resume, force, seed, settings):
+def expand(recipe, steps, out, resume, keep_state, force, seed, settings):
     """Joint expansion of a model with every domain of a recipe file (see recipes/).
 
     \b
     Example:
       expander expand recipes/world-nada-10.yaml
       expander expand recipes/world-nada-10.yaml --resume
+      expander expand recipes/world-nada-10.yaml --keep-state   # then, to train it longer:
+      expander expand recipes/world-nada-10.yaml --resume --steps 1800
       expander expand recipes/world-nada-10.yaml --seed 1 --set lambda_nada_consistency=0.5 --out runs/variant
       accelerate launch --multi_gpu --num_processes 4 -m expander.cli expand recipes/ffhq-nada.yaml
     """
     from .distributed import is_main_process
-    from .expansion import run_expansion
+    from .expansion import run_expansion, training_state_dir
     from .recipes import Recipe
 
     try:
@@ -303,11 +306,13 @@ def expand(recipe, steps, out, resume, force, seed, settings):
         overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
         if overrides:  # validated like the recipe's own settings
             plan.training = plan.training.with_settings(overrides)
-        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force)
+        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force, keep_state=keep_state)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     if is_main_process():  # once per run, not once per rank under accelerate/torchrun
         click.echo(f"wrote {out} with {len(model.domains)} domains: {', '.join(model.domain_names)}")
+        if keep_state:
+            click.echo(f"kept the training state in {training_state_dir(out)}; train this run longer with: expander expand {recipe} --out {out} --resume --steps N")
 
 
 @main.command(name="add-domain")

@@ -50,6 +50,7 @@ def run_expansion(
     name: Optional[str] = None,
     resume: bool = False,
     force: bool = False,
+    keep_state: bool = False,
     real_data: bool = True,
     progress: bool = True,
     inversion_steps: int = 200,
@@ -58,6 +59,10 @@ def run_expansion(
 
     Under ``accelerate launch`` with several processes, every process trains (data-parallel, see
     ``expander.distributed``) and only the main one writes the checkpoint and the registry.
+
+    The resumable training state lives next to ``out`` (``.NAME.state``) while the run goes and is deleted
+    once the checkpoint is written, unless ``keep_state``: then a finished run can be continued for more
+    steps with ``resume=True`` and a larger ``config.steps``, exactly as if it had been started that long.
     """
     from .distributed import is_distributed_launch, place_guidance
     from .guidance.build import build_guidance
@@ -92,7 +97,7 @@ def run_expansion(
             w = broadcast(w.contiguous())  # rank 0's inversion, so every rank reconstructs the same targets
         guidance.mystyle_targets[domain_name] = (images, w)
     real_sampler = _world_real_sampler(parent) if real_data else None
-    state_dir = out.parent / f".{out.name}.state"
+    state_dir = training_state_dir(out)
     expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator, run_info={"guidance": guidance_spec})
     for domain_name, (_, w) in guidance.mystyle_targets.items():
         parent.set_anchors(domain_name, w)  # the subject is sampled between its inversions, not at random latents
@@ -101,10 +106,17 @@ def run_expansion(
         parent.save_pretrained(out)
         if name:
             register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent))
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if not keep_state:
+            shutil.rmtree(state_dir, ignore_errors=True)
     if accelerator is not None:
         accelerator.wait_for_everyone()  # the other ranks return once the checkpoint is in place
     return parent
+
+
+def training_state_dir(out: str | Path) -> Path:
+    """Where a run writing ``out`` keeps its resumable state: beside it, hidden, never inside the checkpoint."""
+    out = Path(out)
+    return out.parent / f".{out.name}.state"
 
 
 def training_run_record(config: ExpansionConfig, trained: list[str], replayed: list[str], guidance_spec: Optional[dict[str, Any]], processes: int = 1) -> dict[str, Any]:

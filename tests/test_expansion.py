@@ -344,6 +344,32 @@ def test_expand_resume_continues_a_killed_run_and_refuses_a_changed_recipe(paren
     assert not state.exists()
 
 
+def test_expand_keep_state_lets_a_finished_run_train_longer_exactly(parent_dir, tiny_clip_dir, tmp_path, home):
+    recipe = {
+        "model": str(parent_dir),
+        "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"},
+        "training": {"steps": 2, "batch_size": 1, "base_batch_size": 1, "checkpoint_every": 5},
+        "domains": [{"name": "zombie", "prompt": "a zombie"}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    short = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--keep-state")
+    assert short.exit_code == 0, short.output
+    state = tmp_path / ".joint.state"
+    assert (state / "state.json").exists() and "--resume --steps N" in short.output, short.output
+    assert ExpandedGenerator.from_pretrained(tmp_path / "joint").get_domain("zombie").steps == 2
+
+    longer = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--resume", "--steps", 3)
+    assert longer.exit_code == 0, longer.output
+    assert not state.exists()  # without --keep-state this time
+    straight = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "straight", "--steps", 3)
+    assert straight.exit_code == 0, straight.output
+    continued, reference = (ExpandedGenerator.from_pretrained(tmp_path / name) for name in ("joint", "straight"))
+    assert continued.get_domain("zombie").steps == 3
+    expected = reference.generator.state_dict()
+    for key, value in continued.generator.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
 def test_expand_overrides_recipe_settings_from_the_command_line(parent_dir, tiny_clip_dir, tmp_path, home):
     recipe = {
         "model": str(parent_dir),
