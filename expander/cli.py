@@ -460,7 +460,10 @@ def build(what, steps, runs, no_resume):
     """
     from .world import build as world_build
 
-    path = world_build.build(what, steps=steps, runs=Path(runs), resume=not no_resume)
+    try:
+        path = world_build.build(what, steps=steps, runs=Path(runs), resume=not no_resume)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
     click.echo(f"built the world {what}: {path}")
 
 

@@ -37,7 +37,7 @@ from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import Domain
 from .losses import loss_composed_edits, loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
-from .utils.io import load_training_state, read_json, save_training_state
+from .utils.io import load_training_state, read_json, save_training_state, setting_differences
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
@@ -350,11 +350,7 @@ class Expander:
         now = json.loads(json.dumps({"config": asdict(self.config), "domains": self._domain_signature(), "run": self._run_signature()}))
         # domains and run: absent in states saved before this check
         saved_config, saved_domains, saved_run = info.get("config", {}), info.get("domains"), info.get("run", now["run"])
-        differences = [
-            f"{name}: {saved_config.get(name, '(unset)')!r} in the state, {value!r} now"
-            for name, value in now["config"].items()
-            if name not in RESUMABLE_CHANGES and saved_config.get(name, value) != value
-        ]
+        differences = setting_differences(saved_config, now["config"], RESUMABLE_CHANGES)
         differences += [f"{name}: {saved_run.get(name)!r} in the state, {now['run'].get(name)!r} now" for name in sorted(set(saved_run) | set(now["run"])) if saved_run.get(name) != now["run"].get(name)]
         if saved_domains is not None:
             for kind in ("trained", "replayed"):

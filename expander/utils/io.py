@@ -162,14 +162,41 @@ def save_training_state(
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
 
 
+# How a world model's training starts over when its saved state does not match (``expander world build``).
+WORLD_RESTART_HINT = "start over with `expander world build --what PART --no-resume`"
+
+
+def setting_differences(saved: dict[str, Any], now: dict[str, Any], may_change: tuple[str, ...] = ()) -> list[str]:
+    """``"name: X in the state, Y now"`` for each setting of ``now`` that ``saved`` holds with another value.
+
+    Settings in ``may_change`` (e.g. ``steps``: a run may be continued for longer) and settings the saved
+    run did not have yet are not differences. Compared after a JSON round trip, as saved: tuples equal lists.
+    """
+    now = json.loads(json.dumps(now, default=str))
+    return [f"{name}: {saved.get(name, '(unset)')!r} in the state, {value!r} now" for name, value in now.items() if name not in may_change and saved.get(name, value) != value]
+
+
 def load_training_state(
     folder: str | os.PathLike,
     modules: dict[str, torch.nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
     generators: dict[str, torch.Generator],
+    config: dict[str, Any] | None = None,
+    may_change: tuple[str, ...] = ("steps",),
+    restart_hint: str = "start over without resuming",
 ) -> dict[str, Any]:
-    """Restore what :func:`save_training_state` wrote (strictly); returns its ``info``."""
+    """Restore what :func:`save_training_state` wrote (strictly); returns its ``info``.
+
+    With ``config`` (this run's settings), a state saved with other settings (but ``may_change``) is
+    refused with a ValueError naming each difference, before anything is loaded: the weights would fit,
+    and the run would silently continue another training.
+    """
     folder = Path(folder)
+    if config is not None:
+        saved = read_json(folder / "state.json", what="training state").get("info", {})
+        differences = setting_differences(saved.get("config", {}), config, may_change)
+        if differences:
+            raise ValueError(f"cannot resume from the training state in {folder}: it was saved with other settings ({'; '.join(differences)}); resume with the settings that started it, or {restart_hint}")
     tensors = read_safetensors(folder / "state.safetensors", what="training state")
     meta = read_json(folder / "state.json", what="training state")
     for name, module in modules.items():

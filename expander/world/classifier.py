@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.io import copy_network_folder, load_network_state, load_training_state, read_json, read_network_config, save_network_folder, save_training_state
+from ..utils.io import WORLD_RESTART_HINT, copy_network_folder, load_network_state, load_training_state, read_json, read_network_config, save_network_folder, save_training_state
 from . import renderer
 from .renderer import ATTRIBUTES, CATEGORICAL, SOURCE_FACTORS
 
@@ -253,7 +253,7 @@ def train_world_classifier(
     rng = torch.Generator().manual_seed(config.seed)  # renders and augmentation
     start = 0
     if resume and (state_dir / "state.json").exists():
-        info = load_training_state(state_dir, {"model": model}, {"adamw": optimizer}, {"data": rng})
+        info = load_training_state(state_dir, {"model": model}, {"adamw": optimizer}, {"data": rng}, config=asdict(config), may_change=("steps", "save_every"), restart_hint=WORLD_RESTART_HINT)
         start = info["step"]
         logger.info("resumed world classifier training at step %d", start)
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 # One implementation of the generic (Hub) path, shared with the guidance code: the world CLIP must
 # load and preprocess exactly like openai/clip-vit-base-patch32 does.
 from ..guidance.clip import OPENAI_MEAN, OPENAI_STD, clip_pixel_values, load_clip
-from ..utils.io import atomic_path, load_training_state, save_training_state, write_json
+from ..utils.io import WORLD_RESTART_HINT, atomic_path, load_training_state, save_training_state, write_json
 from . import renderer
 from .build import WORLD_CLIP_RECIPES
 
@@ -410,9 +410,7 @@ def train_world_clip(
     rng = torch.Generator().manual_seed(config.seed)  # every rendered image, caption and augmentation
     start = 0
     if resume and (state_dir / "state.json").exists():
-        info = load_training_state(state_dir, {"model": model}, {"adamw": optimizer}, {"data": rng})
-        if info["config"] != asdict(config):
-            logger.warning("resuming with a different config: saved %s, now %s", info["config"], asdict(config))
+        info = load_training_state(state_dir, {"model": model}, {"adamw": optimizer}, {"data": rng}, config=asdict(config), may_change=("steps", "save_every"), restart_hint=WORLD_RESTART_HINT)
         start = info["step"]
         logger.info("resumed world CLIP training at step %d", start)
 

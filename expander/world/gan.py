@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..losses.adversarial import loss_d_logistic, loss_g_nonsaturating, loss_r1
 from ..generators.stylegan2 import Discriminator, Generator, StyleGAN2Config
-from ..utils.io import atomic_path, load_training_state, save_training_state
+from ..utils.io import WORLD_RESTART_HINT, atomic_path, load_training_state, save_training_state
 from . import renderer
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def train_world_gan(out_dir: str | Path, config: Optional[GanTrainingConfig] = N
     state_dir = out_dir / "state"
     start = 0
     if resume and (state_dir / "state.json").exists():
-        start = load_training_state(state_dir, modules, optimizers, generators)["step"]
+        start = load_training_state(state_dir, modules, optimizers, generators, config=asdict(config), may_change=("steps", "checkpoint_every"), restart_hint=WORLD_RESTART_HINT)["step"]
         logger.info("resumed world GAN training at step %d", start)
 
     ema_beta = 0.5 ** (config.batch_size / config.ema_half_life_images)

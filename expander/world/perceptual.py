@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.io import copy_network_folder, load_network_state, load_training_state, read_json, read_network_config, save_network_folder, save_training_state
+from ..utils.io import WORLD_RESTART_HINT, copy_network_folder, load_network_state, load_training_state, read_json, read_network_config, save_network_folder, save_training_state
 from . import renderer
 from .classifier import CODEC, RESOLUTION, augment, lr_at, prediction_loss, prepare_images
 from .renderer import ATTRIBUTES, CATEGORICAL, SOURCE_FACTORS
@@ -267,7 +267,7 @@ def train_world_perceptual(
     optimizers, generators = {"backbone": optimizer, "lins": lin_optimizer}, {"data": rng}
     start = 0
     if resume and (state_dir / "state.json").exists():
-        start = load_training_state(state_dir, modules, optimizers, generators)["step"]
+        start = load_training_state(state_dir, modules, optimizers, generators, config=asdict(config), may_change=("steps", "save_every"), restart_hint=WORLD_RESTART_HINT)["step"]
         logger.info("resumed world perceptual training at step %d", start)
     total = config.steps + config.lin_steps
     bar = tqdm(total=total, initial=start, disable=not progress, desc="world perceptual")

@@ -92,6 +92,10 @@ def test_training_resumes_bit_for_bit(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         C.train_world_classifier(tmp_path / "b", **kwargs)
     monkeypatch.setattr(C, "save_training_state", real_save)
+    state = (tmp_path / "b" / "state" / "state.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"other settings \(batch_size: 4 in the state, 8 now\).*--no-resume"):
+        C.train_world_classifier(tmp_path / "b", **{**kwargs, "batch_size": 8})  # another run's state: refused, left as it was
+    assert (tmp_path / "b" / "state" / "state.safetensors").read_bytes() == state
     resumed = C.train_world_classifier(tmp_path / "b", **kwargs)
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
