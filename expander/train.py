@@ -72,6 +72,14 @@ class ExpansionConfig:
     composed_pairs_per_step: int = 2
     lr: float = 0.002
     betas: tuple = (0.0, 0.99)
+    # Cosine learning-rate decay (lr_decay_steps 0 = a constant lr): from step lr_decay_start, over
+    # lr_decay_steps steps, down to lr * lr_final_ratio, then held (the discriminator's lr likewise). In
+    # absolute steps, not fractions of `steps`, so a run continued for longer (--resume --steps N) takes
+    # the same steps as one started that long. Late NADA steps at a constant lr move the domains (and
+    # the base FD) by as much as early ones: a decay lets the end of a run settle.
+    lr_decay_start: int = 0
+    lr_decay_steps: int = 0
+    lr_final_ratio: float = 0.1
     lambda_nada: float = 1.0
     lambda_nada_exclusive: float = 0.0  # hinge on moving towards what only the other NADA domains' prompts ask for (0 = off; see loss_nada)
     lambda_nada_image_exclusive: float = 0.0  # hinge on moving towards what the other NADA domains of the step draw (0 = off; see loss_nada_image_exclusive)
@@ -109,7 +117,7 @@ class ExpansionConfig:
         """Check every value's type and range, so a bad recipe fails before anything is trained or written."""
         for name, kind in get_type_hints(type(self)).items():
             setattr(self, name, _checked_setting(name, getattr(self, name), kind))
-        at_least = {"steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "composed_pairs_per_step": 1, "r1_every": 1, "checkpoint_every": 1, "seed": 0}
+        at_least = {"lr_decay_start": 0, "lr_decay_steps": 0, "steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "composed_pairs_per_step": 1, "r1_every": 1, "checkpoint_every": 1, "seed": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"training setting {name} must be at least {low}, got {getattr(self, name)}")
@@ -120,6 +128,8 @@ class ExpansionConfig:
                 raise ValueError(f"training setting {name} must be >= 0 (0 turns the term off), got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"training setting lr must be > 0, got {self.lr}")
+        if not 0 < self.lr_final_ratio <= 1:
+            raise ValueError(f"training setting lr_final_ratio must be in (0, 1] (the decayed lr as a share of lr), got {self.lr_final_ratio}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"training setting betas must be two numbers in [0, 1) (Adam's beta1, beta2), got {list(self.betas)}")
         if not 0 <= self.nada_contrast <= 1:
@@ -138,6 +148,13 @@ class ExpansionConfig:
             raise ValueError(f"training settings sds_t_min < sds_t_max must lie in [0, 1] (fractions of the teacher's steps), got {self.sds_t_min} and {self.sds_t_max}")
         if not self.source_prompt.strip():
             raise ValueError("training setting source_prompt must not be empty (it is what NADA measures edits from, e.g. 'a portrait of a person')")
+
+    def lr_scale(self, step: int) -> float:
+        """The share of ``lr`` (and of the discriminator's) used at 0-based ``step``: 1 before the decay."""
+        if self.lr_decay_steps == 0 or step < self.lr_decay_start:
+            return 1.0
+        progress = min(1.0, (step - self.lr_decay_start) / self.lr_decay_steps)
+        return self.lr_final_ratio + (1 - self.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def weight(self, name: str, domain: Optional[str]) -> float:
         """The loss weight ``name`` for ``domain``'s adaptation losses: its override, else the run's."""
@@ -302,6 +319,8 @@ class Expander:
             ratio = config.r1_every / (config.r1_every + 1)
             self.optimizers["D"] = torch.optim.Adam(self.D.parameters(), lr=config.lr * ratio, betas=tuple(b**ratio for b in config.betas))
             self.modules["D"] = self.D
+        # Set from the step index each step (not a stateful scheduler): a resumed run needs nothing more.
+        self.base_lrs = {name: [group["lr"] for group in optimizer.param_groups] for name, optimizer in self.optimizers.items()}
         self.synthesis = G.synthesis  # what the step calls; DDP-wrapped with an accelerator
         self.discriminator = self.D  # what the discriminator step calls; likewise
         rank = 0
@@ -535,6 +554,10 @@ class Expander:
         D.requires_grad_(False)
 
     def step(self) -> dict[str, float]:
+        scale = self.config.lr_scale(self.step_index)
+        for name, optimizer in self.optimizers.items():
+            for group, base_lr in zip(optimizer.param_groups, self.base_lrs[name]):
+                group["lr"] = base_lr * scale
         losses = self.losses()
         optimizer = self.optimizers["G"]
         optimizer.zero_grad(set_to_none=True)

@@ -47,15 +47,16 @@ def test_dual_basis_step_uses_the_other_domains_directions(model, guidance):
     assert {(key[2], key[3]) for key in keys} == {("a zombie", ("a sketch",)), ("a sketch", ("a zombie",))}
 
 
-def test_resume_gives_the_same_weights(model, guidance, tmp_path):
+@pytest.mark.parametrize("schedule", [{}, {"lr_decay_start": 1, "lr_decay_steps": 2}], ids=["constant-lr", "lr-decay"])
+def test_resume_gives_the_same_weights(model, guidance, tmp_path, schedule):
     reference = ExpandedGenerator.from_pretrained  # a pristine copy of the input model each time
     model.save_pretrained(tmp_path / "start")
     a = reference(tmp_path / "start")
-    expand(a, list(a.domains), guidance, ExpansionConfig(**SMALL), progress=False)
+    expand(a, list(a.domains), guidance, ExpansionConfig(**SMALL, **schedule), progress=False)
     b = reference(tmp_path / "start")
-    expand(b, list(b.domains), guidance, ExpansionConfig(**{**SMALL, "steps": 2}), state_dir=tmp_path / "state", progress=False)
+    expand(b, list(b.domains), guidance, ExpansionConfig(**{**SMALL, **schedule, "steps": 2}), state_dir=tmp_path / "state", progress=False)
     c = reference(tmp_path / "start")  # a fresh process would reload the input model, then the state
-    expand(c, list(c.domains), guidance, ExpansionConfig(**SMALL), state_dir=tmp_path / "state", resume=True, progress=False)
+    expand(c, list(c.domains), guidance, ExpansionConfig(**SMALL, **schedule), state_dir=tmp_path / "state", resume=True, progress=False)
     for key, value in a.weights_dict().items():
         assert torch.equal(value, c.weights_dict()[key]), key
     assert [d.steps for d in c.domains] == [4, 4]
@@ -86,6 +87,22 @@ def test_resume_refuses_a_state_of_another_run(model, guidance, tmp_path):
     more = fresh()
     expand(more, list(more.domains), guidance, ExpansionConfig(**{**SMALL, "checkpoint_every": 3}), state_dir=tmp_path / "state", resume=True, progress=False)
     assert [d.steps for d in more.domains] == [4, 4]
+
+
+def test_lr_decay_follows_the_step_index_for_generator_and_discriminator(model, guidance):
+    config = ExpansionConfig(**SMALL, lr=0.01, lr_decay_start=1, lr_decay_steps=2, lr_final_ratio=0.2)
+    assert [config.lr_scale(step) for step in range(5)] == pytest.approx([1.0, 1.0, 0.6, 0.2, 0.2])  # cosine, then held
+    assert ExpansionConfig(**SMALL).lr_scale(10**6) == 1.0  # no decay unless asked for
+    real = lambda n, rng: torch.rand(n, 3, 16, 16, generator=rng) * 2 - 1  # noqa: E731
+    trainer = Expander(model, [model.get_domain("zombie")], guidance, config, real_sampler=real)
+    d_lr = trainer.optimizers["D"].param_groups[0]["lr"]  # lazy R1 scales the discriminator's lr
+    for expected in [1.0, 1.0, 0.6]:
+        trainer.step()
+        assert trainer.optimizers["G"].param_groups[0]["lr"] == pytest.approx(0.01 * expected)
+        assert trainer.optimizers["D"].param_groups[0]["lr"] == pytest.approx(d_lr * expected)
+    for bad, message in [({"lr_final_ratio": 0.0}, "lr_final_ratio must be in"), ({"lr_decay_steps": -1}, "lr_decay_steps must be at least 0")]:
+        with pytest.raises(ValueError, match=message):
+            ExpansionConfig(**SMALL, **bad)
 
 
 def test_gan_loss_with_real_images(model, guidance):
