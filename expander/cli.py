@@ -282,7 +282,8 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
 @click.option("--force", is_flag=True, help="Allow non-dormant directions named in the recipe.")
 @click.option("--seed", default=None, type=int, help="Override the recipe's seed.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override any other training setting of the recipe (an ExpansionConfig field), e.g. --set lambda_composed_edits=4.0; repeatable.")
-def expand(recipe, steps, out, resume, keep_state, force, seed, settings):
+@click.option("--device", "device", default="auto", show_default=True, help="Where to train: 'auto' (the first CUDA GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'. Ignored under accelerate launch, which gives each process its device.")
+def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device):
     """Joint expansion of a model with every domain of a recipe file (see recipes/).
 
     \b
@@ -306,7 +307,7 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings):
         overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
         if overrides:  # validated like the recipe's own settings
             plan.training = plan.training.with_settings(overrides)
-        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force, keep_state=keep_state)
+        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force, keep_state=keep_state, device=device)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     if is_main_process():  # once per run, not once per rank under accelerate/torchrun
@@ -331,7 +332,8 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings):
 @click.option("--perceptual", default="auto", show_default=True, type=click.Choice(["auto", "world", "lpips-vgg", "lpips-alex"]), help="Distance for replay and mystyle.")
 @click.option("--diffusion", default=None, help="Teacher for sds: 'world' or a diffusers Stable Diffusion id/folder.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other training setting (an ExpansionConfig field, as in a recipe's `training` block), e.g. --set replay_batch_size=8; repeatable.")
-def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings):
+@click.option("--device", "device", default="auto", show_default=True, help="Where to train: 'auto' (the first CUDA GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'. Ignored under accelerate launch, which gives each process its device.")
+def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings, device):
     """Add one domain to an existing expanded model; existing domains are replayed, not forgotten.
 
     \b
@@ -371,7 +373,7 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
     if diffusion:
         guidance_spec["diffusion"] = diffusion
     try:
-        result = run_expansion(str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, force=force)
+        result = run_expansion(str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, force=force, device=device)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     if is_main_process():

@@ -54,6 +54,7 @@ def run_expansion(
     real_data: bool = True,
     progress: bool = True,
     inversion_steps: int = 200,
+    device: str = "auto",
 ) -> ExpandedGenerator:
     """Load the parent, register ``domains`` on free dormant directions, train, save to ``out``, register.
 
@@ -63,6 +64,11 @@ def run_expansion(
     The resumable training state lives next to ``out`` (``.NAME.state``) while the run goes and is deleted
     once the checkpoint is written, unless ``keep_state``: then a finished run can be continued for more
     steps with ``resume=True`` and a larger ``config.steps``, exactly as if it had been started that long.
+
+    ``device``: where a single-process run trains ("auto": the first CUDA GPU when there is one, else
+    the CPU); under ``accelerate launch`` each rank takes the device accelerate gives it. Latents are
+    drawn on the CPU either way, so a run sees the same latents on any device (the weights it reaches
+    differ only by the devices' arithmetic), and a state saved on one device resumes on another.
     """
     from .distributed import is_distributed_launch, place_guidance
     from .guidance.build import build_guidance
@@ -75,6 +81,8 @@ def run_expansion(
 
         accelerator = Accelerator()
     is_main = accelerator is None or accelerator.is_main_process
+    # this rank's device (accelerate's), or the one asked for: checked before anything is loaded
+    run_device = accelerator.device if accelerator is not None else training_device(device)
     parent = load_model(model)
     replayed = parent.domain_names  # the domains the model had before this run
     # Directions named explicitly are reserved first, so an 'auto' domain listed earlier cannot take them.
@@ -83,12 +91,9 @@ def run_expansion(
         parent.add_domain(domain, force=force, reserved=requested)  # validates names and directions before any work
     # Read every subject's photos before loading any guidance model: a bad folder fails in a second.
     subject_images = {d.name: load_domain_images(d.images, parent.generator.resolution) for d in domains if d.method == "mystyle"}
-    if accelerator is None:
-        guidance = build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config)
-    else:  # this rank's device for the parent and the guidance models
-        parent.to(accelerator.device)
-        guidance = place_guidance(build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config, device=str(accelerator.device)), accelerator.device)
-        subject_images = {k: v.to(accelerator.device) for k, v in subject_images.items()}
+    parent.to(run_device)
+    guidance = place_guidance(build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config, device=str(run_device)), run_device)
+    subject_images = {k: v.to(run_device) for k, v in subject_images.items()}
     for domain_name, images in subject_images.items():
         w = invert_images(parent.generator, images, guidance.perceptual, steps=inversion_steps, progress=progress and is_main)
         if accelerator is not None:
@@ -111,6 +116,21 @@ def run_expansion(
     if accelerator is not None:
         accelerator.wait_for_everyone()  # the other ranks return once the checkpoint is in place
     return parent
+
+
+def training_device(device: str = "auto") -> torch.device:
+    """``device`` as a torch.device, with "auto" the first CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu or 'auto'")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return resolved
 
 
 def training_state_dir(out: str | Path) -> Path:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Optional
 
 from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.utils import LocalEntryNotFoundError
 
 from .checkpoint import ExpandedGenerator
 from .registry import PACKAGE_ROOT, ModelEntry, Registry, entry_for_model, is_repo_id, load_registries, register_user_model
@@ -25,10 +27,23 @@ def _entry_folder(entry: ModelEntry, local_files_only: bool = False) -> Path:
     elif "path" in source:
         folder = Path(source["path"]).expanduser()
     else:
-        folder = Path(snapshot_download(repo_id=source["repo_id"], revision=source["revision"], local_files_only=local_files_only))
+        folder = _pinned_snapshot(source["repo_id"], source["revision"], local_files_only)
     if not folder.is_dir():
         raise ModelNotFoundError(f"model {entry.name!r} points to {folder}, which does not exist; pull it again or fix the registry")
     return folder
+
+
+def _pinned_snapshot(repo_id: str, revision: str, local_files_only: bool = False) -> Path:
+    """The snapshot a registry entry names. A pinned commit comes from the cache when it is there (a
+    commit never changes, so loading a pulled model needs no network, and older huggingface_hub
+    releases in offline mode do not look in the cache for a commit first); else it is downloaded."""
+    if re.fullmatch(r"[0-9a-f]{40}", revision or ""):
+        try:
+            return Path(snapshot_download(repo_id=repo_id, revision=revision, local_files_only=True))
+        except LocalEntryNotFoundError:
+            if local_files_only:
+                raise
+    return Path(snapshot_download(repo_id=repo_id, revision=revision, local_files_only=local_files_only))
 
 
 def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registry] = None, revision: Optional[str] = None) -> tuple[Path, str]:

@@ -252,6 +252,7 @@ def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lp
         (("a ghost", "--set", "replay_batch_size"), "needs KEY=VALUE"),
         (("a ghost", "--set", "steps=3"), "use --steps"),
         (("a ghost", "--set", "betas=[0.9"), "cannot read the value"),
+        (("a ghost", "--device", "tpu9"), "unknown device 'tpu9'"),
     ],
 )
 def test_add_domain_bad_input_writes_nothing(args, message, parent_dir, tmp_path, home, tiny_clip_dir):
@@ -352,16 +353,17 @@ def test_expand_keep_state_lets_a_finished_run_train_longer_exactly(parent_dir, 
         "domains": [{"name": "zombie", "prompt": "a zombie"}],
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    short = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--keep-state")
+    cpu = ("--device", "cpu")  # bit for bit on the CPU; GPU kernels are not deterministic
+    short = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--keep-state", *cpu)
     assert short.exit_code == 0, short.output
     state = tmp_path / ".joint.state"
     assert (state / "state.json").exists() and "--resume --steps N" in short.output, short.output
     assert ExpandedGenerator.from_pretrained(tmp_path / "joint").get_domain("zombie").steps == 2
 
-    longer = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--resume", "--steps", 3)
+    longer = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--resume", "--steps", 3, *cpu)
     assert longer.exit_code == 0, longer.output
     assert not state.exists()  # without --keep-state this time
-    straight = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "straight", "--steps", 3)
+    straight = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "straight", "--steps", 3, *cpu)
     assert straight.exit_code == 0, straight.output
     continued, reference = (ExpandedGenerator.from_pretrained(tmp_path / name) for name in ("joint", "straight"))
     assert continued.get_domain("zombie").steps == 3
@@ -394,6 +396,52 @@ def test_expand_overrides_recipe_settings_from_the_command_line(parent_dir, tiny
     settings = logged["settings"]
     assert (settings["steps"], settings["seed"], settings["lambda_nada"], settings["betas"]) == (1, 3, 0.5, [0.0, 0.9])
     assert settings["domain_weights"] == {"zombie": {"lambda_nada": 3.0}}  # the recipe's per-domain weights are kept
+
+
+def test_training_device_resolves_auto_and_refuses_what_this_machine_lacks(monkeypatch):
+    from expander.expansion import training_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device("auto") == training_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="sees no CUDA GPU.*--device cpu"):
+        training_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        training_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert training_device("auto") == torch.device("cuda")
+    with pytest.raises(ValueError, match="has 2 CUDA GPU.*cuda:0 .. cuda:1"):
+        training_device("cuda:2")
+
+
+def test_expand_on_a_missing_gpu_is_refused_before_anything_is_written(parent_dir, tiny_clip_dir, tmp_path, home, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = {"model": str(parent_dir), "out": str(tmp_path / "joint"), "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"}, "domains": [{"name": "zombie", "prompt": "a zombie"}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = run("expand", tmp_path / "r.yaml", "--steps", 1, "--device", "cuda")
+    assert result.exit_code != 0 and "sees no CUDA GPU" in result.output, result.output
+    assert not (tmp_path / "joint").exists() and not (tmp_path / ".joint.state").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_expand_trains_on_the_gpu_and_resumes_there_from_a_cpu_state(parent_dir, tiny_clip_dir, tmp_path, home):
+    recipe = {
+        "model": str(parent_dir),
+        "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"},
+        "training": {"steps": 2, "batch_size": 2, "base_batch_size": 2, "lambda_gan": 0.1},
+        "domains": [{"name": "zombie", "prompt": "a zombie"}, {"name": "sketch", "prompt": "a sketch"}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    on_cpu = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--device", "cpu", "--keep-state")
+    assert on_cpu.exit_code == 0, on_cpu.output
+    on_gpu = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--device", "cuda", "--resume", "--steps", 4)
+    assert on_gpu.exit_code == 0, on_gpu.output
+    straight = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "gpu", "--device", "cuda", "--steps", 4)
+    assert straight.exit_code == 0, straight.output
+    for name in ("joint", "gpu"):
+        model = ExpandedGenerator.from_pretrained(tmp_path / name)
+        assert model.get_domain("sketch").steps == 4
+        assert all(torch.isfinite(v).all() for v in model.generator.state_dict().values()), name
 
 
 def test_expand_takes_the_output_folder_from_the_command_line_when_the_recipe_has_none(parent_dir, tiny_clip_dir, tmp_path, home):

@@ -61,3 +61,30 @@ def test_unknown_model_message(hub_cache):
     with pytest.raises(Exception):
         pull("org/missing")  # not in the cache and offline
     assert not user_registry_path().exists()
+
+
+def test_a_pinned_commit_loads_from_the_cache_without_asking_the_hub(hub_cache, monkeypatch):
+    import expander.hub as hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    pull("org/tiny", revision="main")
+    real_download, calls = hub.snapshot_download, []
+
+    def cache_only(**kwargs):  # what older huggingface_hub releases do offline: ask the Hub for the commit
+        calls.append(kwargs.get("local_files_only", False))
+        if not kwargs.get("local_files_only"):
+            raise AssertionError("asked the Hub for a commit that is in the cache")
+        return real_download(**kwargs)
+
+    monkeypatch.setattr(hub, "snapshot_download", cache_only)
+    assert hub.load_model("tiny").get_domain("zombie") is not None and calls == [True]
+
+    def not_cached(**kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not in the cache")
+        return real_download(**kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(hub, "snapshot_download", not_cached)
+    assert hub.load_model("tiny").get_domain("zombie") is not None and calls == [True, False]  # then downloaded

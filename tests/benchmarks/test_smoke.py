@@ -57,3 +57,12 @@ def test_step_cost_smoke(tmp_path, capsys):
     assert all(len(v) == 2 and min(v) > 0 for v in results["step_s"].values())
     assert results["ratio_recipe_over_variant"] > 0 and (tmp_path / "results.json").exists()
     assert "recipe / variant" in capsys.readouterr().out
+
+
+def test_real_size_step_smoke(tmp_path, capsys):
+    results = load("real_size_step").main(["--smoke", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)])
+    rows = {r["scenario"].split()[0]: r for r in results["rows"]}
+    assert set(rows) == {"nada", "sds"}
+    for row in rows.values():
+        assert row["median_step_s"] > 0 and row["recipe_hours"] == row["median_step_s"] * row["recipe_steps"] / 3600
+    assert (tmp_path / "results.json").exists() and "real-size expansion step" in capsys.readouterr().out
