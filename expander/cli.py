@@ -283,7 +283,8 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
 @click.option("--seed", default=None, type=int, help="Override the recipe's seed.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override any other training setting of the recipe (an ExpansionConfig field), e.g. --set lambda_composed_edits=4.0; repeatable.")
 @click.option("--device", "device", default="auto", show_default=True, help="Where to train: 'auto' (the first CUDA GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'. Ignored under accelerate launch, which gives each process its device.")
-def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device):
+@click.option("--real-images", default=None, type=click.Path(file_okay=False), help="Folder of real photos of the model's own domain (e.g. faces for an FFHQ model) for the GAN loss on the base subspace; needs the model's discriminator. World models use world renders without it.")
+def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device, real_images):
     """Joint expansion of a model with every domain of a recipe file (see recipes/).
 
     \b
@@ -307,7 +308,7 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device
         overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
         if overrides:  # validated like the recipe's own settings
             plan.training = plan.training.with_settings(overrides)
-        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force, keep_state=keep_state, device=device)
+        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force, keep_state=keep_state, device=device, real_images=real_images or plan.real_images)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     if is_main_process():  # once per run, not once per rank under accelerate/torchrun
@@ -333,7 +334,8 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device
 @click.option("--diffusion", default=None, help="Teacher for sds: 'world' or a diffusers Stable Diffusion id/folder.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other training setting (an ExpansionConfig field, as in a recipe's `training` block), e.g. --set replay_batch_size=8; repeatable.")
 @click.option("--device", "device", default="auto", show_default=True, help="Where to train: 'auto' (the first CUDA GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'. Ignored under accelerate launch, which gives each process its device.")
-def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings, device):
+@click.option("--real-images", default=None, type=click.Path(file_okay=False), help="Folder of real photos of the model's own domain (e.g. faces for an FFHQ model) for the GAN loss on the base subspace; needs the model's discriminator. World models use world renders without it.")
+def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings, device, real_images):
     """Add one domain to an existing expanded model; existing domains are replayed, not forgotten.
 
     \b
@@ -373,7 +375,7 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
     if diffusion:
         guidance_spec["diffusion"] = diffusion
     try:
-        result = run_expansion(str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, force=force, device=device)
+        result = run_expansion(str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, force=force, device=device, real_images=real_images)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     if is_main_process():

@@ -55,6 +55,7 @@ def run_expansion(
     progress: bool = True,
     inversion_steps: int = 200,
     device: str = "auto",
+    real_images: Optional[str | Path] = None,
 ) -> ExpandedGenerator:
     """Load the parent, register ``domains`` on free dormant directions, train, save to ``out``, register.
 
@@ -64,6 +65,10 @@ def run_expansion(
     The resumable training state lives next to ``out`` (``.NAME.state``) while the run goes and is deleted
     once the checkpoint is written, unless ``keep_state``: then a finished run can be continued for more
     steps with ``resume=True`` and a larger ``config.steps``, exactly as if it had been started that long.
+
+    ``real_images``: a folder of real photos of the parent's own domain (e.g. faces for an FFHQ model)
+    for the GAN loss on the base subspace, which needs the model's discriminator; without it, world
+    models use world renders and other models train without the GAN loss.
 
     ``device``: where a single-process run trains ("auto": the first CUDA GPU when there is one, else
     the CPU); under ``accelerate launch`` each rank takes the device accelerate gives it. Latents are
@@ -91,6 +96,7 @@ def run_expansion(
         parent.add_domain(domain, force=force, reserved=requested)  # validates names and directions before any work
     # Read every subject's photos before loading any guidance model: a bad folder fails in a second.
     subject_images = {d.name: load_domain_images(d.images, parent.generator.resolution) for d in domains if d.method == "mystyle"}
+    real_sampler = _real_sampler(parent, real_images, config) if real_data else None
     parent.to(run_device)
     guidance = place_guidance(build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config, device=str(run_device)), run_device)
     subject_images = {k: v.to(run_device) for k, v in subject_images.items()}
@@ -101,12 +107,12 @@ def run_expansion(
 
             w = broadcast(w.contiguous())  # rank 0's inversion, so every rank reconstructs the same targets
         guidance.mystyle_targets[domain_name] = (images, w)
-    real_sampler = _world_real_sampler(parent) if real_data else None
     state_dir = training_state_dir(out)
-    expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator, run_info={"guidance": guidance_spec})
+    run_info = {"guidance": guidance_spec, **({"real_images": str(real_images)} if real_images else {})}
+    expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator, run_info=run_info)
     for domain_name, (_, w) in guidance.mystyle_targets.items():
         parent.set_anchors(domain_name, w)  # the subject is sampled between its inversions, not at random latents
-    parent.record_training(training_run_record(config, [d.name for d in domains], replayed, guidance_spec, 1 if accelerator is None else accelerator.num_processes))
+    parent.record_training(training_run_record(config, [d.name for d in domains], replayed, guidance_spec, 1 if accelerator is None else accelerator.num_processes, real_images))
     if is_main:
         parent.save_pretrained(out)
         if name:
@@ -139,7 +145,9 @@ def training_state_dir(out: str | Path) -> Path:
     return out.parent / f".{out.name}.state"
 
 
-def training_run_record(config: ExpansionConfig, trained: list[str], replayed: list[str], guidance_spec: Optional[dict[str, Any]], processes: int = 1) -> dict[str, Any]:
+def training_run_record(
+    config: ExpansionConfig, trained: list[str], replayed: list[str], guidance_spec: Optional[dict[str, Any]], processes: int = 1, real_images: Optional[str | Path] = None
+) -> dict[str, Any]:
     """What one run did, for the checkpoint's training.json and model card: enough to reproduce it."""
     from . import __version__
 
@@ -150,8 +158,26 @@ def training_run_record(config: ExpansionConfig, trained: list[str], replayed: l
         "replayed": list(replayed),
         "guidance": json.loads(json.dumps(guidance_spec or {}, default=str)),  # paths as text
         "processes": processes,
+        **({"real_images": str(real_images)} if real_images else {}),  # the GAN loss's photos
         "settings": asdict(config),  # every setting, defaults included: defaults may change between versions
     }
+
+
+def _real_sampler(model: ExpandedGenerator, real_images: Optional[str | Path], config: ExpansionConfig):
+    """Real images for the GAN loss: the user's folder, else world renders for world models, else none."""
+    if real_images is None:
+        return _world_real_sampler(model)
+    from .utils.images import ImageFolderSampler
+
+    if model.discriminator is None:
+        raise ValueError(
+            f"real images ({real_images}) are for the GAN loss, which needs the model's discriminator, and this model has none; "
+            "import the model with its discriminator (expander import keeps one when the checkpoint has it), or leave the real images out"
+        )
+    sampler = ImageFolderSampler(real_images, model.generator.resolution)
+    if config.lambda_gan == 0:
+        logger.warning("real images given, but lambda_gan is 0: the GAN loss is off and the photos are not used")
+    return sampler
 
 
 def _world_real_sampler(model: ExpandedGenerator):

@@ -35,7 +35,7 @@ import yaml
 from .domains import METHODS, Domain
 from .train import ExpansionConfig
 
-_TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description"}
+_TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description", "real_images"}
 _GUIDANCE_KEYS = {"clip", "clip_loss", "clip_views", "clip_max_projection", "perceptual", "diffusion"}
 _DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha", "weights"}
 
@@ -54,6 +54,7 @@ class Recipe:
     description: str = ""
     guidance: dict[str, Any] = field(default_factory=dict)
     path: Optional[Path] = None
+    real_images: Optional[str] = None  # photos of the parent's domain for the GAN loss (a folder)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -100,7 +101,13 @@ class Recipe:
             training = ExpansionConfig.from_dict(training_data)
         except (TypeError, ValueError) as err:
             raise RecipeError(f"{where}: {err}") from None
-        return cls(data.get("model"), out, domains, training, data.get("name"), data.get("description", ""), guidance)
+        real_images = data.get("real_images")
+        if real_images is not None:
+            if not isinstance(real_images, str) or not real_images.strip():
+                raise RecipeError(f"{where}: 'real_images' must be a folder of photos, got {real_images!r}")
+            if base_dir is not None and not Path(real_images).is_absolute():
+                real_images = str((base_dir / real_images).resolve())  # like a domain's images: relative to the recipe
+        return cls(data.get("model"), out, domains, training, data.get("name"), data.get("description", ""), guidance, real_images=real_images)
 
 
 def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:

@@ -77,6 +77,7 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"training": {"lambda_nada_consistency": 1, "batch_size": 2}}, "lambda_nada_consistency needs batch_size >= 3"),
         ({"guidance": {"clipp": "world"}}, "unknown guidance keys"),
         ({"domains": []}, "non-empty 'domains'"),
+        ({"real_images": ["a", "b"]}, "'real_images' must be a folder of photos"),
         ({"domains": [{"name": "z", "prompt": "a zombie"}, {"name": "z", "prompt": "a ghost"}]}, "duplicate domain name 'z'"),
         ({"domains": [{"name": "z", "prompt": "   "}]}, "non-empty 'prompt'"),
         ({"domains": [{"name": "z", "method": "mystyle"}]}, "needs 'images'"),
@@ -253,6 +254,9 @@ def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lp
         (("a ghost", "--set", "steps=3"), "use --steps"),
         (("a ghost", "--set", "betas=[0.9"), "cannot read the value"),
         (("a ghost", "--device", "tpu9"), "unknown device 'tpu9'"),
+        (("a ghost", "--real-images", "{empty}"), "has no images"),
+        (("a ghost", "--real-images", "{unreadable}"), "cannot read image"),
+        (("a ghost", "--real-images", "{missing}"), "image folder not found"),
     ],
 )
 def test_add_domain_bad_input_writes_nothing(args, message, parent_dir, tmp_path, home, tiny_clip_dir):
@@ -396,6 +400,58 @@ def test_expand_overrides_recipe_settings_from_the_command_line(parent_dir, tiny
     settings = logged["settings"]
     assert (settings["steps"], settings["seed"], settings["lambda_nada"], settings["betas"]) == (1, 3, 0.5, [0.0, 0.9])
     assert settings["domain_weights"] == {"zombie": {"lambda_nada": 3.0}}  # the recipe's per-domain weights are kept
+
+
+def _photos(folder: Path, n: int, size: int = 24) -> Path:
+    folder.mkdir(parents=True)
+    rng = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = (torch.rand(size, size + 8, 3, generator=rng) * 255).to(torch.uint8).numpy()  # not square: centre-cropped
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+def test_image_folder_sampler_draws_seeded_batches_from_disk(tmp_path):
+    from expander.utils.images import ImageFolderSampler
+
+    sampler = ImageFolderSampler(_photos(tmp_path / "faces", 5), resolution=16)
+    batch = sampler(7, torch.Generator().manual_seed(1))  # more than the folder holds: with replacement
+    assert batch.shape == (7, 3, 16, 16) and batch.min() >= -1 and batch.max() <= 1
+    assert torch.equal(batch, sampler(7, torch.Generator().manual_seed(1)))
+    (tmp_path / "faces" / "broken.jpg").write_bytes(b"no jpeg")
+    with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
+        ImageFolderSampler(tmp_path / "faces", resolution=16)
+
+
+def test_expand_with_real_photos_trains_the_discriminator_and_records_them(parent_dir, tiny_clip_dir, tmp_path, home):
+    _photos(tmp_path / "recipes" / "faces", 4)
+    recipe = {
+        "model": str(parent_dir),
+        "real_images": "faces",  # relative to the recipe, like a domain's images
+        "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"},
+        "training": {"steps": 2, "batch_size": 1, "base_batch_size": 2, "r1_every": 1},
+        "domains": [{"name": "zombie", "prompt": "a zombie"}],
+    }
+    (tmp_path / "recipes" / "r.yaml").write_text(yaml.safe_dump(recipe))
+    for out, extra in (("with", ()), ("without", ("--set", "lambda_gan=0"))):
+        result = run("expand", tmp_path / "recipes" / "r.yaml", "--out", tmp_path / out, "--device", "cpu", *extra)
+        assert result.exit_code == 0, result.output
+    parent_d = ExpandedGenerator.from_pretrained(parent_dir).discriminator.state_dict()
+    trained = ExpandedGenerator.from_pretrained(tmp_path / "with")
+    assert any(not torch.equal(v, parent_d[k]) for k, v in trained.discriminator.state_dict().items())  # the GAN loss ran
+    untouched = ExpandedGenerator.from_pretrained(tmp_path / "without").discriminator.state_dict()
+    assert all(torch.equal(v, parent_d[k]) for k, v in untouched.items())
+    (logged,) = trained.training_log
+    assert logged["real_images"] == str((tmp_path / "recipes" / "faces").resolve())
+
+
+def test_real_photos_without_a_discriminator_are_refused_before_anything_is_written(tiny_generator, tiny_clip_dir, tmp_path, home):
+    ExpandedGenerator.from_generator(tiny_generator, None, alpha=3.0, num_dormant=8, base_model="tiny").save_pretrained(tmp_path / "no-d")
+    recipe = {"model": str(tmp_path / "no-d"), "out": str(tmp_path / "joint"), "real_images": str(_photos(tmp_path / "faces", 2)), "domains": [{"name": "zombie", "prompt": "a zombie"}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = run("expand", tmp_path / "r.yaml", "--steps", 1)
+    assert result.exit_code != 0 and "needs the model's discriminator" in result.output, result.output
+    assert not (tmp_path / "joint").exists() and not (tmp_path / ".joint.state").exists()
 
 
 def test_training_device_resolves_auto_and_refuses_what_this_machine_lacks(monkeypatch):

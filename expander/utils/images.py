@@ -47,27 +47,61 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None
     return path
 
 
-def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
-    """Every image in ``folder`` as (N, 3, R, R) in [-1, 1] (centre-cropped to square, resized).
-
-    Raises a clear error for a missing or empty folder and names any unreadable file.
-    """
+def image_files(folder: str | Path, purpose: str = "add a few photos of the subject") -> list[Path]:
+    """The image files of ``folder``, sorted; a clear error for a missing or empty folder (``purpose``: what to add)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); add a few photos of the subject")
-    tensors = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                image = image.convert("RGB")
-        except Exception as err:
-            raise ValueError(f"cannot read image {file}: {err}; remove or replace it") from None
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        array = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-        tensors.append(F.interpolate(array[None], size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)[0])
-    return torch.stack(tensors)
+        raise ValueError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); {purpose}")
+    return files
+
+
+def load_image(file: Path, resolution: int) -> torch.Tensor:
+    """One image file as (3, R, R) in [-1, 1]: centre-cropped to square, resized with antialiasing."""
+    try:
+        with Image.open(file) as image:
+            image = image.convert("RGB")
+    except Exception as err:
+        raise ValueError(f"cannot read image {file}: {err}; remove or replace it") from None
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, S, S)
+    return F.interpolate(array[None], size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
+    """Every image in ``folder`` as (N, 3, R, R) in [-1, 1] (centre-cropped to square, resized).
+
+    Raises a clear error for a missing or empty folder and names any unreadable file.
+    """
+    return torch.stack([load_image(file, resolution) for file in image_files(folder)])
+
+
+class ImageFolderSampler:
+    """Random batches of a folder of real photos, read from disk per batch (a folder of thousands of
+    1024 px photos would not fit in memory): the real images of the GAN loss for real models.
+
+    Every file's header is checked on construction, so a folder with an unreadable file fails before
+    any training, naming the file.
+    """
+
+    def __init__(self, folder: str | Path, resolution: int):
+        self.folder, self.resolution = Path(folder), resolution
+        self.files = image_files(folder, purpose="add photos of the model's own domain (e.g. faces for an FFHQ model) for the GAN loss")
+        for file in self.files:
+            try:
+                with Image.open(file) as image:
+                    image.verify()  # the header and structure, without decoding the pixels
+            except Exception as err:
+                raise ValueError(f"cannot read image {file}: {err}; remove or replace it") from None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __call__(self, n: int, rng: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(n, 3, R, R) in [-1, 1], files drawn uniformly with replacement from ``rng``."""
+        picks = torch.randint(len(self.files), (n,), generator=rng)
+        return torch.stack([load_image(self.files[int(i)], self.resolution) for i in picks])
