@@ -93,6 +93,8 @@ def _training_section(runs: list[dict[str, Any]]) -> list[str]:
             text += f", replaying {', '.join(run['replayed'])}"
         if run.get("guidance"):
             text += "; guidance " + ", ".join(f"{k}: `{_short(v)}`" for k, v in run["guidance"].items())
+        if run.get("real_images"):
+            text += f"; GAN loss on the real images in `{Path(run['real_images']).name}`"
         text += "; settings changed from the defaults: " + (", ".join(changed) if changed else "none")
         if domain_weights:
             text += "; per-domain loss weights: " + "; ".join(f"{name} " + ", ".join(f"`{k}={_short(v)}`" for k, v in weights.items()) for name, weights in domain_weights.items())

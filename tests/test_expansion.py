@@ -443,6 +443,7 @@ def test_expand_with_real_photos_trains_the_discriminator_and_records_them(paren
     assert all(torch.equal(v, parent_d[k]) for k, v in untouched.items())
     (logged,) = trained.training_log
     assert logged["real_images"] == str((tmp_path / "recipes" / "faces").resolve())
+    assert "GAN loss on the real images in `faces`" in (tmp_path / "with" / "README.md").read_text()
 
 
 def test_real_photos_without_a_discriminator_are_refused_before_anything_is_written(tiny_generator, tiny_clip_dir, tmp_path, home):
