@@ -13,6 +13,11 @@ from .domains import BASE_DOMAIN
 from .world.build import CLIP_PARTS
 
 MODEL_HELP = "Registered model name, model folder, or Hub repo id (default: the registry's default model)."
+TRAIN_DEVICE_HELP = "Where to train: 'auto' (the first CUDA GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'. Ignored under accelerate launch, which gives each process its device."
+REAL_IMAGES_HELP = (
+    "Folder of real photos of the model's own domain (e.g. faces for an FFHQ model; subfolders included) for the GAN loss "
+    "on the base subspace; needs the model's discriminator. World models use world renders without it."
+)
 
 
 def _fail(message: str) -> None:
@@ -20,10 +25,11 @@ def _fail(message: str) -> None:
 
 
 def _load(model: Optional[str], device: str = "cpu"):
+    from .expansion import training_device
     from .hub import load_model
 
     try:
-        return load_model(model, device=device)
+        return load_model(model, device=str(training_device(device)))
     except (FileNotFoundError, ValueError, KeyError) as err:
         _fail(str(err))
 
@@ -64,7 +70,7 @@ def main(verbose: bool) -> None:
 @click.option("--compose", default="", help="Comma-separated extra domains added at full strength, e.g. 'glasses,hat'.")
 @click.option("--truncation", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Truncation psi towards the mean w.")
 @click.option("--nrow", default=None, type=int, help="Images per row of the grid.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="'cpu', 'cuda', 'cuda:N' or 'auto' (a CUDA GPU if there is one).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG grid.")
 def sample(domain, model, num, seed, strength, compose, truncation, nrow, device, out):
     """Sample a grid of images from one domain (or a composition of domains).
@@ -282,8 +288,8 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
 @click.option("--force", is_flag=True, help="Allow non-dormant directions named in the recipe.")
 @click.option("--seed", default=None, type=int, help="Override the recipe's seed.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override any other training setting of the recipe (an ExpansionConfig field), e.g. --set lambda_composed_edits=4.0; repeatable.")
-@click.option("--device", "device", default="auto", show_default=True, help="Where to train: 'auto' (the first CUDA GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'. Ignored under accelerate launch, which gives each process its device.")
-@click.option("--real-images", default=None, type=click.Path(file_okay=False), help="Folder of real photos of the model's own domain (e.g. faces for an FFHQ model) for the GAN loss on the base subspace; needs the model's discriminator. World models use world renders without it.")
+@click.option("--device", "device", default="auto", show_default=True, help=TRAIN_DEVICE_HELP)
+@click.option("--real-images", default=None, type=click.Path(file_okay=False), help=REAL_IMAGES_HELP)
 def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device, real_images):
     """Joint expansion of a model with every domain of a recipe file (see recipes/).
 
@@ -333,8 +339,8 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device
 @click.option("--perceptual", default="auto", show_default=True, type=click.Choice(["auto", "world", "lpips-vgg", "lpips-alex"]), help="Distance for replay and mystyle.")
 @click.option("--diffusion", default=None, help="Teacher for sds: 'world' or a diffusers Stable Diffusion id/folder.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other training setting (an ExpansionConfig field, as in a recipe's `training` block), e.g. --set replay_batch_size=8; repeatable.")
-@click.option("--device", "device", default="auto", show_default=True, help="Where to train: 'auto' (the first CUDA GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'. Ignored under accelerate launch, which gives each process its device.")
-@click.option("--real-images", default=None, type=click.Path(file_okay=False), help="Folder of real photos of the model's own domain (e.g. faces for an FFHQ model) for the GAN loss on the base subspace; needs the model's discriminator. World models use world renders without it.")
+@click.option("--device", "device", default="auto", show_default=True, help=TRAIN_DEVICE_HELP)
+@click.option("--real-images", default=None, type=click.Path(file_okay=False), help=REAL_IMAGES_HELP)
 def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings, device, real_images):
     """Add one domain to an existing expanded model; existing domains are replayed, not forgotten.
 

@@ -96,7 +96,12 @@ def run_expansion(
         parent.add_domain(domain, force=force, reserved=requested)  # validates names and directions before any work
     # Read every subject's photos before loading any guidance model: a bad folder fails in a second.
     subject_images = {d.name: load_domain_images(d.images, parent.generator.resolution) for d in domains if d.method == "mystyle"}
-    real_sampler = _real_sampler(parent, real_images, config) if real_data else None
+    real_sampler = None
+    if real_data:
+        real_images = Path(real_images).expanduser().resolve() if real_images else None  # the same run from any folder
+        real_sampler = _real_sampler(parent, real_images, config)
+        if real_images and real_sampler is None:
+            real_images = None  # not used (lambda_gan is 0): neither recorded nor part of the run's signature
     parent.to(run_device)
     guidance = place_guidance(build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config, device=str(run_device)), run_device)
     subject_images = {k: v.to(run_device) for k, v in subject_images.items()}
@@ -130,8 +135,10 @@ def training_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda") or (resolved.type == "cpu" and resolved.index not in (None, 0)):
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu or 'auto'")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
@@ -174,9 +181,10 @@ def _real_sampler(model: ExpandedGenerator, real_images: Optional[str | Path], c
             f"real images ({real_images}) are for the GAN loss, which needs the model's discriminator, and this model has none; "
             "import the model with its discriminator (expander import keeps one when the checkpoint has it), or leave the real images out"
         )
-    sampler = ImageFolderSampler(real_images, model.generator.resolution)
+    sampler = ImageFolderSampler(real_images, model.generator.resolution)  # checked even when unused: a typo fails now
     if config.lambda_gan == 0:
         logger.warning("real images given, but lambda_gan is 0: the GAN loss is off and the photos are not used")
+        return None
     return sampler
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import LocalEntryNotFoundError
 
-from .checkpoint import ExpandedGenerator
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, ExpandedGenerator
 from .registry import PACKAGE_ROOT, ModelEntry, Registry, entry_for_model, is_repo_id, load_registries, register_user_model
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,10 @@ def _pinned_snapshot(repo_id: str, revision: str, local_files_only: bool = False
     releases in offline mode do not look in the cache for a commit first); else it is downloaded."""
     if re.fullmatch(r"[0-9a-f]{40}", revision or ""):
         try:
-            return Path(snapshot_download(repo_id=repo_id, revision=revision, local_files_only=True))
+            cached = Path(snapshot_download(repo_id=repo_id, revision=revision, local_files_only=True))
+            if all((cached / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE)):
+                return cached
+            # else a pull was interrupted: the download below completes the snapshot
         except LocalEntryNotFoundError:
             if local_files_only:
                 raise

@@ -414,13 +414,33 @@ def _photos(folder: Path, n: int, size: int = 24) -> Path:
 def test_image_folder_sampler_draws_seeded_batches_from_disk(tmp_path):
     from expander.utils.images import ImageFolderSampler
 
-    sampler = ImageFolderSampler(_photos(tmp_path / "faces", 5), resolution=16)
+    _photos(tmp_path / "faces" / "00000", 3)  # FFHQ's layout: numbered subfolders
+    _photos(tmp_path / "faces" / "01000", 2)
+    sampler = ImageFolderSampler(tmp_path / "faces", resolution=16)
+    assert len(sampler) == 5
     batch = sampler(7, torch.Generator().manual_seed(1))  # more than the folder holds: with replacement
     assert batch.shape == (7, 3, 16, 16) and batch.min() >= -1 and batch.max() <= 1
     assert torch.equal(batch, sampler(7, torch.Generator().manual_seed(1)))
     (tmp_path / "faces" / "broken.jpg").write_bytes(b"no jpeg")
     with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
         ImageFolderSampler(tmp_path / "faces", resolution=16)
+
+
+def test_a_photo_corrupt_past_its_header_is_dropped_not_fatal(tmp_path, caplog):
+    from expander.utils.images import ImageFolderSampler
+
+    folder = _photos(tmp_path / "faces", 1)
+    Image.open(folder / "0.png").resize((64, 64)).save(folder / "1.jpg")  # large enough that half of it holds the header
+    data = (folder / "1.jpg").read_bytes()
+    (folder / "1.jpg").write_bytes(data[: len(data) // 2])  # truncated: its header checks out, its pixels do not decode
+    sampler = ImageFolderSampler(folder, resolution=16)
+    with caplog.at_level("WARNING"):
+        batch = sampler(6, torch.Generator().manual_seed(0))
+    assert batch.shape == (6, 3, 16, 16) and [f.name for f in sampler.files] == ["0.png"]
+    assert "1.jpg" in caplog.text and "left out" in caplog.text
+    (folder / "0.png").unlink()
+    with pytest.raises(ValueError, match="no readable image is left"):
+        ImageFolderSampler(folder, resolution=16)(4, torch.Generator().manual_seed(0))
 
 
 def test_expand_with_real_photos_trains_the_discriminator_and_records_them(parent_dir, tiny_clip_dir, tmp_path, home):
@@ -439,8 +459,10 @@ def test_expand_with_real_photos_trains_the_discriminator_and_records_them(paren
     parent_d = ExpandedGenerator.from_pretrained(parent_dir).discriminator.state_dict()
     trained = ExpandedGenerator.from_pretrained(tmp_path / "with")
     assert any(not torch.equal(v, parent_d[k]) for k, v in trained.discriminator.state_dict().items())  # the GAN loss ran
-    untouched = ExpandedGenerator.from_pretrained(tmp_path / "without").discriminator.state_dict()
-    assert all(torch.equal(v, parent_d[k]) for k, v in untouched.items())
+    untouched = ExpandedGenerator.from_pretrained(tmp_path / "without")
+    assert all(torch.equal(v, parent_d[k]) for k, v in untouched.discriminator.state_dict().items())
+    assert "real_images" not in untouched.training_log[0]  # unused photos are not recorded
+    assert "GAN loss on the real images" not in (tmp_path / "without" / "README.md").read_text()
     (logged,) = trained.training_log
     assert logged["real_images"] == str((tmp_path / "recipes" / "faces").resolve())
     assert "GAN loss on the real images in `faces`" in (tmp_path / "with" / "README.md").read_text()
@@ -462,8 +484,9 @@ def test_training_device_resolves_auto_and_refuses_what_this_machine_lacks(monke
     assert training_device("auto") == training_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="sees no CUDA GPU.*--device cpu"):
         training_device("cuda")
-    with pytest.raises(ValueError, match="unknown device 'gpu'"):
-        training_device("gpu")
+    for device in ("gpu", "mps", "meta", "cpu:1"):  # what expand cannot train on is refused up front
+        with pytest.raises(ValueError, match=f"unknown device '{device}'"):
+            training_device(device)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert training_device("auto") == torch.device("cuda")
@@ -484,8 +507,9 @@ def test_expand_on_a_missing_gpu_is_refused_before_anything_is_written(parent_di
 def test_expand_trains_on_the_gpu_and_resumes_there_from_a_cpu_state(parent_dir, tiny_clip_dir, tmp_path, home):
     recipe = {
         "model": str(parent_dir),
+        "real_images": str(_photos(tmp_path / "faces", 3)),  # the GAN loss too, with its discriminator on the GPU
         "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"},
-        "training": {"steps": 2, "batch_size": 2, "base_batch_size": 2, "lambda_gan": 0.1},
+        "training": {"steps": 2, "batch_size": 2, "base_batch_size": 2, "r1_every": 1},
         "domains": [{"name": "zombie", "prompt": "a zombie"}, {"name": "sketch", "prompt": "a sketch"}],
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -499,6 +523,11 @@ def test_expand_trains_on_the_gpu_and_resumes_there_from_a_cpu_state(parent_dir,
         model = ExpandedGenerator.from_pretrained(tmp_path / name)
         assert model.get_domain("sketch").steps == 4
         assert all(torch.isfinite(v).all() for v in model.generator.state_dict().values()), name
+    # Resumed on the GPU from a CPU state, or trained there from the start: the same run up to the
+    # GPU's arithmetic (the latents are drawn on the CPU either way).
+    resumed, straight_model = (ExpandedGenerator.from_pretrained(tmp_path / name).generator.state_dict() for name in ("joint", "gpu"))
+    for key, value in resumed.items():
+        torch.testing.assert_close(value, straight_model[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
 def test_expand_takes_the_output_folder_from_the_command_line_when_the_recipe_has_none(parent_dir, tiny_clip_dir, tmp_path, home):

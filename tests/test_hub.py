@@ -88,3 +88,23 @@ def test_a_pinned_commit_loads_from_the_cache_without_asking_the_hub(hub_cache, 
     calls.clear()
     monkeypatch.setattr(hub, "snapshot_download", not_cached)
     assert hub.load_model("tiny").get_domain("zombie") is not None and calls == [True, False]  # then downloaded
+
+
+def test_an_interrupted_pull_is_completed_not_loaded_half(hub_cache, monkeypatch):
+    import expander.hub as hub
+
+    cache, _ = hub_cache
+    pull("org/tiny", revision="main")
+    weights = cache / "models--org--tiny" / "snapshots" / COMMIT / "model.safetensors"
+    kept = weights.read_bytes()
+    weights.unlink()  # as if the pull had stopped before the weights
+    real_download, calls = hub.snapshot_download, []
+
+    def download(**kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        if not kwargs.get("local_files_only"):
+            weights.write_bytes(kept)  # what the Hub would send
+        return real_download(**kwargs)
+
+    monkeypatch.setattr(hub, "snapshot_download", download)
+    assert hub.load_model("tiny").get_domain("zombie") is not None and calls == [True, False]

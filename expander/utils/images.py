@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -47,15 +50,20 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None
     return path
 
 
-def image_files(folder: str | Path, purpose: str = "add a few photos of the subject") -> list[Path]:
-    """The image files of ``folder``, sorted; a clear error for a missing or empty folder (``purpose``: what to add)."""
+def image_files(folder: str | Path, purpose: str = "add a few photos of the subject", recursive: bool = False) -> list[Path]:
+    """The image files of ``folder`` (and its subfolders if ``recursive``), sorted; a clear error for a
+    missing or empty folder (``purpose``: what to add)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); {purpose}")
     return files
+
+
+class UnreadableImageError(ValueError):
+    pass
 
 
 def load_image(file: Path, resolution: int) -> torch.Tensor:
@@ -64,7 +72,7 @@ def load_image(file: Path, resolution: int) -> torch.Tensor:
         with Image.open(file) as image:
             image = image.convert("RGB")
     except Exception as err:
-        raise ValueError(f"cannot read image {file}: {err}; remove or replace it") from None
+        raise UnreadableImageError(f"cannot read image {file}: {err}; remove or replace it") from None
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))
@@ -81,27 +89,39 @@ def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
 
 
 class ImageFolderSampler:
-    """Random batches of a folder of real photos, read from disk per batch (a folder of thousands of
-    1024 px photos would not fit in memory): the real images of the GAN loss for real models.
+    """Random batches of a folder of real photos (subfolders included, as in FFHQ's layout), read from
+    disk per batch (thousands of 1024 px photos would not fit in memory): the real images of the GAN
+    loss for real models.
 
-    Every file's header is checked on construction, so a folder with an unreadable file fails before
-    any training, naming the file.
+    Every file is opened on construction, so a folder with a file that is not an image fails before
+    any training, naming it. Decoding every pixel of a large folder up front would take minutes, so a
+    file whose data turns out corrupt when a batch decodes it is dropped with a warning and another
+    is drawn instead: a run is not lost hours in for one bad photo.
     """
 
     def __init__(self, folder: str | Path, resolution: int):
         self.folder, self.resolution = Path(folder), resolution
-        self.files = image_files(folder, purpose="add photos of the model's own domain (e.g. faces for an FFHQ model) for the GAN loss")
+        self.files = image_files(folder, purpose="add photos of the model's own domain (e.g. faces for an FFHQ model) for the GAN loss", recursive=True)
         for file in self.files:
             try:
                 with Image.open(file) as image:
                     image.verify()  # the header and structure, without decoding the pixels
             except Exception as err:
-                raise ValueError(f"cannot read image {file}: {err}; remove or replace it") from None
+                raise UnreadableImageError(f"cannot read image {file}: {err}; remove or replace it") from None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __call__(self, n: int, rng: Optional[torch.Generator] = None) -> torch.Tensor:
         """(n, 3, R, R) in [-1, 1], files drawn uniformly with replacement from ``rng``."""
-        picks = torch.randint(len(self.files), (n,), generator=rng)
-        return torch.stack([load_image(self.files[int(i)], self.resolution) for i in picks])
+        images = []
+        while len(images) < n:
+            if not self.files:
+                raise UnreadableImageError(f"no readable image is left in {self.folder}; replace the corrupt files")
+            file = self.files[int(torch.randint(len(self.files), (), generator=rng))]
+            try:
+                images.append(load_image(file, self.resolution))
+            except UnreadableImageError as err:
+                logger.warning("%s; it is left out of the GAN loss's real images from now on", err)
+                self.files.remove(file)
+        return torch.stack(images)
