@@ -100,20 +100,25 @@ def build_guidance(method: str, recipe: Recipe, spec: dict[str, Any], device: to
     words = {w for d in recipe.domains for p in (d.prompt, d.source_prompt) if p for w in p.lower().replace(".", " ").split()}
     words |= {"a", "an", "photo", "portrait", "picture", "image", "of"}  # the NADA templates
     guidance = Guidance(perceptual=lpips_distance("vgg", pretrained=False).to(device))
+
+    def text_settings(tokenizer) -> dict[str, int]:  # the text model's token ids, as the tokenizer numbers them
+        return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
     if method == "nada":
         encoders = []
         for clip in spec["clips"]:
-            vocab_size = len(words) + 4
-            config = CLIPConfig(text_config={**clip["text"], "vocab_size": vocab_size, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}, vision_config=clip["vision"], projection_dim=clip["projection_dim"])
-            encoders.append(ClipEncoder(CLIPModel(config).eval().to(device), word_tokenizer(words, clip["text"]["max_position_embeddings"])))
+            tokenizer = word_tokenizer(words, clip["text"]["max_position_embeddings"])
+            config = CLIPConfig(text_config={**clip["text"], **text_settings(tokenizer)}, vision_config=clip["vision"], projection_dim=clip["projection_dim"])
+            encoders.append(ClipEncoder(CLIPModel(config).eval().to(device), tokenizer))
         guidance.clip = ClipGuidance(encoders)  # the real models' defaults: cosine directional loss, no views
     else:
         text = spec["text_encoder"]
+        tokenizer = word_tokenizer(words, text["max_position_embeddings"])
         teacher = StableDiffusionGuidance(
             AutoencoderKL(**spec["vae"]).eval(),
             UNet2DConditionModel(**spec["unet"]).eval(),
-            CLIPTextModel(CLIPTextConfig(**text, vocab_size=len(words) + 4, pad_token_id=0, bos_token_id=2, eos_token_id=3)).eval(),
-            word_tokenizer(words, text["max_position_embeddings"]),
+            CLIPTextModel(CLIPTextConfig(**text, **text_settings(tokenizer))).eval(),
+            tokenizer,
             dict(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config),
             resolution=spec["sd_resolution"],
         )

@@ -63,7 +63,9 @@ def image_files(folder: str | Path, purpose: str = "add a few photos of the subj
 
 
 class UnreadableImageError(ValueError):
-    pass
+    @classmethod
+    def of(cls, file: Path, err: Exception) -> "UnreadableImageError":
+        return cls(f"cannot read image {file}: {err}; remove or replace it")
 
 
 def load_image(file: Path, resolution: int) -> torch.Tensor:
@@ -72,7 +74,7 @@ def load_image(file: Path, resolution: int) -> torch.Tensor:
         with Image.open(file) as image:
             image = image.convert("RGB")
     except Exception as err:
-        raise UnreadableImageError(f"cannot read image {file}: {err}; remove or replace it") from None
+        raise UnreadableImageError.of(file, err) from None
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))
@@ -107,7 +109,7 @@ class ImageFolderSampler:
                 with Image.open(file) as image:
                     image.verify()  # the header and structure, without decoding the pixels
             except Exception as err:
-                raise UnreadableImageError(f"cannot read image {file}: {err}; remove or replace it") from None
+                raise UnreadableImageError.of(file, err) from None
 
     def __len__(self) -> int:
         return len(self.files)
