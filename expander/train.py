@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import Domain
-from .losses import loss_composed_edits, loss_d_logistic, loss_g_nonsaturating, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
+from .losses import loss_composed_edits, loss_d_logistic, loss_g_nonsaturating, loss_lowpass_change, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
 from .utils.io import load_training_state, read_json, save_training_state, setting_differences
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,6 +95,11 @@ class ExpansionConfig:
     nada_consistency_temperature: float = 0.1
     lambda_sds: float = 1.0
     lambda_mystyle: float = 1.0
+    # Low-pass keep (0 = off; meant per domain, for domains that add an object): the domain's images,
+    # average-pooled to lowpass_size x lowpass_size, stay those of the base subspace at the same
+    # latents, so an object edit does not also regrade the picture (see loss_lowpass_change).
+    lambda_lowpass_keep: float = 0.0
+    lowpass_size: int = 8
     lambda_sds_directional: float = 1.0  # SDS directional regularizer (0 = off)
     sds_t_min: float = 0.02  # SDS timestep range, as fractions of the teacher's steps
     sds_t_max: float = 0.5
@@ -117,7 +122,7 @@ class ExpansionConfig:
         """Check every value's type and range, so a bad recipe fails before anything is trained or written."""
         for name, kind in get_type_hints(type(self)).items():
             setattr(self, name, _checked_setting(name, getattr(self, name), kind))
-        at_least = {"lr_decay_start": 0, "lr_decay_steps": 0, "steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "composed_pairs_per_step": 1, "r1_every": 1, "checkpoint_every": 1, "seed": 0}
+        at_least = {"lowpass_size": 1, "lr_decay_start": 0, "lr_decay_steps": 0, "steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "composed_pairs_per_step": 1, "r1_every": 1, "checkpoint_every": 1, "seed": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"training setting {name} must be at least {low}, got {getattr(self, name)}")
@@ -179,7 +184,7 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 
 # Loss weights a domain may override (ExpansionConfig.domain_weights): those of its own adaptation
 # losses. Replay and GAN weights act on the shared base subspace, so they stay per run.
-DOMAIN_LOSS_WEIGHTS = ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_sds", "lambda_mystyle")
+DOMAIN_LOSS_WEIGHTS = ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_sds", "lambda_mystyle", "lambda_lowpass_keep")
 
 
 def _checked_domain_weights(value: object) -> dict[str, dict[str, float]]:
@@ -297,6 +302,9 @@ class Expander:
             raise ValueError(f"training setting domain_weights names {strangers}, which this run does not train; trained here: {new_names}")
         self.trained = [model.get_domain(n) for n in new_names]
         self.replayed = [d for d in model.domains if d.name not in new_names]
+        unpaired = [d.name for d in self.trained if d.method == "mystyle" and config.domain_weights.get(d.name, {}).get("lambda_lowpass_keep", 0) > 0]
+        if unpaired:
+            raise ValueError(f"lambda_lowpass_keep of domains {unpaired}: a MyStyle domain has no base image to keep (its loss already compares with its subject's images); remove that weight")
         for domain in self.trained:
             _check_guidance(domain, guidance)
         if config.lambda_composed_edits > 0 and guidance.clip is None:
@@ -526,6 +534,8 @@ class Expander:
             elif domain.method == "mystyle":
                 loss = (domain_images - group.targets).square().mean() + guidance.perceptual(domain_images, group.targets).mean()
                 add("loss_mystyle", weight("lambda_mystyle") * loss)
+            if weight("lambda_lowpass_keep") > 0 and id(group) in references:  # NADA/SDS: edits of a base image
+                add("loss_lowpass_keep", weight("lambda_lowpass_keep") * loss_lowpass_change(domain_images, references[id(group)], config.lowpass_size))
 
         for index, (group, _, _, _) in enumerate(pairs):
             partner_images, composed_images = pair_images[2 * index], pair_images[2 * index + 1]

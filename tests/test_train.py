@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from expander.checkpoint import ExpandedGenerator
 from expander.domains import Domain
@@ -266,3 +267,29 @@ def test_composed_edits_need_clip_guidance(model):
     teacher_only = Guidance(perceptual=pixel_distance, teacher=object())
     with pytest.raises(ValueError, match="lambda_composed_edits .* needs CLIP guidance"):
         Expander(model, [model.get_domain("zombie")], teacher_only, ExpansionConfig(**SMALL, lambda_composed_edits=1.0))
+
+
+def test_lowpass_change_sees_regrading_more_than_a_small_object():
+    from expander.losses import loss_lowpass_change
+
+    base = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert loss_lowpass_change(base, base).item() == 0.0
+    regraded = base + 0.2  # a background / skin-tone shift over the whole picture
+    small_object = base.clone()
+    small_object[:, :, 30:34, 20:28] = -1.0  # dark glasses-sized patch, 32 of 4096 pixels
+    assert loss_lowpass_change(regraded, base).item() == pytest.approx(0.04, rel=1e-4)
+    assert loss_lowpass_change(small_object, base).item() < 0.1 * loss_lowpass_change(regraded, base).item()
+    # the same at another resolution: pooled to the same cells
+    assert loss_lowpass_change(F.interpolate(regraded, 128), F.interpolate(base, 128)).item() == pytest.approx(0.04, rel=1e-3)
+
+
+def test_lowpass_keep_is_a_per_domain_term_of_nada_domains(model, guidance):
+    config = {**SMALL, "batch_size": 3}
+    assert "loss_lowpass_keep" not in Expander(model, list(model.domains), guidance, ExpansionConfig(**config)).losses()
+    one = Expander(model, list(model.domains), guidance, ExpansionConfig(**config, domain_weights={"zombie": {"lambda_lowpass_keep": 10.0}}))
+    losses = one.losses()
+    assert losses["loss_lowpass_keep"].item() >= 0 and losses["loss_lowpass_keep"].requires_grad
+    assert "loss_lowpass_keep" in one.step()
+    model.add_domain(Domain("subject", direction=-1, method="mystyle"))
+    with pytest.raises(ValueError, match=r"lambda_lowpass_keep of domains \['subject'\].*MyStyle"):
+        Expander(model, [model.get_domain("subject")], guidance, ExpansionConfig(**SMALL, domain_weights={"subject": {"lambda_lowpass_keep": 1.0}}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def loss_replay(images: torch.Tensor, parent_images: torch.Tensor, perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -13,3 +14,19 @@ def loss_replay(images: torch.Tensor, parent_images: torch.Tensor, perceptual: C
     loss_l2 = (images - parent_images).square().mean()
     loss_perceptual = perceptual(images, parent_images).mean()
     return loss_l2, loss_perceptual
+
+
+def loss_lowpass_change(domain_images: torch.Tensor, base_images: torch.Tensor, size: int = 8) -> torch.Tensor:
+    """Mean squared change of the images' low frequencies (average-pooled to ``size`` x ``size``)
+    between a domain's images and the base-subspace images of the same latents (a detached target).
+
+    Why: a domain that adds an object (glasses, a hat) should not regrade the whole picture, yet a
+    CLIP direction is also paid by global colour and contrast shifts, which is how such domains came
+    to read as another, global domain (pop art) in the world. Pooled to a few cells, a small object
+    barely moves this distance while a background or skin-tone shift does. Resolution-independent.
+
+    domain_images, base_images: (B, 3, H, W) in [-1, 1]; returns a scalar.
+    """
+    pooled_domain = F.adaptive_avg_pool2d(domain_images, size)  # (B, 3, size, size)
+    pooled_base = F.adaptive_avg_pool2d(base_images.detach(), size)  # (B, 3, size, size)
+    return (pooled_domain - pooled_base).square().mean()
