@@ -21,7 +21,7 @@ from .domains import Domain
 from .hub import load_model
 from .losses.mystyle import invert_images
 from .registry import entry_for_model, register_user_model
-from .train import ExpansionConfig, expand
+from .train import ExpansionConfig, check_lowpass_keep, expand
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def run_expansion(
     requested = {d.direction for d in domains if d.direction >= 0}
     for domain in domains:
         parent.add_domain(domain, force=force, reserved=requested)  # validates names and directions before any work
+    check_lowpass_keep(config, domains, parent.generator.resolution)
     # Read every subject's photos before loading any guidance model: a bad folder fails in a second.
     subject_images = {d.name: load_domain_images(d.images, parent.generator.resolution) for d in domains if d.method == "mystyle"}
     real_sampler = None
@@ -102,6 +103,8 @@ def run_expansion(
         real_sampler = _real_sampler(parent, real_images, config)
         if real_images and real_sampler is None:
             real_images = None  # not used (lambda_gan is 0): neither recorded nor part of the run's signature
+    else:
+        real_images = None  # the caller supplies no real data: nothing to record
     parent.to(run_device)
     guidance = place_guidance(build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config, device=str(run_device)), run_device)
     subject_images = {k: v.to(run_device) for k, v in subject_images.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Optional
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import LocalEntryNotFoundError
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, ExpandedGenerator
+from .checkpoint import CONFIG_FILE, DISCRIMINATOR_FILE, DOMAINS_FILE, WEIGHTS_FILE, ExpandedGenerator
 from .registry import PACKAGE_ROOT, ModelEntry, Registry, entry_for_model, is_repo_id, load_registries, register_user_model
 
 logger = logging.getLogger(__name__)
@@ -40,13 +41,30 @@ def _pinned_snapshot(repo_id: str, revision: str, local_files_only: bool = False
     if re.fullmatch(r"[0-9a-f]{40}", revision or ""):
         try:
             cached = Path(snapshot_download(repo_id=repo_id, revision=revision, local_files_only=True))
-            if all((cached / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE)):
+            if _snapshot_complete(cached):
                 return cached
             # else a pull was interrupted: the download below completes the snapshot
         except LocalEntryNotFoundError:
             if local_files_only:
                 raise
     return Path(snapshot_download(repo_id=repo_id, revision=revision, local_files_only=local_files_only))
+
+
+def _snapshot_complete(snapshot: Path) -> bool:
+    """Whether a cached snapshot holds a whole checkpoint: every file loading needs (the discriminator
+    when the config names one), and no download of this repo stopped half-way (huggingface_hub keeps
+    ``blobs/*.incomplete`` until a file is whole), which also catches a missing optional file such as
+    training.json whose download had started."""
+    if not all((snapshot / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE, DOMAINS_FILE)):
+        return False
+    try:
+        config = json.loads((snapshot / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False  # a truncated config: download it again
+    if isinstance(config, dict) and config.get("has_discriminator") and not (snapshot / DISCRIMINATOR_FILE).is_file():
+        return False
+    blobs = snapshot.parent.parent / "blobs"  # <cache>/models--owner--name/{blobs,snapshots/<commit>}
+    return not any(blobs.glob("*.incomplete"))
 
 
 def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registry] = None, revision: Optional[str] = None) -> tuple[Path, str]:

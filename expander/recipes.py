@@ -105,6 +105,7 @@ class Recipe:
         if real_images is not None:
             if not isinstance(real_images, str) or not real_images.strip():
                 raise RecipeError(f"{where}: 'real_images' must be a folder of photos, got {real_images!r}")
+            real_images = str(Path(real_images).expanduser())
             if base_dir is not None and not Path(real_images).is_absolute():
                 real_images = str((base_dir / real_images).resolve())  # like a domain's images: relative to the recipe
         return cls(data.get("model"), out, domains, training, data.get("name"), data.get("description", ""), guidance, real_images=real_images)
@@ -127,8 +128,12 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
     if method == "mystyle":
         if not images:
             raise RecipeError(f"{where}: a mystyle domain needs 'images' (a folder of photos of the subject)")
-        if base_dir is not None and not Path(images).is_absolute() and not str(images).startswith("world:"):
-            images = str((base_dir / images).resolve())
+        if not isinstance(images, str):
+            raise RecipeError(f"{where}: 'images' must be a folder of photos of the subject, got {images!r}")
+        if not images.startswith("world:"):
+            images = str(Path(images).expanduser())
+            if base_dir is not None and not Path(images).is_absolute():
+                images = str((base_dir / images).resolve())
     if not isinstance(entry.get("weights") or {}, dict):
         raise RecipeError(f"{where}: weights must map loss weights to numbers, e.g. {{lambda_nada_consistency: 0.3}}, got {entry['weights']!r}")
     direction = entry.get("direction", "auto")

@@ -95,9 +95,10 @@ class ExpansionConfig:
     nada_consistency_temperature: float = 0.1
     lambda_sds: float = 1.0
     lambda_mystyle: float = 1.0
-    # Low-pass keep (0 = off; meant per domain, for domains that add an object): the domain's images,
-    # average-pooled to lowpass_size x lowpass_size, stay those of the base subspace at the same
-    # latents, so an object edit does not also regrade the picture (see loss_lowpass_change).
+    # Low-pass keep (0 = off; meant per domain, for NADA/SDS domains that add an object): the domain's
+    # images, average-pooled to lowpass_size x lowpass_size, stay those its edit starts from at the same
+    # latents (the base subspace's; a composition group's partner's), so an object edit does not also
+    # regrade the picture (see loss_lowpass_change).
     lambda_lowpass_keep: float = 0.0
     lowpass_size: int = 8
     lambda_sds_directional: float = 1.0  # SDS directional regularizer (0 = off)
@@ -185,6 +186,18 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 # Loss weights a domain may override (ExpansionConfig.domain_weights): those of its own adaptation
 # losses. Replay and GAN weights act on the shared base subspace, so they stay per run.
 DOMAIN_LOSS_WEIGHTS = ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_sds", "lambda_mystyle", "lambda_lowpass_keep")
+
+
+def check_lowpass_keep(config: ExpansionConfig, domains: list[Domain], resolution: int) -> None:
+    """Refuse low-pass keep settings that cannot do what they say, before any model is loaded: a
+    MyStyle domain's own weight (it has no base image to keep; a run-wide weight applies to the NADA
+    and SDS domains only), or cells finer than the images (pooling would then upsample: a plain L2)."""
+    mystyle = [d.name for d in domains if d.method == "mystyle" and config.domain_weights.get(d.name, {}).get("lambda_lowpass_keep", 0) > 0]
+    if mystyle:
+        raise ValueError(f"lambda_lowpass_keep of domains {mystyle}: a MyStyle domain has no base image to keep (its loss already compares with its subject's images); remove that weight")
+    used = any(config.weight("lambda_lowpass_keep", d.name) > 0 for d in domains if d.method in ("nada", "sds"))
+    if used and config.lowpass_size > resolution:
+        raise ValueError(f"training setting lowpass_size ({config.lowpass_size}) must be at most the images' resolution ({resolution}): it is the number of cells per side the images are pooled to")
 
 
 def _checked_domain_weights(value: object) -> dict[str, dict[str, float]]:
@@ -302,9 +315,7 @@ class Expander:
             raise ValueError(f"training setting domain_weights names {strangers}, which this run does not train; trained here: {new_names}")
         self.trained = [model.get_domain(n) for n in new_names]
         self.replayed = [d for d in model.domains if d.name not in new_names]
-        unpaired = [d.name for d in self.trained if d.method == "mystyle" and config.domain_weights.get(d.name, {}).get("lambda_lowpass_keep", 0) > 0]
-        if unpaired:
-            raise ValueError(f"lambda_lowpass_keep of domains {unpaired}: a MyStyle domain has no base image to keep (its loss already compares with its subject's images); remove that weight")
+        check_lowpass_keep(config, self.trained, model.generator.resolution)
         for domain in self.trained:
             _check_guidance(domain, guidance)
         if config.lambda_composed_edits > 0 and guidance.clip is None:

@@ -81,6 +81,8 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"domains": [{"name": "z", "prompt": "a zombie"}, {"name": "z", "prompt": "a ghost"}]}, "duplicate domain name 'z'"),
         ({"domains": [{"name": "z", "prompt": "   "}]}, "non-empty 'prompt'"),
         ({"domains": [{"name": "z", "method": "mystyle"}]}, "needs 'images'"),
+        ({"domains": [{"name": "z", "method": "mystyle", "images": 3}]}, "'images' must be a folder of photos"),
+        ({"training": {"lowpass_size": 0}}, "lowpass_size must be at least 1"),
         ({"domains": [{"name": "z", "prompt": "x", "method": "paint"}]}, "method must be"),
         ({"domains": [{"name": "z", "prompt": "x", "direction": "last"}]}, "direction must be an integer"),
         ({"domains": [{"name": "z", "prompt": "x", "colour": 1}]}, "unknown keys"),
@@ -96,6 +98,13 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
 def test_bad_recipes_are_refused_with_a_clear_message(change, message):
     with pytest.raises(RecipeError, match=message):
         Recipe.from_dict({**GOOD, **change})
+
+
+def test_recipe_folders_expand_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = {**GOOD, "real_images": "~/faces", "domains": [{"name": "me", "method": "mystyle", "images": "~/photos/me"}]}
+    recipe = Recipe.from_dict(data, base_dir=tmp_path / "recipes")
+    assert recipe.real_images == str(tmp_path / "faces") and recipe.domains[0].images == str(tmp_path / "photos" / "me")
 
 
 def test_recipe_numbers_are_read_as_their_settings_types():
@@ -436,8 +445,10 @@ def test_a_photo_corrupt_past_its_header_is_dropped_not_fatal(tmp_path, caplog):
     sampler = ImageFolderSampler(folder, resolution=16)
     with caplog.at_level("WARNING"):
         batch = sampler(6, torch.Generator().manual_seed(0))
-    assert batch.shape == (6, 3, 16, 16) and [f.name for f in sampler.files] == ["0.png"]
+    assert batch.shape == (6, 3, 16, 16) and [f.name for f in sampler.unreadable] == ["1.jpg"]
     assert "1.jpg" in caplog.text and "left out" in caplog.text
+    # a fresh sampler (a resumed run) finds the corrupt file again and draws the same batch
+    assert torch.equal(ImageFolderSampler(folder, resolution=16)(6, torch.Generator().manual_seed(0)), batch)
     (folder / "0.png").unlink()
     with pytest.raises(ValueError, match="no readable image is left"):
         ImageFolderSampler(folder, resolution=16)(4, torch.Generator().manual_seed(0))

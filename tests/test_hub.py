@@ -108,3 +108,30 @@ def test_an_interrupted_pull_is_completed_not_loaded_half(hub_cache, monkeypatch
 
     monkeypatch.setattr(hub, "snapshot_download", download)
     assert hub.load_model("tiny").get_domain("zombie") is not None and calls == [True, False]
+
+
+@pytest.mark.parametrize("unfinished", ["domains.json missing", "a download stopped half-way"])
+def test_a_cached_snapshot_short_of_a_file_is_completed(hub_cache, monkeypatch, unfinished):
+    import expander.hub as hub
+
+    cache, _ = hub_cache
+    pull("org/tiny", revision="main")
+    repo = cache / "models--org--tiny"
+    if unfinished == "domains.json missing":
+        (repo / "snapshots" / COMMIT / "domains.json").rename(repo / "kept")
+    else:
+        (repo / "blobs").mkdir(exist_ok=True)
+        (repo / "blobs" / "0123abcd.incomplete").write_bytes(b"half of training.json")
+    real_download, calls = hub.snapshot_download, []
+
+    def download(**kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        if not kwargs.get("local_files_only"):  # what the Hub would do: finish the files
+            if (repo / "kept").exists():
+                (repo / "kept").rename(repo / "snapshots" / COMMIT / "domains.json")
+            for partial in (repo / "blobs").glob("*.incomplete") if (repo / "blobs").exists() else []:
+                partial.unlink()
+        return real_download(**kwargs)
+
+    monkeypatch.setattr(hub, "snapshot_download", download)
+    assert hub.load_model("tiny").get_domain("zombie") is not None and calls == [True, False]

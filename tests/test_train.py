@@ -293,3 +293,5 @@ def test_lowpass_keep_is_a_per_domain_term_of_nada_domains(model, guidance):
     model.add_domain(Domain("subject", direction=-1, method="mystyle"))
     with pytest.raises(ValueError, match=r"lambda_lowpass_keep of domains \['subject'\].*MyStyle"):
         Expander(model, [model.get_domain("subject")], guidance, ExpansionConfig(**SMALL, domain_weights={"subject": {"lambda_lowpass_keep": 1.0}}))
+    with pytest.raises(ValueError, match=r"lowpass_size \(128\) must be at most the images' resolution \(16\)"):
+        Expander(model, [model.get_domain("zombie")], guidance, ExpansionConfig(**SMALL, lambda_lowpass_keep=1.0, lowpass_size=128))

@@ -97,13 +97,14 @@ class ImageFolderSampler:
 
     Every file is opened on construction, so a folder with a file that is not an image fails before
     any training, naming it. Decoding every pixel of a large folder up front would take minutes, so a
-    file whose data turns out corrupt when a batch decodes it is dropped with a warning and another
-    is drawn instead: a run is not lost hours in for one bad photo.
+    file whose data turns out corrupt when a batch decodes it is skipped with a warning (the next
+    readable file in order is taken instead): a run is not lost hours in for one bad photo.
     """
 
     def __init__(self, folder: str | Path, resolution: int):
         self.folder, self.resolution = Path(folder), resolution
         self.files = image_files(folder, purpose="add photos of the model's own domain (e.g. faces for an FFHQ model) for the GAN loss", recursive=True)
+        self.unreadable: set[Path] = set()  # found corrupt while decoding a batch
         for file in self.files:
             try:
                 with Image.open(file) as image:
@@ -116,14 +117,19 @@ class ImageFolderSampler:
 
     def __call__(self, n: int, rng: Optional[torch.Generator] = None) -> torch.Tensor:
         """(n, 3, R, R) in [-1, 1], files drawn uniformly with replacement from ``rng``."""
-        images = []
-        while len(images) < n:
-            if not self.files:
-                raise UnreadableImageError(f"no readable image is left in {self.folder}; replace the corrupt files")
-            file = self.files[int(torch.randint(len(self.files), (), generator=rng))]
+        return torch.stack([self._readable_from(int(torch.randint(len(self.files), (), generator=rng))) for _ in range(n)])
+
+    def _readable_from(self, index: int) -> torch.Tensor:
+        """The photo at ``index``, or the first readable one after it (wrapping round). Skipping takes
+        no random draw and the file list keeps its length, so a resumed run, which has to find the
+        corrupt files again, draws the same photos as an uninterrupted one."""
+        for offset in range(len(self.files)):
+            file = self.files[(index + offset) % len(self.files)]
+            if file in self.unreadable:
+                continue
             try:
-                images.append(load_image(file, self.resolution))
+                return load_image(file, self.resolution)
             except UnreadableImageError as err:
                 logger.warning("%s; it is left out of the GAN loss's real images from now on", err)
-                self.files.remove(file)
-        return torch.stack(images)
+                self.unreadable.add(file)
+        raise UnreadableImageError(f"no readable image is left in {self.folder}; replace the corrupt files")
