@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import io
 import logging
 import math
@@ -491,9 +492,7 @@ def _torch_module_stand_in(module: str, name: str) -> type:
 
 def _numpy_globals() -> dict[str, Any]:
     table: dict[str, Any] = {"numpy.dtype": _numpy_dtype}
-    try:
-        import numpy  # noqa: F401
-    except ImportError:  # pragma: no cover - numpy ships with torch wheels in practice
+    if importlib.util.find_spec("numpy") is None:  # pragma: no cover - numpy ships with torch wheels in practice
         return table
     table["numpy.ndarray"] = _NDARRAY  # a token, so the real class can never be called with pickled args
     for core in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x and 2.x pickles
