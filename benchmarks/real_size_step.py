@@ -47,6 +47,7 @@ from expander.guidance.perceptual import lpips_distance  # noqa: E402
 from expander.losses.sds import ScoreDistillation, SdsConfig  # noqa: E402
 from expander.recipes import Recipe  # noqa: E402
 from expander.train import Expander, Guidance  # noqa: E402
+from expander.world.clip import SPECIAL_TOKENS, build_world_tokenizer  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SCENARIOS = {"nada": RECIPES / "ffhq-nada.yaml", "sds": RECIPES / "ffhq-sds.yaml"}
@@ -55,15 +56,7 @@ SCENARIOS = {"nada": RECIPES / "ffhq-nada.yaml", "sds": RECIPES / "ffhq-sds.yaml
 def word_tokenizer(words: set[str], max_length: int):
     """A word-level tokenizer over the prompts' words (the real BPE vocabulary needs a download; the
     text side runs once per run, so its vocabulary does not change a step's cost)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *sorted(words)])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", model_max_length=max_length)
+    return build_world_tokenizer([*SPECIAL_TOKENS, *sorted(words - set(SPECIAL_TOKENS))], max_length)
 
 
 def sizes(smoke: bool) -> dict[str, Any]:

@@ -120,8 +120,12 @@ def world_vocabulary() -> list[str]:
     return list(SPECIAL_TOKENS) + sorted(words - set(SPECIAL_TOKENS))
 
 
-def build_world_tokenizer(vocabulary: Optional[Sequence[str]] = None):
-    """A ``PreTrainedTokenizerFast`` (word level) that ``AutoTokenizer.from_pretrained`` reloads."""
+def build_world_tokenizer(vocabulary: Optional[Sequence[str]] = None, max_length: int = MAX_TOKENS):
+    """A ``PreTrainedTokenizerFast`` (word level) that ``AutoTokenizer.from_pretrained`` reloads.
+
+    ``vocabulary`` starts with :data:`SPECIAL_TOKENS` (default: the world's captions' words);
+    ``max_length`` is the text model's number of positions.
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -133,7 +137,7 @@ def build_world_tokenizer(vocabulary: Optional[Sequence[str]] = None):
     backend.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", BOS_ID), ("<eos>", EOS_ID)])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-        model_max_length=MAX_TOKENS, padding_side="right",
+        model_max_length=max_length, padding_side="right",
     )
 
 
