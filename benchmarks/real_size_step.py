@@ -47,7 +47,7 @@ from expander.guidance.perceptual import lpips_distance  # noqa: E402
 from expander.losses.sds import ScoreDistillation, SdsConfig  # noqa: E402
 from expander.recipes import Recipe  # noqa: E402
 from expander.train import Expander, Guidance  # noqa: E402
-from expander.world.clip import SPECIAL_TOKENS, build_world_tokenizer  # noqa: E402
+from expander.world.clip import build_world_tokenizer, word_vocabulary  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SCENARIOS = {"nada": RECIPES / "ffhq-nada.yaml", "sds": RECIPES / "ffhq-sds.yaml"}
@@ -56,7 +56,7 @@ SCENARIOS = {"nada": RECIPES / "ffhq-nada.yaml", "sds": RECIPES / "ffhq-sds.yaml
 def word_tokenizer(words: set[str], max_length: int):
     """A word-level tokenizer over the prompts' words (the real BPE vocabulary needs a download; the
     text side runs once per run, so its vocabulary does not change a step's cost)."""
-    return build_world_tokenizer([*SPECIAL_TOKENS, *sorted(words - set(SPECIAL_TOKENS))], max_length)
+    return build_world_tokenizer(word_vocabulary(words), max_length)
 
 
 def sizes(smoke: bool) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from .build import WORLD_CLIP_RECIPES
 
 __all__ = [
     "WORLD_CLIP_DIR", "WORLD_CLIPS", "WORLD_TEMPLATES", "ClipTrainingConfig", "build_world_tokenizer", "world_clip_config",
-    "world_vocabulary", "clip_pixel_values", "load_clip", "load_world_clip", "encode_text", "encode_images",
+    "world_vocabulary", "word_vocabulary", "clip_pixel_values", "load_clip", "load_world_clip", "encode_text", "encode_images",
     "check_vocabulary", "compose_captions", "train_world_clip", "evaluate_world_clip", "export_world_clip",
 ]
 
@@ -103,6 +103,11 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]+", text.lower())
 
 
+def word_vocabulary(words: Iterable[str]) -> list[str]:
+    """Special tokens (ids 0..3), then the words, sorted: the order :func:`build_world_tokenizer` expects."""
+    return list(SPECIAL_TOKENS) + sorted(set(words) - set(SPECIAL_TOKENS))
+
+
 def world_vocabulary() -> list[str]:
     """Special tokens, then every word of the world's captions, phrases and prompt templates (sorted)."""
     words: set[str] = set(_words(_GENERIC_WORDS))
@@ -117,13 +122,14 @@ def world_vocabulary() -> list[str]:
     labels = torch.rand(4096, len(renderer.ATTRIBUTES), generator=rng) < 0.15
     for text in renderer.caption(labels, rng):
         words.update(_words(text))
-    return list(SPECIAL_TOKENS) + sorted(words - set(SPECIAL_TOKENS))
+    return word_vocabulary(words)
 
 
 def build_world_tokenizer(vocabulary: Optional[Sequence[str]] = None, max_length: int = MAX_TOKENS):
     """A ``PreTrainedTokenizerFast`` (word level) that ``AutoTokenizer.from_pretrained`` reloads.
 
-    ``vocabulary`` starts with :data:`SPECIAL_TOKENS` (default: the world's captions' words);
+    ``vocabulary`` starts with :data:`SPECIAL_TOKENS` (see :func:`word_vocabulary`; default: the
+    world's captions' words);
     ``max_length`` is the text model's number of positions.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
