@@ -250,6 +250,30 @@ def info(model):
         click.echo("training:     not recorded (a parent model, or trained before expander kept training.json)")
 
 
+@main.command(name="list")
+def list_models():
+    """List the registered models: the built-in zoo and what `expander pull` recorded.
+
+    \b
+    Example:
+      expander list
+      expander sample --model NAME --domain DOMAIN    # a name from the first column
+    """
+    from .registry import RegistryError, load_registries, user_registry_path
+
+    try:
+        registry = load_registries()
+    except (RegistryError, ValueError) as err:
+        _fail(str(err))
+    rows = [(("* " if name == registry.default_model else "  ") + name, str(len(entry.domains)), entry.location(), entry.description)
+            for name, entry in sorted(registry.models.items())]
+    header = ("  model", "domains", "source", "description")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
+    click.echo(f"(* the default model; models pulled with `expander pull` or trained with a name are recorded in {user_registry_path()})")
+
+
 @main.command(name="import")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the expanded checkpoint.")
@@ -314,7 +338,7 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device
         overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
         if overrides:  # validated like the recipe's own settings
             plan.training = plan.training.with_settings(overrides)
-        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force, keep_state=keep_state, device=device, real_images=real_images or plan.real_images)
+        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force, keep_state=keep_state, device=device, real_images=real_images or plan.real_images, description=plan.description)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     if is_main_process():  # once per run, not once per rank under accelerate/torchrun

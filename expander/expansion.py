@@ -56,8 +56,12 @@ def run_expansion(
     inversion_steps: int = 200,
     device: str = "auto",
     real_images: Optional[str | Path] = None,
+    description: str = "",
 ) -> ExpandedGenerator:
     """Load the parent, register ``domains`` on free dormant directions, train, save to ``out``, register.
+
+    ``description``: the expanded model's one line (model card, config, registry; a recipe's
+    ``description``); empty keeps the parent's.
 
     Under ``accelerate launch`` with several processes, every process trains (data-parallel, see
     ``expander.distributed``) and only the main one writes the checkpoint and the registry.
@@ -120,6 +124,8 @@ def run_expansion(
     expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator, run_info=run_info)
     for domain_name, (_, w) in guidance.mystyle_targets.items():
         parent.set_anchors(domain_name, w)  # the subject is sampled between its inversions, not at random latents
+    if description:
+        parent.description = description
     parent.record_training(training_run_record(config, [d.name for d in domains], replayed, guidance_spec, 1 if accelerator is None else accelerator.num_processes, real_images))
     if is_main:
         parent.save_pretrained(out)

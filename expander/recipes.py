@@ -108,7 +108,10 @@ class Recipe:
             real_images = str(Path(real_images).expanduser())
             if base_dir is not None and not Path(real_images).is_absolute():
                 real_images = str((base_dir / real_images).resolve())  # like a domain's images: relative to the recipe
-        return cls(data.get("model"), out, domains, training, data.get("name"), data.get("description", ""), guidance, real_images=real_images)
+        description = data.get("description") or ""
+        if not isinstance(description, str) or "\n" in description.strip():
+            raise RecipeError(f"{where}: 'description' must be one line of text (the model card's and the registry's), got {description!r}")
+        return cls(data.get("model"), out, domains, training, data.get("name"), description.strip(), guidance, real_images=real_images)
 
 
 def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:

@@ -26,7 +26,7 @@ def run(*args):
 def test_help_lists_every_command_with_an_example():
     result = run("--help")
     assert result.exit_code == 0
-    for command in ["sample", "domains", "directions", "traverse", "pull", "push", "info", "import"]:
+    for command in ["sample", "domains", "directions", "traverse", "pull", "push", "info", "list", "import"]:
         assert command in result.output
         sub = run(command, "--help")
         assert sub.exit_code == 0 and "Example:" in sub.output, command

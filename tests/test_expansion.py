@@ -78,6 +78,8 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"guidance": {"clipp": "world"}}, "unknown guidance keys"),
         ({"domains": []}, "non-empty 'domains'"),
         ({"real_images": ["a", "b"]}, "'real_images' must be a folder of photos"),
+        ({"description": ["two", "lines"]}, "'description' must be one line of text"),
+        ({"description": "one\ntwo"}, "'description' must be one line of text"),
         ({"domains": [{"name": "z", "prompt": "a zombie"}, {"name": "z", "prompt": "a ghost"}]}, "duplicate domain name 'z'"),
         ({"domains": [{"name": "z", "prompt": "   "}]}, "non-empty 'prompt'"),
         ({"domains": [{"name": "z", "method": "mystyle"}]}, "needs 'images'"),
@@ -290,6 +292,7 @@ def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip
         "model": str(parent_dir),
         "out": str(tmp_path / "joint"),
         "name": "tiny-joint",
+        "description": "A tiny model with a zombie and a sketch.",
         "guidance": {"clip": str(tiny_clip_dir), "perceptual": "lpips-alex"},
         "training": {"steps": 2, "batch_size": 2, "base_batch_size": 2},
         "domains": [{"name": "zombie", "prompt": "a zombie", "weights": {"lambda_nada": 2.0}}, {"name": "sketch", "prompt": "a sketch", "direction": 31}],
@@ -306,6 +309,13 @@ def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip
     assert "per-domain loss weights: zombie `lambda_nada=2.0`" in (tmp_path / "joint" / "README.md").read_text()
     registry = json.loads((home / "registry.json").read_text())
     assert "tiny-joint" in registry["models"]
+    # The recipe's description, not the parent's, is the new model's: card, config and registry.
+    assert model.description == registry["models"]["tiny-joint"]["description"] == "A tiny model with a zombie and a sketch."
+    assert "A tiny model with a zombie and a sketch." in (tmp_path / "joint" / "README.md").read_text()
+    listed = run("list")
+    assert listed.exit_code == 0 and "tiny-joint" in listed.output and "* world-portraits" in listed.output, listed.output
+    (line,) = [row for row in listed.output.splitlines() if "tiny-joint" in row]
+    assert " 2 " in line and str((tmp_path / "joint").resolve()) in line  # two domains, and where they live
     sample = run("sample", "--model", "tiny-joint", "--domain", "sketch", "-n", 2, "--out", tmp_path / "s.png")
     assert sample.exit_code == 0, sample.output
 
