@@ -265,7 +265,12 @@ def list_models():
         registry = load_registries()
     except (RegistryError, ValueError) as err:
         _fail(str(err))
-    rows = [(("* " if name == registry.default_model else "  ") + name, str(len(entry.domains)), entry.location(), entry.description)
+
+    def where(entry) -> str:
+        missing = "path" in entry.source and not Path(entry.source["path"]).is_dir()
+        return entry.location() + (" (missing: train or pull it again)" if missing else "")
+
+    rows = [(("* " if name == registry.default_model else "  ") + name, str(len(entry.domains)), where(entry), entry.description)
             for name, entry in sorted(registry.models.items())]
     header = ("  model", "domains", "source", "description")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]

@@ -75,3 +75,18 @@ def test_directions_traverse_info(model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     result = run("info", model_dir)
     assert result.exit_code == 0 and "zombie, glasses" in result.output
+
+
+def test_list_shows_registered_models_and_flags_a_moved_folder(model_dir, tmp_path, monkeypatch):
+    from expander.registry import ModelEntry, register_user_model
+
+    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
+    register_user_model(ModelEntry("mine", {"path": model_dir}, description="two domains", domains={"zombie": {"direction": 31}, "glasses": {"direction": 30}}))
+    register_user_model(ModelEntry("gone", {"path": str(tmp_path / "deleted")}))
+    result = run("list")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0] if not line.startswith("*") else line.split()[1]: line for line in result.output.splitlines()[1:-1]}
+    assert lines["world-portraits"].startswith("* "), "the default model is starred"
+    assert " 2 " in lines["mine"] and model_dir in lines["mine"] and lines["mine"].endswith("two domains")
+    assert "missing" in lines["gone"] and "missing" not in lines["mine"]
+    assert str(tmp_path / "home" / "registry.json") in result.output
