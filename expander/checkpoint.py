@@ -250,12 +250,16 @@ class ExpandedGenerator(
         return torch.cat([self.generator.synthesis(chunk, noise_mode=noise_mode) for chunk in w.split(batch_size)]).clamp(-1, 1)
 
     @torch.no_grad()
-    def traverse(self, domain: str, n: int = 4, seed: int = 0, max_strength: float = 1.0, steps: int = 7, truncation_psi: float = 1.0) -> torch.Tensor:
+    def traverse(
+        self, domain: str, n: int = 4, seed: int = 0, max_strength: float = 1.0, steps: int = 7, truncation_psi: float = 1.0, batch_size: int = 32
+    ) -> torch.Tensor:
         """Images along the domain's direction, strengths -s..s: (n, steps, 3, R, R)."""
+        if domain == BASE_DOMAIN:
+            raise ValueError(f"the source domain {BASE_DOMAIN!r} has no direction to traverse; traverse one of: {', '.join(self.domain_names) or 'none yet (add a domain first)'}")
         direction = self.get_domain(domain)
         amounts = torch.linspace(-max_strength, max_strength, steps) * self.domain_alpha(direction)
         w = self.basis.traverse(self.sampling_latents(domain, n, seed, truncation_psi), direction.direction, amounts)  # (n, S, D)
-        images = self.generator.synthesis(w.flatten(0, 1)).clamp(-1, 1)
+        images = torch.cat([self.generator.synthesis(chunk) for chunk in w.flatten(0, 1).split(batch_size)]).clamp(-1, 1)  # (n*S, 3, R, R)
         return images.view(n, steps, *images.shape[1:])
 
     def forward(self, z: torch.Tensor, strengths: Optional[dict[str, float]] = None, truncation_psi: float = 1.0) -> torch.Tensor:

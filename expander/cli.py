@@ -20,8 +20,23 @@ REAL_IMAGES_HELP = (
 )
 
 
+DEVICE_HELP = "'cpu', 'cuda', 'cuda:N' or 'auto' (a CUDA GPU if there is one)."
+
+
 def _fail(message: str) -> None:
     raise click.ClickException(message)
+
+
+def _is_writable_model_folder(folder: Path) -> bool:
+    """False for the models shipped in the package and for Hugging Face cache snapshots: writing there
+    would change a built-in model for every later command, or make a cached Hub commit lie."""
+    from huggingface_hub import constants
+
+    from .registry import PACKAGE_ROOT
+
+    folder = Path(folder).resolve()
+    protected = [PACKAGE_ROOT, Path(constants.HF_HUB_CACHE).expanduser().resolve()]
+    return not any(folder == root or root in folder.parents for root in protected)
 
 
 def _load(model: Optional[str], device: str = "cpu"):
@@ -35,15 +50,21 @@ def _load(model: Optional[str], device: str = "cpu"):
 
 
 class _Group(click.Group):
-    """Turns library errors that reach the top into one clean line instead of a traceback."""
+    """Turns the library's errors that reach the top into one clean line instead of a traceback.
+
+    The library raises ValueError (bad input: names, settings, shapes, a wrong checkpoint) and OSError
+    (files, folders, the Hub) with messages that say what to do; ``expander -v`` keeps the traceback.
+    """
 
     def invoke(self, ctx: click.Context):
         from .domains import UnknownDomainError
 
         try:
             return super().invoke(ctx)
-        except UnknownDomainError as err:
-            raise click.ClickException(str(err)) from None
+        except (UnknownDomainError, ValueError, OSError) as err:
+            if logging.getLogger().isEnabledFor(logging.INFO):  # -v: the whole story
+                logging.getLogger("expander").exception("the command failed")
+            raise click.ClickException(str(err) or type(err).__name__) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -70,7 +91,7 @@ def main(verbose: bool) -> None:
 @click.option("--compose", default="", help="Comma-separated extra domains added at full strength, e.g. 'glasses,hat'.")
 @click.option("--truncation", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Truncation psi towards the mean w.")
 @click.option("--nrow", default=None, type=int, help="Images per row of the grid.")
-@click.option("--device", default="cpu", show_default=True, help="'cpu', 'cuda', 'cuda:N' or 'auto' (a CUDA GPU if there is one).")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG grid.")
 def sample(domain, model, num, seed, strength, compose, truncation, nrow, device, out):
     """Sample a grid of images from one domain (or a composition of domains).
@@ -119,29 +140,47 @@ def domains(model):
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG plot.")
 @click.option("--recompute", is_flag=True, help="Measure the dormancy curve again instead of using the stored one.")
-@click.option("--samples", default=16, show_default=True, help="Random latents per direction when measuring.")
-@click.option("--perceptual", default="auto", show_default=True, help="Distance for the curve: auto (world net for world models, else LPIPS-VGG), world, lpips-vgg, lpips-alex.")
-def directions(model, out, recompute, samples, perceptual):
+@click.option("--save", is_flag=True, help="Store the measured curve in the model folder, so new domains take the most dormant directions by it (an imported model needs this once).")
+@click.option("--samples", default=16, show_default=True, type=click.IntRange(1), help="Random latents per direction when measuring.")
+@click.option("--perceptual", default="auto", show_default=True, type=click.Choice(["auto", "world", "lpips-vgg", "lpips-alex"]), help="Distance for the curve: auto (world net for world models, else LPIPS-VGG).")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+def directions(model, out, recompute, save, samples, perceptual, device):
     """Plot the SeFA spectrum and the dormancy curve (perceptual change per direction).
 
     \b
     Example:
       expander directions --out curve.png
+      expander directions --model ffhq-expandable --recompute --save --device cuda --out curve.png
     """
+    from .hub import resolve_model_folder
     from .plots import plot_directions
     from .subspace.dormancy import dormancy_curve
 
-    generator = _load(model)
+    folder = None
+    if save:
+        folder, _ = resolve_model_folder(model)
+        if not _is_writable_model_folder(folder):
+            _fail(f"--save writes into the model folder, and {folder} is a built-in or downloaded model; copy it first (expander add-domain ... --out FOLDER) or drop --save")
+    generator = _load(str(folder) if folder else model, device)
     curve = generator.basis.dormancy
-    if recompute or curve.numel() == 0:
+    measured = recompute or curve.numel() == 0
+    if measured:
         from .guidance.perceptual import load_perceptual
 
         distance = load_perceptual(perceptual, generator)
-        curve = dormancy_curve(generator.generator, generator.basis, distance, n_samples=samples)
+        curve = dormancy_curve(generator.generator, generator.basis, distance, n_samples=samples).cpu()
+    if save:
+        if not measured:
+            _fail("--save stores a curve measured now: add --recompute")
+        generator.to("cpu")
+        generator.basis.dormancy = curve
+        generator.save_pretrained(folder)
     plot_directions(generator, curve, out)
     quarter = len(curve) // 4
     head, tail = curve[:quarter].mean().item(), curve[-quarter:].mean().item()
     click.echo(f"wrote {out}: first quarter changes images {head:.4f}, last quarter {tail:.4f} (ratio {head / max(tail, 1e-12):.1f}x)")
+    if save:
+        click.echo(f"stored the curve in {folder}; new domains now take the most dormant free directions by it (next: {generator.free_directions()[:5]})")
 
 
 @main.command()
@@ -151,8 +190,9 @@ def directions(model, out, recompute, samples, perceptual):
 @click.option("--steps", default=7, show_default=True, type=click.IntRange(2, 33), help="Images per row.")
 @click.option("--max-strength", default=1.0, show_default=True, type=float, help="Strips run from -s to +s.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-def traverse(domain, model, num, steps, max_strength, seed, out):
+def traverse(domain, model, num, steps, max_strength, seed, device, out):
     """Images along a domain's direction, from -s to +s (0 = base subspace).
 
     \b
@@ -161,7 +201,7 @@ def traverse(domain, model, num, steps, max_strength, seed, out):
     """
     from .utils.images import save_grid
 
-    generator = _load(model)
+    generator = _load(model, device)
     strip = generator.traverse(domain, n=num, seed=seed, max_strength=max_strength, steps=steps)
     save_grid(strip.flatten(0, 1), out, nrow=steps)
     click.echo(f"wrote {num}x{steps} traversal of {domain!r} to {out}")
@@ -209,6 +249,8 @@ def push(model, repo_id, private, message):
         url = push_model(model, repo_id, private=private, commit_message=message)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
+    except Exception as err:  # huggingface_hub raises many auth/network error types
+        _fail(f"could not upload to {repo_id}: {err} (logged in? run `hf auth login`)")
     click.echo(f"pushed to {url}")
 
 
@@ -283,8 +325,8 @@ def list_models():
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the expanded checkpoint.")
 @click.option("--allow-pickle", is_flag=True, help="Opt in to reading an NVIDIA .pkl (read with a restricted unpickler; no code is run).")
-@click.option("--alpha", default=20.0, show_default=True, help="Default distance of repurposed subspaces.")
-@click.option("--num-dormant", default=None, type=int, help="Directions reserved as dormant (default: half of W).")
+@click.option("--alpha", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Default distance of repurposed subspaces.")
+@click.option("--num-dormant", default=None, type=click.IntRange(1), help="Directions reserved as dormant (default: half of W).")
 def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
     """Turn a StyleGAN2 checkpoint (rosinality .pt or NVIDIA .pkl) into an expandable model.
 
@@ -301,11 +343,11 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
             G, D = load_nvidia_pickle(checkpoint, allow_pickle=allow_pickle)
         else:
             G, D = load_rosinality_checkpoint(checkpoint)
+        model = ExpandedGenerator.from_generator(G, D, alpha=alpha, num_dormant=num_dormant, base_model=str(Path(checkpoint).name))
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         _fail(str(err))
-    model = ExpandedGenerator.from_generator(G, D, alpha=alpha, num_dormant=num_dormant, base_model=str(Path(checkpoint).name))
     model.save_pretrained(out)
-    click.echo(f"wrote {out}; run `expander directions --model {out} --recompute --out curve.png` to measure its dormancy curve")
+    click.echo(f"wrote {out}; run `expander directions --model {out} --recompute --save --out curve.png` (add --device cuda on a GPU) to measure and store its dormancy curve")
 
 
 @main.command()
@@ -370,19 +412,23 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other training setting (an ExpansionConfig field, as in a recipe's `training` block), e.g. --set replay_batch_size=8; repeatable.")
 @click.option("--device", "device", default="auto", show_default=True, help=TRAIN_DEVICE_HELP)
 @click.option("--real-images", default=None, type=click.Path(file_okay=False), help=REAL_IMAGES_HELP)
-def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings, device, real_images):
+@click.option("--resume", is_flag=True, help="Continue a killed run (or one finished with --keep-state) of the same command from its last saved step.")
+@click.option("--keep-state", is_flag=True, help="Keep the training state (next to the output folder) after the run, to continue it later with --resume --steps N.")
+def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings, device, real_images, resume, keep_state):
     """Add one domain to an existing expanded model; existing domains are replayed, not forgotten.
+
+    The built-in model and models in the Hugging Face cache are never changed: give --out for them.
 
     \b
     Example:
-      expander add-domain "a portrait of a person with glasses" --name glasses
-      expander add-domain --images photos/me --name me --steps 300
+      expander add-domain "a portrait of a person with glasses" --name glasses --out runs/my-model
+      expander add-domain --images photos/me --name me --steps 300 --model runs/my-model
     """
     from .distributed import is_main_process
     from .domains import Domain
-    from .expansion import run_expansion
+    from .expansion import run_expansion, training_state_dir
     from .hub import resolve_model_folder
-    from .registry import expander_home, load_registries
+    from .registry import builtin_model_names, expander_home, load_registries
     from .train import ExpansionConfig
 
     method = method or ("mystyle" if images else "nada")
@@ -397,7 +443,11 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         _fail(str(err))
     # Without --out, a registered model is updated in place: the new version goes to
     # $EXPANDER_HOME/models/NAME and NAME points to it. With --out, the name keeps its old target.
+    # The built-in model is the exception: a user entry of the same name would hide it everywhere.
     registered = model_name in load_registries().models and out is None
+    if out is None and (model_name in builtin_model_names() or (not registered and not _is_writable_model_folder(folder))):
+        kind = "the built-in model" if model_name in builtin_model_names() else "a downloaded Hub snapshot"
+        _fail(f"{model_name!r} is {kind}, which add-domain never changes: pass --out FOLDER for the expanded copy, e.g. --out runs/my-model")
     out = Path(out) if out else (expander_home() / "models" / model_name if registered else folder)
     domain = Domain(name=name, direction=direction, method=method, prompt=prompt, images=images, alpha=alpha)
     try:
@@ -410,11 +460,15 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
     if diffusion:
         guidance_spec["diffusion"] = diffusion
     try:
-        result = run_expansion(str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, force=force, device=device, real_images=real_images)
+        result = run_expansion(
+            str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, resume=resume, force=force, keep_state=keep_state, device=device, real_images=real_images
+        )
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     if is_main_process():
         click.echo(f"added {name!r} on direction {result.get_domain(name).direction}; wrote {out} ({len(result.domains)} domains)")
+        if keep_state:
+            click.echo(f"kept the training state in {training_state_dir(out)}; train it longer with the same command plus --resume --steps N")
 
 
 def _training_settings(settings: tuple[str, ...]) -> dict:
@@ -437,8 +491,11 @@ def _training_settings(settings: tuple[str, ...]) -> dict:
 
 
 def _slug(text: str) -> str:
-    words = [w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split() if w not in {"a", "an", "the", "of", "with", "portrait", "person", "photo"}]
-    return "-".join(words[:4]) or "domain"
+    # Words joined by '_', as the world's attributes are named ("... with blue skin" -> blue_skin), so
+    # `expander eval` finds a world domain's attribute without a mapping.
+    filler = {"a", "an", "the", "of", "with", "wearing", "in", "portrait", "person", "photo", "picture", "image"}
+    words = [w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split() if w not in filler]
+    return "_".join(words[:4]) or "domain"
 
 
 @main.group()
@@ -509,12 +566,13 @@ def build(what, steps, runs, no_resume):
 @main.command(name="eval")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--parent", default=None, help="Parent model to compare source preservation with (default: the world parent).")
-@click.option("-n", "--num", "num", default=256, show_default=True, help="Samples per domain.")
+@click.option("-n", "--num", "num", default=256, show_default=True, type=click.IntRange(2), help="Samples per domain.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--attribute", "attributes", multiple=True, metavar="DOMAIN=ATTRIBUTE", help="The world attribute a domain draws, when its name is not one (e.g. --attribute specs=glasses); repeatable.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the full JSON report here (a summary is always printed).")
 @click.option("--grid", default=None, type=click.Path(dir_okay=False), help="PNG grid: one row per domain.")
-@click.option("--classifier-samples", default=2000, show_default=True, help="Held-out renders to re-measure the evaluation classifier's accuracy on (0: skip).")
-def evaluate(model, parent, num, seed, out, grid, classifier_samples):
+@click.option("--classifier-samples", default=2000, show_default=True, type=click.IntRange(0), help="Held-out renders to re-measure the evaluation classifier's accuracy on (0: skip).")
+def evaluate(model, parent, num, seed, attributes, out, grid, classifier_samples):
     """Measure a world model exactly: source preservation, domain success, leakage, alignment, composition.
 
     \b
@@ -530,8 +588,18 @@ def evaluate(model, parent, num, seed, out, grid, classifier_samples):
     generator = _load(model)
     if not is_world_model(generator):
         _fail("`expander eval` measures models of the portraits world (base_model expander/world); this model is not one")
-    reference = _load(parent) if parent else _load(None)
-    report = metrics.evaluate(generator, n_samples=num, seed=seed, parent=reference)
+    from .hub import resolve_model_folder
+    from .registry import BUILTIN_REGISTRY, Registry
+
+    attribute_of = {}
+    for pair in attributes:
+        domain, sep, attribute = pair.partition("=")
+        if not sep or not domain.strip() or not attribute.strip():
+            _fail(f"--attribute needs DOMAIN=ATTRIBUTE, got {pair!r} (e.g. --attribute specs=glasses)")
+        attribute_of[domain.strip()] = attribute.strip()
+    # The world parent from the built-in zoo, not the merged registry: a user entry may reuse a name.
+    reference = _load(parent) if parent else _load(str(resolve_model_folder(None, registry=Registry.load(BUILTIN_REGISTRY))[0]))
+    report = metrics.evaluate(generator, n_samples=num, seed=seed, parent=reference, attribute_of=attribute_of)
     if classifier_samples:
         report["classifier"] = metrics.classifier_accuracy(n=classifier_samples)
     click.echo(metrics.format_report(report))

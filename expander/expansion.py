@@ -20,7 +20,7 @@ from .checkpoint import ExpandedGenerator
 from .domains import Domain
 from .hub import load_model
 from .losses.mystyle import invert_images
-from .registry import entry_for_model, register_user_model
+from .registry import check_user_model_name, entry_for_model, refresh_user_entries, register_user_model
 from .train import ExpansionConfig, check_lowpass_keep, expand
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ def run_expansion(
 
     config = config or ExpansionConfig()
     out = Path(out)
+    if name is not None:
+        check_user_model_name(name, "the name to register the result under")  # before hours of training, not after
     accelerator = None
     if is_distributed_launch():
         from accelerate import Accelerator
@@ -131,6 +133,7 @@ def run_expansion(
         parent.save_pretrained(out)
         if name:
             register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent))
+        refresh_user_entries(out, parent)  # other names of this folder list its new domains too
         if not keep_state:
             shutil.rmtree(state_dir, ignore_errors=True)
     if accelerator is not None:

@@ -82,13 +82,28 @@ def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registr
     path = Path(model).expanduser()
     if path.is_dir():
         return path, str(path)
-    if is_repo_id(model):
-        return Path(snapshot_download(repo_id=model, revision=revision)), model
     known = ", ".join(sorted(registry.models)) or "none"
+    if _looks_like_local_path(model):
+        raise ModelNotFoundError(f"model folder {model} not found (registered models: {known}); check the path, or train or pull the model first")
+    if is_repo_id(model):
+        try:
+            return Path(snapshot_download(repo_id=model, revision=revision)), model
+        except Exception as err:  # huggingface_hub raises many network, auth, cache and not-found error types
+            raise ModelNotFoundError(
+                f"model {model!r} is not a registered model ({known}) or a folder here, and the Hugging Face Hub did not give it "
+                f"({type(err).__name__}: {err}); check the repo id and your connection, or `expander pull {model}` while online"
+            ) from err
     raise ModelNotFoundError(
         f"model {model!r} not found: it is not a registered model ({known}), not a folder, and not a Hub repo id (org/name). "
         "Run `expander pull ORG/NAME` to fetch one from the Hub."
     )
+
+
+def _looks_like_local_path(text: str) -> bool:
+    """Whether ``text`` names a local folder rather than a Hub repo id: './x', '/x', '~/x', 'a/b/c',
+    or 'runs/x' when 'runs' is a folder here, so a mistyped folder is not sent to the Hub."""
+    parts = Path(text).parts
+    return text.startswith((".", "/", "~", "\\")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def load_model(model: Optional[str] = None, device: str = "cpu", revision: Optional[str] = None) -> ExpandedGenerator:

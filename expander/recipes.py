@@ -33,6 +33,7 @@ from typing import Any, Optional
 import yaml
 
 from .domains import METHODS, Domain
+from .registry import RegistryError, check_user_model_name
 from .train import ExpansionConfig
 
 _TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description", "real_images"}
@@ -111,7 +112,13 @@ class Recipe:
         description = data.get("description") or ""
         if not isinstance(description, str) or "\n" in description.strip():
             raise RecipeError(f"{where}: 'description' must be one line of text (the model card's and the registry's), got {description!r}")
-        return cls(data.get("model"), out, domains, training, data.get("name"), description.strip(), guidance, real_images=real_images)
+        name = data.get("name")
+        if name is not None:
+            try:
+                check_user_model_name(name, f"{where}: 'name'")
+            except RegistryError as err:
+                raise RecipeError(str(err)) from None
+        return cls(data.get("model"), out, domains, training, name, description.strip(), guidance, real_images=real_images)
 
 
 def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:

@@ -85,10 +85,21 @@ class ModelEntry:
         return self.source["path"]
 
 
+def check_model_name(name: Any, where: str = "model name") -> str:
+    """``name`` if it can be a registry name; otherwise a RegistryError that says what is allowed."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        raise RegistryError(f"{where}: invalid model name {name!r}: use 1-96 letters, digits, '_', '-' or '.', starting with a letter or digit")
+    return name
+
+
+def builtin_model_names() -> set[str]:
+    """Names of the models shipped inside the package, which no user entry may replace."""
+    return {name for name, entry in Registry.load(BUILTIN_REGISTRY).models.items() if "package" in entry.source}
+
+
 def _validate_entry(name: str, data: Any, where: str) -> ModelEntry:
     prefix = f"{where}: model {name!r}"
-    if not _MODEL_NAME.match(name):
-        raise RegistryError(f"{where}: invalid model name {name!r} (letters, digits, '_', '-', '.')")
+    check_model_name(name, where)
     if not isinstance(data, dict):
         raise RegistryError(f"{prefix} must be an object")
     allowed = {"description", "source", "base_model", "resolution", "domains"}
@@ -200,11 +211,38 @@ def entry_for_model(name: str, source: dict[str, str], model: Any, description: 
     return ModelEntry(name, source, description or model.description, model.base_model, model.generator.resolution, domains)
 
 
+def check_user_model_name(name: Any, where: str = "model name") -> str:
+    """A valid name that is not a built-in model's: registering it would hide the built-in for every later command."""
+    check_model_name(name, where)
+    if name in builtin_model_names():
+        raise RegistryError(f"{where}: {name!r} is a built-in model and cannot be replaced; register the result under another name")
+    return name
+
+
 def register_user_model(entry: ModelEntry) -> Path:
-    """Add (or replace) a model in the user registry, atomically."""
+    """Add (or replace) a model in the user registry, atomically; built-in names are refused."""
+    check_user_model_name(entry.name)
     path = user_registry_path()
     registry = Registry.load(path) if path.exists() else Registry()
     registry.models[entry.name] = entry
     registry.save(path)
     return path
 
+
+def refresh_user_entries(folder: str | Path, model: Any) -> list[str]:
+    """Update the domains of every user entry whose folder is ``folder`` (after a new version was written there).
+
+    Returns the names updated; the registry is rewritten atomically, and only when something changed.
+    """
+    path = user_registry_path()
+    if not path.exists():
+        return []
+    folder = Path(folder).resolve()
+    registry = Registry.load(path)
+    stale = [name for name, entry in registry.models.items() if "path" in entry.source and Path(entry.source["path"]).resolve() == folder]
+    for name in stale:
+        old = registry.models[name]
+        registry.models[name] = entry_for_model(name, dict(old.source), model, old.description)
+    if stale:
+        registry.save(path)
+    return stale

@@ -90,3 +90,97 @@ def test_list_shows_registered_models_and_flags_a_moved_folder(model_dir, tmp_pa
     assert " 2 " in lines["mine"] and model_dir in lines["mine"] and lines["mine"].endswith("two domains")
     assert "missing" in lines["gone"] and "missing" not in lines["mine"]
     assert str(tmp_path / "home" / "registry.json") in result.output
+
+
+def test_traverse_of_the_source_domain_says_what_to_traverse(model_dir, tmp_path):
+    result = run("traverse", "--model", model_dir, "--domain", "base", "--out", tmp_path / "s.png")
+    assert result.exit_code != 0 and "has no direction to traverse" in result.output and "zombie, glasses" in result.output
+    assert "Did you mean" not in result.output and not (tmp_path / "s.png").exists()
+
+
+def test_a_mistyped_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    import expander.hub
+
+    def no_network(**kwargs):
+        raise AssertionError("a local path must not reach the Hub")
+
+    monkeypatch.setattr(expander.hub, "snapshot_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    result = run("sample", "--model", "runs/my-modle", "--out", "z.png")
+    assert result.exit_code != 0 and "model folder runs/my-modle not found" in result.output
+
+
+def test_a_hub_failure_is_one_line_that_names_the_repo(tmp_path, monkeypatch):
+    import expander.hub
+
+    def refuse(**kwargs):
+        raise RuntimeError("401 Client Error: Repository Not Found")
+
+    monkeypatch.setattr(expander.hub, "snapshot_download", refuse)
+    monkeypatch.chdir(tmp_path)
+    result = run("sample", "--model", "someone/no-such-model", "--out", "z.png")
+    assert result.exit_code != 0 and "'someone/no-such-model'" in result.output and "Repository Not Found" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_directions_save_stores_a_measured_curve(model_dir, tmp_path, monkeypatch):
+    import expander.guidance.perceptual as perceptual
+
+    monkeypatch.setattr(perceptual, "load_perceptual", lambda name, model=None: lambda a, b: (a - b).pow(2).flatten(1).mean(1))
+    before = ExpandedGenerator.from_pretrained(model_dir).basis.dormancy.clone()
+    result = run("directions", "--model", model_dir, "--save", "--out", tmp_path / "c.png")
+    assert result.exit_code != 0 and "add --recompute" in result.output
+    result = run("directions", "--model", model_dir, "--recompute", "--save", "--samples", 2, "--out", tmp_path / "c.png")
+    assert result.exit_code == 0, result.output
+    stored = ExpandedGenerator.from_pretrained(model_dir)
+    assert stored.basis.dormancy.shape == before.shape and not torch.equal(stored.basis.dormancy, before)
+    assert stored.domain_names == ["zombie", "glasses"], "saving the curve keeps the domains"
+
+
+def test_directions_save_never_writes_into_the_built_in_model(tmp_path):
+    result = run("directions", "--recompute", "--save", "--out", tmp_path / "c.png")
+    assert result.exit_code != 0 and "built-in or downloaded model" in result.output
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_add_domain_never_changes_the_built_in_model(tmp_path, monkeypatch):
+    from expander.registry import user_registry_path
+
+    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
+    result = run("add-domain", "a portrait of a person with glasses", "--steps", 1)
+    assert result.exit_code != 0 and "'world-portraits' is the built-in model" in result.output and "--out" in result.output
+    assert not user_registry_path().exists()
+
+
+def test_hub_cache_and_package_folders_are_not_writable(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from expander.cli import _is_writable_model_folder
+    from expander.registry import PACKAGE_ROOT
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert not _is_writable_model_folder(tmp_path / "hub" / "models--org--name" / "snapshots" / ("0" * 40))
+    assert not _is_writable_model_folder(PACKAGE_ROOT / "world" / "weights" / "portraits")
+    assert _is_writable_model_folder(tmp_path / "runs" / "mine")
+
+
+@pytest.mark.parametrize(
+    "prompt, name",
+    [("a portrait of a person with blue skin", "blue_skin"), ("a portrait of a person wearing a hat", "hat"), ("a pop art portrait of a person", "pop_art"), ("", "domain")],
+)
+def test_default_domain_names_are_the_world_attribute_names(prompt, name):
+    from expander.cli import _slug
+    from expander.world.metrics import resolve_attributes
+
+    assert _slug(prompt) == name
+    assert resolve_attributes(["blue-skin", "Pop Art", "specs"], {"specs": "glasses"}) == {"blue-skin": "blue_skin", "Pop Art": "pop_art", "specs": "glasses"}
+
+
+def test_eval_options_are_checked_before_any_sampling(tmp_path):
+    result = run("eval", "-n", 1)
+    assert result.exit_code == 2 and "-n" in result.output
+    result = run("eval", "--attribute", "glasses", "-n", 2, "--classifier-samples", 0)
+    assert result.exit_code != 0 and "--attribute needs DOMAIN=ATTRIBUTE" in result.output
+    result = run("eval", "--attribute", "specs=glasses", "-n", 2, "--classifier-samples", 0)
+    assert result.exit_code != 0 and "does not have" in result.output

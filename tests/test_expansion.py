@@ -95,6 +95,9 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"domains": [{"name": "z", "prompt": "x", "weights": {"lambda_nada": "1"}}]}, "lambda_nada of domain 'z' must be a finite number"),
         ({"domains": [{"name": "z", "prompt": "x", "weights": {"lambda_nada_consistency": 1}}], "training": {"batch_size": 2}}, "lambda_nada_consistency needs batch_size >= 3"),
         ({"training": {"domain_weights": {"zombie": {"lambda_nada": 2}}}}, "set a domain's loss weights in its entry"),
+        ({"name": "my model"}, "invalid model name 'my model'"),
+        ({"name": 2024}, "invalid model name 2024"),
+        ({"name": "world-portraits"}, "'world-portraits' is a built-in model"),
     ],
 )
 def test_bad_recipes_are_refused_with_a_clear_message(change, message):

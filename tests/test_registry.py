@@ -64,3 +64,29 @@ def test_save_refuses_invalid_and_writes_nothing(tmp_path):
     with pytest.raises(RegistryError):
         registry.save(tmp_path / "registry.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_built_in_name_is_never_registered_by_the_user(tmp_path, monkeypatch):
+    from expander.registry import ModelEntry, register_user_model, user_registry_path
+
+    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
+    with pytest.raises(RegistryError, match="'world-portraits' is a built-in model"):
+        register_user_model(ModelEntry("world-portraits", {"path": str(tmp_path)}))
+    assert not user_registry_path().exists()
+
+
+def test_entries_of_a_rewritten_folder_list_its_new_domains(tmp_path, monkeypatch, tiny_generator):
+    from expander.checkpoint import ExpandedGenerator
+    from expander.domains import Domain
+    from expander.registry import ModelEntry, load_registries, refresh_user_entries, register_user_model
+
+    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "model"
+    register_user_model(ModelEntry("mine", {"path": str(folder)}, description="kept"))
+    register_user_model(ModelEntry("other", {"path": str(tmp_path / "elsewhere")}))
+    model = ExpandedGenerator.from_generator(tiny_generator, num_dormant=8, base_model="tiny")
+    model.add_domain(Domain("zombie", direction=-1, prompt="a zombie"))
+    assert refresh_user_entries(folder, model) == ["mine"]
+    registry = load_registries()
+    assert set(registry.models["mine"].domains) == {"zombie"} and registry.models["mine"].description == "kept"
+    assert registry.models["other"].domains == {}

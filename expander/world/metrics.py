@@ -133,7 +133,10 @@ def frechet_distance(feats_a: Union[torch.Tensor, np.ndarray], feats_b: Union[to
 
 
 def resolve_attributes(domain_names: Sequence[str], attribute_of: Optional[dict[str, str]] = None) -> dict[str, Optional[str]]:
-    """{domain: attribute or None}: the explicit mapping first, then the name itself if it is an attribute."""
+    """{domain: attribute or None}: the explicit mapping first, then the name itself if it is an attribute.
+
+    A name matches with '-' or ' ' read as '_' (the domain ``blue-skin`` is the attribute ``blue_skin``).
+    """
     attribute_of = dict(attribute_of or {})
     unknown_domains = sorted(set(attribute_of) - set(domain_names))
     if unknown_domains:
@@ -141,7 +144,11 @@ def resolve_attributes(domain_names: Sequence[str], attribute_of: Optional[dict[
     bad = {d: a for d, a in attribute_of.items() if a not in ATTRIBUTES}
     if bad:
         raise ValueError(f"attribute_of maps to unknown attributes {bad}; known: {list(ATTRIBUTES)}")
-    return {name: attribute_of.get(name, name if name in ATTRIBUTES else None) for name in domain_names}
+    def by_name(name: str) -> Optional[str]:
+        canonical = name.lower().replace("-", "_").replace(" ", "_")
+        return canonical if canonical in ATTRIBUTES else None
+
+    return {name: attribute_of.get(name, by_name(name)) for name in domain_names}
 
 
 def _round(value: Optional[float], digits: int = 5) -> Optional[float]:
@@ -403,6 +410,12 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"{name:<14}{'-' if success is None else f'{success:.3f}':>9}{max(leaks) if leaks else 0.0:>10.3f}"
                 f"{align['perceptual']:>12.4f}{align['factors_preserved']:>14.3f}{'-' if align.get('diversity') is None else format(align['diversity'], '.3f'):>11}"
+            )
+        unmapped = [d for d in report.get("unmapped_domains", []) if d not in report.get("subjects", {})]
+        if unmapped:
+            lines.append(
+                f"no world attribute for {', '.join(unmapped)} (success and leakage '-'): name the attribute with "
+                f"`expander eval --attribute {unmapped[0]}=ATTRIBUTE` (one of {', '.join(ATTRIBUTES)})"
             )
         if report["composition"]:
             lines.append(f"composition (both attributes): mean {report['summary']['mean_composition']}")
