@@ -160,19 +160,19 @@ def directions(model, out, recompute, save, samples, perceptual, device):
     if save:
         folder, _ = resolve_model_folder(model)
         if not _is_writable_model_folder(folder):
-            _fail(f"--save writes into the model folder, and {folder} is a built-in or downloaded model; copy it first (expander add-domain ... --out FOLDER) or drop --save")
+            _fail(f"--save writes into the model folder, and {folder} is a built-in or downloaded model: copy the folder (cp -r) and pass the copy as --model, or drop --save")
     generator = _load(str(folder) if folder else model, device)
-    curve = generator.basis.dormancy
+    curve = generator.basis.dormancy.cpu()
     measured = recompute or curve.numel() == 0
     if measured:
         from .guidance.perceptual import load_perceptual
 
         distance = load_perceptual(perceptual, generator)
         curve = dormancy_curve(generator.generator, generator.basis, distance, n_samples=samples).cpu()
+    generator.to("cpu")  # the plot and the checkpoint read the basis on the CPU
     if save:
         if not measured:
             _fail("--save stores a curve measured now: add --recompute")
-        generator.to("cpu")
         generator.basis.dormancy = curve
         generator.save_pretrained(folder)
     plot_directions(generator, curve, out)

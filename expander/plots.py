@@ -27,8 +27,10 @@ def plot_directions(model: "ExpandedGenerator", curve: torch.Tensor, out: str | 
     right.plot(index, curve.numpy(), color="tab:orange", label="perceptual change")
     for domain in model.domains:
         right.axvline(domain.direction, color="tab:green", alpha=0.35, lw=1)
-    dormant_start = model.basis.style_dim - model.num_dormant
-    right.axvspan(dormant_start, model.basis.style_dim, color="grey", alpha=0.12, label="reserved dormant range")
+    # The dormant set is the num_dormant directions that change images least by the plotted curve,
+    # which need not be the last indices (SeFA's order is by singular value, not by change).
+    dormant = torch.argsort(curve, stable=True)[: model.num_dormant] if curve.numel() == model.basis.style_dim else torch.tensor(model.dormant_directions())
+    right.scatter(dormant.numpy(), curve[dormant].numpy(), s=9, color="grey", zorder=3, label=f"the {len(dormant)} dormant directions")
     right.set(title="dormancy curve (mean change per direction)", xlabel="direction (sorted)", ylabel="distance")
     right.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
