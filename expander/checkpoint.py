@@ -241,6 +241,10 @@ class ExpandedGenerator(
         batch_size: int = 32,
     ) -> torch.Tensor:
         """Images (n, 3, R, R) in [-1, 1] from ``domain`` (``'base'`` = the source domain)."""
+        if domain in compose:
+            raise ValueError(f"{domain!r} is both the domain and in compose; list each domain once (its strength is {strength:g})")
+        if domain == BASE_DOMAIN and strength != 1.0:
+            raise ValueError(f"strength moves along a domain's direction, and the source domain {BASE_DOMAIN!r} has none; sample a domain with strength {strength:g}, or base without it")
         strengths = {domain: strength}
         for extra in compose:
             strengths[extra] = 1.0

@@ -184,3 +184,12 @@ def test_eval_options_are_checked_before_any_sampling(tmp_path):
     assert result.exit_code != 0 and "--attribute needs DOMAIN=ATTRIBUTE" in result.output
     result = run("eval", "--attribute", "specs=glasses", "-n", 2, "--classifier-samples", 0)
     assert result.exit_code != 0 and "does not have" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(("--domain", "zombie", "--compose", "glasses,zombie"), "both the domain and in compose"), (("--domain", "base", "--strength", 0.5), "has none")],
+)
+def test_sample_options_that_would_be_ignored_are_refused(model_dir, tmp_path, args, message):
+    result = run("sample", "--model", model_dir, *args, "--out", tmp_path / "z.png")
+    assert result.exit_code != 0 and message in result.output and not (tmp_path / "z.png").exists()
