@@ -44,7 +44,7 @@ from expander.generators.stylegan2 import Discriminator, Generator, StyleGAN2Con
 from expander.guidance.clip import ClipEncoder, ClipGuidance  # noqa: E402
 from expander.guidance.diffusion import StableDiffusionGuidance  # noqa: E402
 from expander.guidance.perceptual import lpips_distance  # noqa: E402
-from expander.losses.sds import ScoreDistillation, SdsConfig  # noqa: E402
+from expander.losses.sds import ScoreDistillation  # noqa: E402
 from expander.recipes import Recipe  # noqa: E402
 from expander.train import Expander, Guidance  # noqa: E402
 from expander.world.clip import build_world_tokenizer, word_vocabulary  # noqa: E402
@@ -118,7 +118,7 @@ def build_guidance(method: str, recipe: Recipe, spec: dict[str, Any], device: to
         for module in (teacher.vae, teacher.unet, teacher.text_encoder):
             module.to(device).requires_grad_(False)
         config = recipe.training
-        guidance.teacher = ScoreDistillation(teacher, SdsConfig(t_min=config.sds_t_min, t_max=config.sds_t_max, guidance_scale=config.sds_guidance_scale, lambda_directional=config.lambda_sds_directional))
+        guidance.teacher = ScoreDistillation(teacher, config.sds_config())
     return guidance
 
 

@@ -33,11 +33,11 @@ from typing import Any, Optional
 import yaml
 
 from .domains import METHODS, Domain
+from .guidance.build import check_guidance_spec
 from .registry import RegistryError, check_user_model_name
 from .train import ExpansionConfig
 
 _TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description", "real_images"}
-_GUIDANCE_KEYS = {"clip", "clip_loss", "clip_views", "clip_max_projection", "perceptual", "diffusion"}
 _DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha", "weights"}
 
 
@@ -79,9 +79,10 @@ class Recipe:
         if out is not None and (not isinstance(out, str) or not out.strip()):
             raise RecipeError(f"{where}: 'out' must be a folder path, got {out!r}")
         guidance = data.get("guidance") or {}
-        bad = sorted(set(guidance) - _GUIDANCE_KEYS)
-        if bad:
-            raise RecipeError(f"{where}: unknown guidance keys {bad}; allowed: {sorted(_GUIDANCE_KEYS)}")
+        try:
+            check_guidance_spec(guidance)
+        except ValueError as err:
+            raise RecipeError(f"{where}: {err}") from None
         entries = data.get("domains")
         if not isinstance(entries, list) or not entries:
             raise RecipeError(f"{where} needs a non-empty 'domains' list")

@@ -25,7 +25,7 @@ import copy
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
@@ -36,15 +36,17 @@ from tqdm.auto import tqdm
 from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import Domain
-from .losses import loss_composed_edits, loss_d_logistic, loss_g_nonsaturating, loss_lowpass_change, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
+from .guidance.perceptual import PerceptualDistance
+from .losses import loss_composed_edits, loss_d_logistic, loss_g_nonsaturating, loss_lowpass_change, loss_mystyle, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
 from .utils.io import load_training_state, read_json, save_training_state, setting_differences
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
 
+    from .losses.sds import SdsConfig
+
 logger = logging.getLogger(__name__)
 
-PerceptualDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RealSampler = Callable[[int, torch.Generator], torch.Tensor]  # (n, rng) -> real images (n, 3, R, R)
 
 
@@ -81,7 +83,10 @@ class ExpansionConfig:
     lr_decay_steps: int = 0
     lr_final_ratio: float = 0.1
     lambda_nada: float = 1.0
-    lambda_nada_exclusive: float = 0.0  # hinge on moving towards what only the other NADA domains' prompts ask for (0 = off; see loss_nada)
+    # Hinge on moving towards what only the other NADA domains' prompts ask for (0 = off; see loss_nada).
+    # Relative to lambda_nada: it is part of loss_nada, so a domain's lambda_nada scales it too (the
+    # recipes' measured weights are in these units), unlike the absolute lambda_nada_image_exclusive.
+    lambda_nada_exclusive: float = 0.0
     lambda_nada_image_exclusive: float = 0.0  # hinge on moving towards what the other NADA domains of the step draw (0 = off; see loss_nada_image_exclusive)
     nada_contrast: float = 1.0  # how much of the model's NADA domains' mean text direction each domain's direction drops (0 = off; see ClipGuidance.text_direction)
     # Ridge of the dual basis of the model's NADA text directions (None = off; replaces nada_contrast,
@@ -161,6 +166,12 @@ class ExpansionConfig:
             return 1.0
         progress = min(1.0, (step - self.lr_decay_start) / self.lr_decay_steps)
         return self.lr_final_ratio + (1 - self.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def sds_config(self) -> "SdsConfig":
+        """The score-distillation settings of this run, as the teacher's SdsConfig."""
+        from .losses.sds import SdsConfig
+
+        return SdsConfig(t_min=self.sds_t_min, t_max=self.sds_t_max, guidance_scale=self.sds_guidance_scale, lambda_directional=self.lambda_sds_directional)
 
     def weight(self, name: str, domain: Optional[str]) -> float:
         """The loss weight ``name`` for ``domain``'s adaptation losses: its override, else the run's."""
@@ -304,12 +315,19 @@ class Expander:
         run_info: Optional[dict[str, Any]] = None,  # what else defines the run (e.g. the recipe's guidance): saved with the state, checked on resume
     ):
         self.model, self.guidance, self.real_sampler, self.accelerator = model, guidance, real_sampler, accelerator
-        self.run_info = run_info or {}
+        self.run_info = json.loads(json.dumps(run_info or {}, default=str))  # plain JSON (paths as text): saved and compared as is
         self.config = config = config or ExpansionConfig()
         new_names = [d.name for d in new_domains]
         missing = sorted(set(new_names) - set(model.domain_names))
         if missing:
             raise ValueError(f"domains {missing} must be added to the model (model.add_domain) before training")
+        teacher_config = getattr(guidance.teacher, "config", None)  # a ScoreDistillation's; a duck-typed teacher has its own
+        if is_dataclass(teacher_config) and any(d.method == "sds" for d in new_domains):
+            # The run's settings are what the checkpoint records: a teacher built with others would train differently.
+            wanted, built = asdict(config.sds_config()), asdict(teacher_config)
+            differing = [f"{name}: {built.get(name)!r} in the teacher, {value!r} in the training settings" for name, value in wanted.items() if built.get(name, value) != value]
+            if differing:
+                raise ValueError(f"the SDS teacher was built with other settings than this run's ({'; '.join(differing)}); build it with ScoreDistillation(teacher, config.sds_config())")
         strangers = sorted(set(config.domain_weights) - set(new_names))
         if strangers:
             raise ValueError(f"training setting domain_weights names {strangers}, which this run does not train; trained here: {new_names}")
@@ -397,6 +415,9 @@ class Expander:
                     differences.append(f"{kind} domains: {', '.join(saved_names) or 'none'} in the state, {', '.join(names) or 'none'} now")
                 elif saved_domains.get(kind) != now["domains"][kind]:
                     differences.append(f"{kind} domains: their prompts, methods, directions or alphas differ")
+        saved_processes, processes = info.get("num_processes", 1), 1 if self.accelerator is None else self.accelerator.num_processes
+        if saved_processes != processes:  # each rank draws its own latents: another count is another run
+            differences.append(f"processes: {saved_processes} in the state, {processes} now (resume with the same accelerate launch)")
         if differences:
             raise ValueError(
                 f"cannot resume from the training state in {folder}: it was saved by a run with other settings ("
@@ -543,8 +564,7 @@ class Expander:
                 prompts = [domain.prompt] + ([group.partner.prompt] if group.partner is not None and group.partner.method in ("nada", "sds") and group.partner.prompt else [])
                 add("loss_sds", weight("lambda_sds") * guidance.teacher.loss(domain_images, references[id(group)], prompts if len(prompts) > 1 else domain.prompt, self.rng))
             elif domain.method == "mystyle":
-                loss = (domain_images - group.targets).square().mean() + guidance.perceptual(domain_images, group.targets).mean()
-                add("loss_mystyle", weight("lambda_mystyle") * loss)
+                add("loss_mystyle", weight("lambda_mystyle") * loss_mystyle(domain_images, group.targets, guidance.perceptual))
             if weight("lambda_lowpass_keep") > 0 and id(group) in references:  # NADA/SDS: edits of a base image
                 add("loss_lowpass_keep", weight("lambda_lowpass_keep") * loss_lowpass_change(domain_images, references[id(group)], config.lowpass_size))
 

@@ -76,6 +76,13 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"training": {"nada_consistency_temperature": 0}}, "nada_consistency_temperature must be > 0"),
         ({"training": {"lambda_nada_consistency": 1, "batch_size": 2}}, "lambda_nada_consistency needs batch_size >= 3"),
         ({"guidance": {"clipp": "world"}}, "unknown guidance keys"),
+        ({"guidance": {"clip_views": True}}, "clip_views must be a whole number >= 0"),
+        ({"guidance": {"clip_views": 2.7}}, "clip_views must be a whole number >= 0"),
+        ({"guidance": {"clip_max_projection": True}}, "clip_max_projection must be a number > 0, or null"),
+        ({"guidance": {"clip_loss": "l2"}}, "clip_loss must be one of"),
+        ({"guidance": {"perceptual": "vgg"}}, "perceptual must be one of"),
+        ({"guidance": {"clip": []}}, "guidance clip must be a CLIP name"),
+        ({"guidance": ["world"]}, "guidance must be a mapping"),
         ({"domains": []}, "non-empty 'domains'"),
         ({"real_images": ["a", "b"]}, "'real_images' must be a folder of photos"),
         ({"description": ["two", "lines"]}, "'description' must be one line of text"),
@@ -165,6 +172,12 @@ def test_one_step_with_transformers_clip_diffusers_sd_and_lpips(tiny_generator, 
     assert {"loss_nada", "loss_sds", "loss_mystyle", "loss_replay_l2", "loss_replay_perceptual"} <= set(losses)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
     assert any(not torch.equal(a, b) for a, b in zip(before, model.generator.synthesis_parameters()))
+    # The run's SDS settings are what the checkpoint records: a teacher built with others is refused.
+    guidance.teacher = ScoreDistillation(teacher, SdsConfig(t_max=0.8))
+    with pytest.raises(ValueError, match=r"t_max: 0.8 in the teacher, 0.5 in the training settings"):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(steps=1, batch_size=2, base_batch_size=2))
+    guidance.teacher = ScoreDistillation(teacher, ExpansionConfig(sds_t_max=0.8).sds_config())
+    Expander(model, list(model.domains), guidance, ExpansionConfig(steps=1, batch_size=2, base_batch_size=2, sds_t_max=0.8))
 
 
 # ---- the CLI: add-domain and expand ------------------------------------------------------------------
@@ -659,6 +672,9 @@ def test_composed_edits_are_free_when_edits_add_up_and_cost_half_when_one_is_los
     assert 0.3 < loss.item() < 0.7  # ||e_j - e_base||^2 over the sum of both edits (equal sizes up to the crop)
     loss.backward()
     assert only_domain.grad[:, 2].sum() < 0 and only_domain.grad[:, 1].abs().max() == pytest.approx(0.0, abs=1e-7)  # pushes blue up, nothing else
+    # With noise too: the four images share it, so edits that add up are still free (the encoder is linear).
+    noisy = ClipGuidance([_LinearEncoder()], templates=("{}",), augment_views=4, augment_noise=0.1)
+    assert loss_composed_edits(noisy, added, domain, partner, base, rng).item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_consistency_keeps_who_resembles_whom_not_what_they_look_like():
@@ -683,6 +699,19 @@ def test_consistency_keeps_who_resembles_whom_not_what_they_look_like():
     assert loss_nada_consistency([(template, base)], batch, temperature=0.05).item() != pytest.approx(loss.item())
     # fewer than three latents: nothing to rank
     assert loss_nada_consistency([(template[:2], base[:2])], 2).item() == 0.0
+
+
+def test_a_domain_with_another_domains_prompt_still_has_a_direction():
+    """Re-adding an attribute (e.g. at another alpha): contrast with the own prompt would cancel it to 0."""
+    guidance = ClipGuidance([_LinearEncoder()], templates=("{}",))
+    encoder = guidance.encoders[0]
+    plain = guidance.text_direction(encoder, "a person", "a zombie")
+    assert torch.allclose(guidance.text_direction(encoder, "a person", "a zombie", ["a zombie"]), plain)
+    twice = guidance.text_direction(encoder, "a person", "a zombie", ["a zombie", "a ghost", "a ghost"])
+    assert torch.allclose(twice, guidance.text_direction(encoder, "a person", "a zombie", ["a ghost"]))
+    dual = guidance.text_direction(encoder, "a person", "a zombie", ["a zombie"], dual_ridge=0.3)
+    assert dual.norm() > 0.5
+    assert guidance.exclusive_directions(encoder, "a person", "a zombie", ["a zombie"]).shape == (0, plain.shape[-1])
 
 
 def test_contrast_removes_the_component_shared_by_the_domains():

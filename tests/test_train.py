@@ -83,6 +83,17 @@ def test_resume_refuses_a_state_of_another_run(model, guidance, tmp_path):
     fewer_steps = fresh()
     with pytest.raises(ValueError, match="at step 2, past this run's 1 steps"):
         expand(fewer_steps, list(fewer_steps.domains), guidance, ExpansionConfig(**{**SMALL, "steps": 1}), state_dir=tmp_path / "state", resume=True, progress=False)
+    import json
+
+    state_json = tmp_path / "state" / "state.json"
+    saved_info = state_json.read_text()
+    info = json.loads(saved_info)
+    info["info"]["num_processes"] = 2  # as a 2-process accelerate launch saves it
+    state_json.write_text(json.dumps(info))
+    two_processes = fresh()
+    with pytest.raises(ValueError, match=r"processes: 2 in the state, 1 now"):
+        expand(two_processes, list(two_processes.domains), guidance, ExpansionConfig(**SMALL), state_dir=tmp_path / "state", resume=True, progress=False)
+    state_json.write_text(saved_info)
     assert (tmp_path / "state" / "state.safetensors").read_bytes() == state  # a refused resume leaves the state as it was
     # Steps and the checkpoint interval may change: continuing for more steps is what --steps is for.
     more = fresh()

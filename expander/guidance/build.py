@@ -21,14 +21,51 @@ REAL_DIFFUSION = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 WORLD = "world"
 
 
+GUIDANCE_KEYS = ("clip", "clip_loss", "clip_views", "clip_max_projection", "perceptual", "diffusion")
+
+
+def check_guidance_spec(spec: Any) -> dict[str, Any]:
+    """``spec`` (a recipe's ``guidance:`` block) if every value has its type and range; a ValueError naming the first that does not.
+
+    Checked as strictly as the training settings: ``clip_views: true`` or ``2.7`` is a mistake, not 1 or 2.
+    """
+    import math
+
+    from .clip import DIRECTION_LOSSES
+    from .perceptual import NAMES
+
+    if not isinstance(spec, dict):
+        raise ValueError(f"guidance must be a mapping of {list(GUIDANCE_KEYS)}, got {spec!r}")
+    unknown = sorted(set(spec) - set(GUIDANCE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown guidance keys {unknown}; allowed: {sorted(GUIDANCE_KEYS)}")
+    clip = spec.get("clip")
+    if clip is not None and not (isinstance(clip, str) and clip.strip()) and not (isinstance(clip, list) and clip and all(isinstance(c, str) and c.strip() for c in clip)):
+        raise ValueError(f"guidance clip must be a CLIP name (world, world-b, world-c, or a transformers id/folder) or a non-empty list of them, got {clip!r}")
+    if "clip_loss" in spec and spec["clip_loss"] not in DIRECTION_LOSSES:
+        raise ValueError(f"guidance clip_loss must be one of {list(DIRECTION_LOSSES)}, got {spec['clip_loss']!r}")
+    views = spec.get("clip_views")
+    if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 0):
+        raise ValueError(f"guidance clip_views must be a whole number >= 0 (augmented views per image; 0 = none), got {views!r}")
+    cap = spec.get("clip_max_projection")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0):
+        raise ValueError(f"guidance clip_max_projection must be a number > 0, or null for no cap, got {cap!r}")
+    if "perceptual" in spec and spec["perceptual"] not in NAMES:
+        raise ValueError(f"guidance perceptual must be one of {list(NAMES)}, got {spec['perceptual']!r}")
+    diffusion = spec.get("diffusion")
+    if diffusion is not None and not (isinstance(diffusion, str) and diffusion.strip()):
+        raise ValueError(f"guidance diffusion must be 'world' or a diffusers Stable Diffusion id/folder, got {diffusion!r}")
+    return spec
+
+
 def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optional[dict[str, Any]] = None, config=None, device: str = "cpu"):
     """A :class:`expander.train.Guidance` with only what ``methods`` need (``config``: ExpansionConfig)."""
-    from ..losses.sds import ScoreDistillation, SdsConfig
+    from ..losses.sds import ScoreDistillation
     from ..train import ExpansionConfig, Guidance
 
     config = config or ExpansionConfig()
 
-    spec = dict(spec or {})
+    spec = dict(check_guidance_spec(spec or {}))
     world = is_world_model(model)
     guidance = Guidance(perceptual=load_perceptual(spec.get("perceptual", "auto"), model))
     if "nada" in methods:
@@ -49,17 +86,17 @@ def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optio
                 [ClipEncoder.from_pretrained(str(WORLD_CLIPS[name]), device) for name in world_names],
                 templates=WORLD_TEMPLATES,
                 direction_loss=spec.get("clip_loss", "projection"),
-                augment_views=int(spec.get("clip_views", 4)),
-                max_projection=_optional_float(spec.get("clip_max_projection")),
+                augment_views=spec.get("clip_views", 4),
+                max_projection=spec.get("clip_max_projection"),
             )
         else:
             guidance.clip = ClipGuidance.from_pretrained(
-                names, device=device, direction_loss=spec.get("clip_loss", "cosine"), augment_views=int(spec.get("clip_views", 0)),
-                max_projection=_optional_float(spec.get("clip_max_projection")),
+                names, device=device, direction_loss=spec.get("clip_loss", "cosine"), augment_views=spec.get("clip_views", 0),
+                max_projection=spec.get("clip_max_projection"),
             )
     if "sds" in methods:
         diffusion = spec.get("diffusion", WORLD if world else REAL_DIFFUSION)
-        sds = SdsConfig(t_min=config.sds_t_min, t_max=config.sds_t_max, guidance_scale=config.sds_guidance_scale, lambda_directional=config.lambda_sds_directional)
+        sds = config.sds_config()
         if diffusion == WORLD:
             from ..world.teacher import WorldTeacher
 
@@ -70,6 +107,3 @@ def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optio
             guidance.teacher = ScoreDistillation(StableDiffusionGuidance.from_pretrained(diffusion, device=device), sds)
     return guidance
 
-
-def _optional_float(value: Any) -> Optional[float]:
-    return None if value is None else float(value)

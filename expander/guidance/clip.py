@@ -156,6 +156,9 @@ class ClipGuidance:
         stds): a hat domain, 300 steps, 0% success without views, 23% and 42% with 4 (two runs), 61%
         with stronger views (crops down to 0.6, noise 0.1, ``augment_blur`` 2.5; one run). At the
         current alpha (36 stds) the default views already reach 98% in 150 steps.
+
+        Several images may be stacked on channels ((B, 3k, H, W), as ``loss_composed_edits`` does):
+        they share the crop, the resolution and the noise, which is drawn for one 3-channel image.
         """
         if self.augment_views <= 0:
             return domain_images, base_images
@@ -164,7 +167,10 @@ class ClipGuidance:
         shift = (torch.rand(views * batch, 2, generator=rng) * 2 - 1) * (1 - scale)[:, None]  # keeps the crop inside
         theta = torch.zeros(views * batch, 2, 3)
         theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale, scale, shift
-        noise = torch.randn((views * batch, *domain_images.shape[1:]), generator=rng) * self.augment_noise
+        channels, height, width = domain_images.shape[1:]
+        if channels % 3:
+            raise ValueError(f"augment expects RGB images, or RGB images stacked on channels (3k channels), got {channels} channels")
+        noise = (torch.randn((views * batch, 3, height, width), generator=rng) * self.augment_noise).repeat(1, channels // 3, 1, 1)  # one noise per view, every stacked image
         theta, noise = theta.to(domain_images), noise.to(domain_images)
         grid = F.affine_grid(theta, [views * batch, *domain_images.shape[1:]], align_corners=False)
         size = domain_images.shape[-1]
@@ -211,7 +217,10 @@ class ClipGuidance:
           0.065, the worst ratio of another attribute's pay to the own from 1.24 to 0.43.
           Not a unit vector (norm >= 1) with the projection loss; normalised for the cosine.
         """
-        key = (id(encoder), source, target, tuple(contrast), contrast_strength, dual_ridge)
+        # Another domain with this domain's own prompt (the same attribute at another alpha) would
+        # cancel the direction (t0 - mean(t0, t0) = 0): contrast with each other prompt once, never the own.
+        contrast = _other_prompts(contrast, target)
+        key = (id(encoder), source, target, contrast, contrast_strength, dual_ridge)
         if key not in self._directions:
             directions = torch.stack([self._raw_direction(encoder, source, prompt) for prompt in (target, *contrast)])  # (1 + C, D)
             if dual_ridge is not None and contrast:
@@ -235,9 +244,13 @@ class ClipGuidance:
         target text does not ask for (in the world, clown-nose, eyepatch and sketch domains drew
         glasses: their text directions share a glasses-like component).
         """
-        key = ("exclusive", id(encoder), source, target, tuple(others))
+        others = _other_prompts(others, target)
+        key = ("exclusive", id(encoder), source, target, others)
         if key not in self._directions:
             own = self._raw_direction(encoder, source, target)  # (D,)
+            if not others:
+                self._directions[key] = own.new_zeros(0, own.shape[-1])  # (0, D): nothing to exclude
+                return self._directions[key]
             rows = torch.stack([self._raw_direction(encoder, source, prompt) for prompt in others])  # (C, D)
             self._directions[key] = F.normalize(rows - (rows @ own)[:, None] * own, dim=-1)
         return self._directions[key]
@@ -246,3 +259,8 @@ class ClipGuidance:
         target_emb = encoder.encode_text([t.format(target) for t in self.templates]).mean(0)
         source_emb = encoder.encode_text([t.format(source) for t in self.templates]).mean(0)
         return F.normalize(target_emb - source_emb, dim=-1)
+
+
+def _other_prompts(prompts: Sequence[str], own: str) -> tuple[str, ...]:
+    """``prompts`` without repeats and without ``own``, in their order."""
+    return tuple(prompt for prompt in dict.fromkeys(prompts) if prompt != own)

@@ -14,6 +14,7 @@ import torch
 if TYPE_CHECKING:
     from ..checkpoint import ExpandedGenerator
 
+# (images_a, images_b) in [-1, 1], (B, 3, H, W) each -> distance per pair, any shape with B elements.
 PerceptualDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NAMES = ("auto", "world", "lpips-vgg", "lpips-alex")
 

@@ -2,6 +2,7 @@
 
 from .nada import loss_composed_edits, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, nada_image_directions, nada_image_features
 from .replay import loss_lowpass_change, loss_replay
+from .mystyle import loss_mystyle
 from .adversarial import loss_d_logistic, loss_g_nonsaturating, loss_r1
 
-__all__ = ["loss_composed_edits", "loss_nada", "loss_nada_consistency", "loss_nada_image_exclusive", "nada_image_directions", "nada_image_features", "loss_lowpass_change", "loss_replay", "loss_d_logistic", "loss_g_nonsaturating", "loss_r1"]
+__all__ = ["loss_composed_edits", "loss_nada", "loss_nada_consistency", "loss_nada_image_exclusive", "nada_image_directions", "nada_image_features", "loss_lowpass_change", "loss_replay", "loss_mystyle", "loss_d_logistic", "loss_g_nonsaturating", "loss_r1"]

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generators.stylegan2 import Generator
+from .replay import loss_replay
 
 
 def invert_images(
@@ -34,3 +35,13 @@ def invert_images(
         loss.backward()
         optimizer.step()
     return w.detach()
+
+
+def loss_mystyle(domain_images: torch.Tensor, targets: torch.Tensor, perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Reconstruction of the subject's photos from their inversions projected onto the domain's subspace:
+    pixel L2 + perceptual, equally weighted, the distance replay holds the base subspace to.
+
+    domain_images, targets: (B, 3, R, R) in [-1, 1], paired; the targets are the photos (detached).
+    """
+    loss_l2, loss_perceptual = loss_replay(domain_images, targets, perceptual)
+    return loss_l2 + loss_perceptual

@@ -170,7 +170,8 @@ def loss_composed_edits(
     domain_images / partner_images / base_images: the same latents with only i / only j / neither
     (targets, detached). Views (``ClipGuidance.augment``) are shared by the four images of a latent.
     """
-    # The four images of a latent must share one view: stacked on channels, they are cropped together.
+    # The four images of a latent must share one view: stacked on channels, they get one crop and one
+    # noise (a noise of their own would put augmentation noise into the normaliser below).
     first, second = guidance.augment(torch.cat([composed_images, domain_images.detach()], 1), torch.cat([partner_images, base_images], 1).detach(), rng)  # (V*B, 6, H, W) x 2
     composed_views = first[:, :3]  # (V*B, 3, H, W)
     target_views = torch.cat([first[:, 3:], second[:, :3], second[:, 3:]])  # (3*V*B, 3, H, W): i, j, base

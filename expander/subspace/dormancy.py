@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from tqdm.auto import tqdm
 
 from ..generators.stylegan2 import Generator
+from ..guidance.perceptual import PerceptualDistance
 from .basis import LatentBasis
-
-# (images_a, images_b) in [-1, 1], (B, 3, H, W) each -> distance per pair, any shape with B elements.
-PerceptualDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ import torch
 
 from ..checkpoint import ExpandedGenerator
 from ..generators.stylegan2 import Discriminator, Generator, StyleGAN2Config
-from ..subspace.dormancy import PerceptualDistance, dormancy_curve, latent_step_size
+from ..guidance.perceptual import PerceptualDistance
+from ..subspace.dormancy import dormancy_curve, latent_step_size
 from ..utils.io import read_json, read_safetensors
 
 WORLD_BASE_MODEL = "expander/world"
