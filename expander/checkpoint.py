@@ -358,8 +358,12 @@ class ExpandedGenerator(
         map_location: str = "cpu",
         **unused: Any,
     ) -> "ExpandedGenerator":
-        folder = Path(model_id)
-        if not folder.is_dir():
+        folder = Path(model_id).expanduser()
+        if not folder.is_dir() and "/" not in model_id:  # a registered name ('world-portraits', a pulled model)
+            from .hub import resolve_model_folder
+
+            folder, _ = resolve_model_folder(model_id)
+        elif not folder.is_dir():
             folder = Path(
                 snapshot_download(
                     repo_id=model_id,
@@ -374,7 +378,7 @@ class ExpandedGenerator(
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "ExpandedGenerator":
-        """Load from a local folder or a Hub repo id (``revision=`` pins a commit). Strict."""
+        """Load from a registered name (``expander list``), a local folder or a Hub repo id (``revision=`` pins a commit). Strict."""
         return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), **kwargs)
 
     @classmethod

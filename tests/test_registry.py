@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from expander.registry import BUILTIN_REGISTRY, Registry, RegistryError
 
@@ -25,6 +26,10 @@ def test_shipped_registry_is_valid_and_default_model_loads():
     assert set(model.domain_names) == set(entry.domains)
     for name, spec in entry.domains.items():
         assert model.get_domain(name).direction == spec["direction"]
+    from expander.checkpoint import ExpandedGenerator
+
+    by_name = ExpandedGenerator.from_pretrained(registry.default_model)  # a registered name, as load_model takes
+    assert all(torch.equal(value, by_name.weights_dict()[key]) for key, value in model.weights_dict().items())
 
 
 def test_packaged_registry_is_the_top_level_file():
