@@ -99,7 +99,7 @@ def sample(domain, model, num, seed, strength, compose, truncation, nrow, device
     \b
     Example:
       expander sample --domain base -n 16 --seed 0 --out base.png
-      expander sample --domain zombie --compose hat --strength 1.0 --out zombie_hat.png
+      expander sample --model runs/world-nada-10 --domain zombie --compose hat --out zombie_hat.png
     """
     from .utils.images import save_grid
 
@@ -113,7 +113,7 @@ def sample(domain, model, num, seed, strength, compose, truncation, nrow, device
 @main.command()
 @click.option("--model", default=None, help=MODEL_HELP)
 def domains(model):
-    """List the domains of a model: name, direction, method, prompt.
+    """List the domains of a model: name, direction, method, alpha, steps, prompt / images; free directions.
 
     \b
     Example:
@@ -197,7 +197,7 @@ def traverse(domain, model, num, steps, max_strength, seed, device, out):
 
     \b
     Example:
-      expander traverse --domain zombie --steps 9 --max-strength 1.5 --out strip.png
+      expander traverse --model runs/world-nada-10 --domain zombie --steps 9 --max-strength 1.5 --out strip.png
     """
     from .utils.images import save_grid
 
@@ -237,7 +237,7 @@ def pull(repo_id, revision, name):
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--message", default="Upload expanded generator", show_default=True)
 def push(model, repo_id, private, message):
-    """Upload a model (name or folder) to a Hugging Face Hub repo (needs `hf auth login`).
+    """Upload a model (name or folder) to a Hugging Face Hub repo (needs `hf auth login`, or HF_TOKEN).
 
     \b
     Example:
@@ -299,7 +299,7 @@ def list_models():
     \b
     Example:
       expander list
-      expander sample --model NAME --domain DOMAIN    # a name from the first column
+      expander sample --model NAME --domain DOMAIN --out grid.png    # a name from the first column
     """
     from .registry import RegistryError, load_registries, user_registry_path
 
