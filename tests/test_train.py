@@ -48,18 +48,31 @@ def test_dual_basis_step_uses_the_other_domains_directions(model, guidance):
     assert {(key[2], key[3]) for key in keys} == {("a zombie", ("a sketch",)), ("a sketch", ("a zombie",))}
 
 
-@pytest.mark.parametrize("schedule", [{}, {"lr_decay_start": 1, "lr_decay_steps": 2}], ids=["constant-lr", "lr-decay"])
-def test_resume_gives_the_same_weights(model, guidance, tmp_path, schedule):
+def _real_renders(n, rng):
+    return torch.rand(n, 3, 16, 16, generator=rng) * 2 - 1
+
+
+@pytest.mark.parametrize(
+    "schedule, real",
+    [({}, None), ({"lr_decay_start": 1, "lr_decay_steps": 2}, None), ({"r1_every": 2}, _real_renders)],
+    ids=["constant-lr", "lr-decay", "gan-and-r1"],
+)
+def test_resume_gives_the_same_weights(model, guidance, tmp_path, schedule, real):
     reference = ExpandedGenerator.from_pretrained  # a pristine copy of the input model each time
     model.save_pretrained(tmp_path / "start")
     a = reference(tmp_path / "start")
-    expand(a, list(a.domains), guidance, ExpansionConfig(**SMALL, **schedule), progress=False)
+    expand(a, list(a.domains), guidance, ExpansionConfig(**SMALL, **schedule), real_sampler=real, progress=False)
     b = reference(tmp_path / "start")
-    expand(b, list(b.domains), guidance, ExpansionConfig(**{**SMALL, **schedule, "steps": 2}), state_dir=tmp_path / "state", progress=False)
+    expand(b, list(b.domains), guidance, ExpansionConfig(**{**SMALL, **schedule, "steps": 2}), state_dir=tmp_path / "state", real_sampler=real, progress=False)
     c = reference(tmp_path / "start")  # a fresh process would reload the input model, then the state
-    expand(c, list(c.domains), guidance, ExpansionConfig(**SMALL, **schedule), state_dir=tmp_path / "state", resume=True, progress=False)
+    expand(c, list(c.domains), guidance, ExpansionConfig(**SMALL, **schedule), state_dir=tmp_path / "state", resume=True, real_sampler=real, progress=False)
     for key, value in a.weights_dict().items():
         assert torch.equal(value, c.weights_dict()[key]), key
+    if real is not None:  # the discriminator and its optimizer resume too
+        start = reference(tmp_path / "start").discriminator.state_dict()
+        assert any(not torch.equal(value, start[key]) for key, value in a.discriminator.state_dict().items()), "the GAN path trained"
+        for key, value in a.discriminator.state_dict().items():
+            assert torch.equal(value, c.discriminator.state_dict()[key]), key
     assert [d.steps for d in c.domains] == [4, 4]
 
 
