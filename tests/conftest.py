@@ -30,6 +30,13 @@ def _seed_and_threads():
     torch.set_num_threads(1)  # tiny models: threads only add overhead, and oversubscribe a busy machine
 
 
+@pytest.fixture(autouse=True)
+def _private_expander_home(tmp_path_factory, monkeypatch):
+    # The user registry lives in $EXPANDER_HOME (default ~/.cache/expander): a test must neither read
+    # the developer's registered models (a user entry can shadow a built-in name) nor write there.
+    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path_factory.mktemp("expander_home")))
+
+
 @pytest.fixture
 def tiny_generator() -> Generator:
     torch.manual_seed(0)
