@@ -77,10 +77,9 @@ def test_directions_traverse_info(model_dir, tmp_path):
     assert result.exit_code == 0 and "zombie, glasses" in result.output
 
 
-def test_list_shows_registered_models_and_flags_a_moved_folder(model_dir, tmp_path, monkeypatch):
-    from expander.registry import ModelEntry, register_user_model
+def test_list_shows_registered_models_and_flags_a_moved_folder(model_dir, tmp_path):
+    from expander.registry import ModelEntry, register_user_model, user_registry_path
 
-    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
     register_user_model(ModelEntry("mine", {"path": model_dir}, description="two domains", domains={"zombie": {"direction": 31}, "glasses": {"direction": 30}}))
     register_user_model(ModelEntry("gone", {"path": str(tmp_path / "deleted")}))
     result = run("list")
@@ -89,7 +88,7 @@ def test_list_shows_registered_models_and_flags_a_moved_folder(model_dir, tmp_pa
     assert lines["world-portraits"].startswith("* "), "the default model is starred"
     assert " 2 " in lines["mine"] and model_dir in lines["mine"] and lines["mine"].endswith("two domains")
     assert "missing" in lines["gone"] and "missing" not in lines["mine"]
-    assert str(tmp_path / "home" / "registry.json") in result.output
+    assert str(user_registry_path()) in result.output
 
 
 def test_traverse_of_the_source_domain_says_what_to_traverse(model_dir, tmp_path):
@@ -144,10 +143,9 @@ def test_directions_save_never_writes_into_the_built_in_model(tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
-def test_add_domain_never_changes_the_built_in_model(tmp_path, monkeypatch):
+def test_add_domain_never_changes_the_built_in_model():
     from expander.registry import user_registry_path
 
-    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
     result = run("add-domain", "a portrait of a person with glasses", "--steps", 1)
     assert result.exit_code != 0 and "'world-portraits' is the built-in model" in result.output and "--out" in result.output
     assert not user_registry_path().exists()

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from expander.checkpoint import ExpandedGenerator
 from expander.domains import Domain
+from expander.registry import user_registry_path
 from expander.guidance.clip import ClipGuidance
 from expander.train import ExpansionConfig, Expander, Guidance, expand
 
@@ -179,7 +180,6 @@ def test_expand_cli_with_two_processes_writes_once(tmp_path, tiny_generator, tin
 
     import expander.guidance.perceptual as perceptual
 
-    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
     lpips_distance = perceptual.lpips_distance  # random backbone: torchvision's weights are absent offline
     monkeypatch.setattr(perceptual, "lpips_distance", lambda net="vgg", pretrained=True: lpips_distance(net, pretrained=False))
     parent = ExpandedGenerator.from_generator(tiny_generator, tiny_discriminator, alpha=3.0, num_dormant=8, base_model="tiny")
@@ -205,7 +205,7 @@ def test_expand_cli_with_two_processes_writes_once(tmp_path, tiny_generator, tin
     assert sorted(p.name for p in marks.iterdir() if not p.name.startswith("output")) == ["register0", "save0"]
     model = ExpandedGenerator.from_pretrained(tmp_path / "joint")
     assert model.domain_names == ["zombie", "sketch"] and [d.steps for d in model.domains] == [2, 2]
-    assert "tiny-joint" in (tmp_path / "home" / "registry.json").read_text()
+    assert "tiny-joint" in user_registry_path().read_text()
     assert not list(tmp_path.glob(".joint.state*")), "training state must be cleaned up"
 
 
@@ -223,11 +223,11 @@ def test_torchrun_two_cpu_processes_expand_the_world(tmp_path):
         "domains": [{"name": "glasses", "prompt": "a portrait of a person with glasses"}, {"name": "zombie", "prompt": "a portrait of a zombie"}],
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    env = dict(os.environ, EXPANDER_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]
     result = subprocess.run([*command, "-m", "expander.cli", "expand", str(tmp_path / "r.yaml")], env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("with 2 domains") == 1, result.stdout  # the main rank reports, once
     model = ExpandedGenerator.from_pretrained(tmp_path / "world-2")
     assert [d.steps for d in model.domains] == [2, 2]
-    assert "world-2" in (tmp_path / "home" / "registry.json").read_text()
+    assert "world-2" in user_registry_path().read_text()

@@ -7,6 +7,7 @@ diffusers Stable Diffusion with its VAE, lpips) are the same classes a user load
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -184,9 +185,9 @@ def test_one_step_with_transformers_clip_diffusers_sd_and_lpips(tiny_generator, 
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+def home() -> Path:
+    """This test's private $EXPANDER_HOME (set for every test in conftest.py)."""
+    return Path(os.environ["EXPANDER_HOME"])
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ def hub_cache(tmp_path, tiny_generator, monkeypatch):
     (repo / "refs" / "main").write_text(COMMIT)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
     return cache, model
 
 

@@ -71,21 +71,19 @@ def test_save_refuses_invalid_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_built_in_name_is_never_registered_by_the_user(tmp_path, monkeypatch):
+def test_a_built_in_name_is_never_registered_by_the_user(tmp_path):
     from expander.registry import ModelEntry, register_user_model, user_registry_path
 
-    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
     with pytest.raises(RegistryError, match="'world-portraits' is a built-in model"):
         register_user_model(ModelEntry("world-portraits", {"path": str(tmp_path)}))
     assert not user_registry_path().exists()
 
 
-def test_entries_of_a_rewritten_folder_list_its_new_domains(tmp_path, monkeypatch, tiny_generator):
+def test_entries_of_a_rewritten_folder_list_its_new_domains(tmp_path, tiny_generator):
     from expander.checkpoint import ExpandedGenerator
     from expander.domains import Domain
     from expander.registry import ModelEntry, load_registries, refresh_user_entries, register_user_model
 
-    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "home"))
     folder = tmp_path / "model"
     register_user_model(ModelEntry("mine", {"path": str(folder)}, description="kept"))
     register_user_model(ModelEntry("other", {"path": str(tmp_path / "elsewhere")}))
