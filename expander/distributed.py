@@ -61,13 +61,27 @@ def is_distributed_launch() -> bool:
     return max(int(os.environ.get(name, "1") or 1) for name in names) > 1
 
 
+def _on_cpu_only() -> bool:
+    # accelerate sets up a CPU process group (gloo) only when told to use the CPU: without this, a
+    # plain `torchrun` on a machine without CUDA made every rank a lone process that trained and
+    # wrote the output by itself.
+    return not torch.cuda.is_available()
+
+
+def make_accelerator() -> "Accelerator":
+    """This rank's ``Accelerator``: GPUs where CUDA is, else one CPU process group over the ranks."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=_on_cpu_only())
+
+
 def is_main_process() -> bool:
     """False on every rank but the first of a distributed launch (for messages printed once per run)."""
     if not is_distributed_launch():
         return True
     from accelerate.state import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=_on_cpu_only()).is_main_process
 
 
 def rng_name(rank: int) -> str:

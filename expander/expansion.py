@@ -79,7 +79,7 @@ def run_expansion(
     drawn on the CPU either way, so a run sees the same latents on any device (the weights it reaches
     differ only by the devices' arithmetic), and a state saved on one device resumes on another.
     """
-    from .distributed import is_distributed_launch, place_guidance
+    from .distributed import is_distributed_launch, make_accelerator, place_guidance
     from .guidance.build import build_guidance
 
     config = config or ExpansionConfig()
@@ -88,9 +88,7 @@ def run_expansion(
         check_user_model_name(name, "the name to register the result under")  # before hours of training, not after
     accelerator = None
     if is_distributed_launch():
-        from accelerate import Accelerator
-
-        accelerator = Accelerator()
+        accelerator = make_accelerator()
     is_main = accelerator is None or accelerator.is_main_process
     # this rank's device (accelerate's), or the one asked for: checked before anything is loaded
     run_device = accelerator.device if accelerator is not None else training_device(device)
