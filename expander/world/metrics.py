@@ -42,7 +42,9 @@ Report of :func:`evaluate` (a JSON-serialisable dict)::
                           as the source domain; near 0 = one template whatever the latent)}}
     composition          {"i+j": {"domains": [i, j], "attributes": [a_i, a_j], "both": fraction of
                           samples of w + a_i + a_j labelled with both, "first"/"second": with each,
-                          "conflicting": true when the renderer cannot show both (renderer.CONFLICTS)}}
+                          "conflicting": true when the renderer cannot show both (renderer.CONFLICTS),
+                          "reference_both": the same fraction on renders drawn with both attributes
+                          (what a perfect pair of domains scores: the classifier's ceiling)}}
     summary              {"mean_success", "mean_leakage" (off-diagonal, domain rows),
                           "mean_base_false_positive", "mean_perceptual", "mean_factors_preserved",
                           "mean_composition", "mean_diversity"} (null when there is nothing to average)
@@ -315,6 +317,7 @@ def evaluate(
             "first": _round(labelled[:, a].float().mean().item()),
             "second": _round(labelled[:, b].float().mean().item()),
             "conflicting": frozenset((attributes[first], attributes[second])) in conflicts,
+            "reference_both": _round(_reference_composition(classifier, attributes[first], attributes[second], n_samples, seed)),
         }
         bar.update(1)
     bar.close()
@@ -327,6 +330,7 @@ def evaluate(
         "mean_perceptual": _mean([a["perceptual"] for a in alignment.values()]),
         "mean_factors_preserved": _mean([a["factors_preserved"] for a in alignment.values()]),
         "mean_composition": _mean([c["both"] for c in composition.values() if not c["conflicting"]]),
+        "reference_mean_composition": _mean([c["reference_both"] for c in composition.values() if not c["conflicting"]]),
         "mean_diversity": _mean([a["diversity"] for a in alignment.values()]),
     }
     # MyStyle domains of a world subject: how well they reproduce it (their "success").
@@ -365,6 +369,17 @@ def _reference_preservation(classifier, attribute: str, n: int, seed: int, toler
     plain = renderer.render(factors)
     changed = renderer.render(factors, renderer.attribute_labels(n, attribute))
     return _preserved(_classify(classifier, plain)["factors"], _classify(classifier, changed)["factors"], tolerance)[:, columns].float().mean().item()
+
+
+@torch.no_grad()
+def _reference_composition(classifier, first: str, second: str, n: int, seed: int) -> float:
+    """The share of renders drawn with ``first`` and ``second`` (conflicts resolved as the renderer
+    does) that the classifier labels with both: the composition a perfect pair of domains scores."""
+    n = min(n, 256)
+    factors = renderer.sample_factors(n, seed + _RENDER_SEED_OFFSET + 3)
+    labels = renderer.attribute_labels(n, first) | renderer.attribute_labels(n, second)  # render() resolves conflicts
+    seen = _classify(classifier, renderer.render(factors, labels))["attributes"] > 0.5  # (n, A)
+    return (seen[:, ATTRIBUTES.index(first)] & seen[:, ATTRIBUTES.index(second)]).float().mean().item()
 
 
 @torch.no_grad()
@@ -418,7 +433,8 @@ def format_report(report: dict[str, Any]) -> str:
                 f"`expander eval --attribute {unmapped[0]}=ATTRIBUTE` (one of {', '.join(ATTRIBUTES)})"
             )
         if report["composition"]:
-            lines.append(f"composition (both attributes): mean {report['summary']['mean_composition']}")
+            ceiling = report["summary"].get("reference_mean_composition")
+            lines.append(f"composition (both attributes): mean {report['summary']['mean_composition']}" + ("" if ceiling is None else f" (renders with both: {ceiling})"))
         for name, subject in report.get("subjects", {}).items():
             lines.append(
                 f"{name}: identity match {subject['domain_match']:.3f} (base subspace at the same latents {subject['base_same_latents_match']:.3f}, "

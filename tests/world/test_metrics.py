@@ -12,7 +12,7 @@ from PIL import Image
 
 from expander.checkpoint import ExpandedGenerator
 from expander.domains import Domain
-from expander.world import metrics
+from expander.world import metrics, renderer
 from expander.world.renderer import ATTRIBUTES, CATEGORICAL, SOURCE_FACTORS
 
 # ---- Fréchet distance ------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_report_schema_and_json(world_like):
     for key in ("fid", "fid_floor"):
         assert report["source_preservation"][key] >= 0
     assert report["source_preservation"]["parent_fid"] is None
-    assert set(report["summary"]) == {"mean_success", "mean_leakage", "mean_base_false_positive", "mean_perceptual", "mean_factors_preserved", "mean_composition", "mean_diversity"}
+    assert set(report["summary"]) == {"mean_success", "mean_leakage", "mean_base_false_positive", "mean_perceptual", "mean_factors_preserved", "mean_composition", "reference_mean_composition", "mean_diversity"}
 
 
 def test_success_and_leakage_match_direct_computation(world_like):
@@ -147,6 +147,21 @@ def test_success_and_leakage_match_direct_computation(world_like):
     expected = (both[:, ATTRIBUTES.index("glasses")] & both[:, ATTRIBUTES.index("zombie")]).float().mean().item()
     assert list(report["composition"]) == ["glasses+ghoul"]
     assert report["composition"]["glasses+ghoul"]["both"] == pytest.approx(expected, abs=1e-4)
+    # the ceiling: the same count on renders drawn with both attributes
+    factors = renderer.sample_factors(12, 3 + metrics._RENDER_SEED_OFFSET + 3)
+    drawn = labelled(renderer.render(factors, renderer.attribute_labels(12, "glasses") | renderer.attribute_labels(12, "zombie")))
+    ceiling = (drawn[:, ATTRIBUTES.index("glasses")] & drawn[:, ATTRIBUTES.index("zombie")]).float().mean().item()
+    assert report["composition"]["glasses+ghoul"]["reference_both"] == pytest.approx(ceiling, abs=1e-4)
+    assert report["summary"]["reference_mean_composition"] == pytest.approx(ceiling, abs=1e-4)
+
+
+def test_composition_ceiling_with_the_world_classifier():
+    """Renders with both attributes are read as both, except where the renderer cannot draw both."""
+    from expander.world.classifier import load_world_classifier
+
+    classifier = load_world_classifier()
+    assert metrics._reference_composition(classifier, "glasses", "hat", 64, seed=0) > 0.9
+    assert metrics._reference_composition(classifier, "zombie", "blue_skin", 64, seed=0) == 0  # blue skin wins (renderer.CONFLICTS)
 
 
 def test_alignment_numbers(world_like):
