@@ -126,6 +126,14 @@ def test_sds_surrogate_gradient_is_grad_over_batch():
     torch.testing.assert_close(x.grad, grad / 4, rtol=0, atol=1e-6)
 
 
+def test_sds_surrogate_keeps_a_small_gradient_in_bfloat16():
+    # mixed-precision latents: |x| ~ 4 and |grad| ~ 1e-3 would cancel in a bf16 subtraction
+    x = (4 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))).bfloat16().requires_grad_(True)
+    grad = 1e-3 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    sds_surrogate(x, grad.bfloat16()).backward()
+    torch.testing.assert_close(x.grad.float(), grad.bfloat16().float() / 2, rtol=0.01, atol=1e-6)  # |grad / 2| ~ 5e-4
+
+
 def test_nan_from_the_teacher_gives_a_zero_finite_gradient(teacher, monkeypatch):
     def nan_noise(latents_t, t, prompt):
         nan = torch.full_like(latents_t, float("nan"))

@@ -846,3 +846,13 @@ def test_world_clip_names_build_an_ensemble_and_bad_specs_are_refused(monkeypatc
     monkeypatch.setitem(guidance_build.WORLD_CLIPS, "world-b", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="world-b"):
         guidance_build.build_guidance(world, ["nada"], {"clip": ["world", "world-b"], "perceptual": "world"})
+
+
+def test_inversion_leaves_the_generators_trainable_flags_as_they_were(tiny_generator):
+    tiny_generator.style.requires_grad_(False)  # a caller's choice: only the synthesis network trains
+    before = {name: p.requires_grad for name, p in tiny_generator.named_parameters()}
+    subject = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    w = invert_images(tiny_generator, subject, lambda a, b: (a - b).abs().mean((1, 2, 3)), steps=2, progress=False)
+    assert w.shape == (2, tiny_generator.config.style_dim) and not w.requires_grad
+    assert {name: p.requires_grad for name, p in tiny_generator.named_parameters()} == before
+    assert any(before.values()) and not all(before.values())

@@ -50,12 +50,17 @@ def _as_tensor(output) -> torch.Tensor:
 
 
 def out_of_vocabulary(tokenizer, prompt: str) -> list[str]:
-    """Words of ``prompt`` that a word-level tokenizer maps to its unknown token."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None:
+    """Words of ``prompt`` that a word-level tokenizer (the world CLIP's) maps to its unknown token.
+
+    Always [] for subword tokenizers: real CLIP's BPE spells any word from pieces (it stores whole
+    words as ``photo</w>``, so a word missing as one vocabulary entry is not unknown).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "WordLevel":
         return []
-    words = prompt.lower().replace(",", " ").replace(".", " ").split()
-    return [w for w in words if tokenizer.convert_tokens_to_ids(w) == unk]
+    text = backend.normalizer.normalize_str(prompt) if backend.normalizer is not None else prompt
+    words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+    return [w for w in words if backend.token_to_id(w) is None]
 
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -23,17 +23,24 @@ def invert_images(
 ) -> torch.Tensor:
     """Optimise one w per image (starting at the mean w) to reconstruct it: (N, 3, R, R) -> (N, D).
 
-    The generator is frozen; the result lies in W (not W+), as the subspaces are defined in W.
+    The generator is frozen while it runs (each parameter's ``requires_grad`` is restored after, so a
+    caller that trains it next still can); the result lies in W (not W+), as the subspaces are
+    defined in W.
     """
+    trainable = {name: p.requires_grad for name, p in generator.named_parameters()}
     generator.requires_grad_(False)
-    w = generator.w_avg.detach().clone().unsqueeze(0).repeat(len(images), 1).requires_grad_(True)
-    optimizer = torch.optim.Adam([w], lr=lr)
-    for _ in tqdm(range(steps), disable=not progress, desc="inverting images"):
-        reconstruction = generator.synthesis(w)
-        loss = perceptual(reconstruction, images).mean() + lambda_l2 * (reconstruction - images).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    try:
+        w = generator.w_avg.detach().clone().unsqueeze(0).repeat(len(images), 1).requires_grad_(True)
+        optimizer = torch.optim.Adam([w], lr=lr)
+        for _ in tqdm(range(steps), disable=not progress, desc="inverting images"):
+            reconstruction = generator.synthesis(w)
+            loss = perceptual(reconstruction, images).mean() + lambda_l2 * (reconstruction - images).square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        for name, p in generator.named_parameters():
+            p.requires_grad_(trainable[name])
     return w.detach()
 
 

@@ -33,9 +33,12 @@ class DiffusionTeacher(Protocol):
 def sds_surrogate(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """A loss whose gradient w.r.t. x is exactly ``grad / B``: 0.5 ||x - (x - grad)||^2, batch mean.
 
-    ``grad`` is a constant (detached); this is how a hand-made gradient enters autograd.
+    ``grad`` is a constant (detached); this is how a hand-made gradient enters autograd. Computed
+    in float32: in bf16/fp16 latents (mixed precision), ``x - (x - grad)`` would round a small
+    ``grad`` away next to a large ``x``.
     """
-    target = (x - grad).detach()
+    x = x.float()
+    target = (x - grad.float()).detach()
     return 0.5 * (x - target).square().flatten(1).sum(1).mean()
 
 

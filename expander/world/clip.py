@@ -44,6 +44,7 @@ import torch.nn.functional as F
 # One implementation of the generic (Hub) path, shared with the guidance code: the world CLIP must
 # load and preprocess exactly like openai/clip-vit-base-patch32 does.
 from ..guidance.clip import OPENAI_MEAN, OPENAI_STD, clip_pixel_values, load_clip
+from ..guidance.clip import out_of_vocabulary as check_vocabulary
 from ..utils.io import WORLD_RESTART_HINT, atomic_path, load_training_state, save_training_state, write_json
 from . import renderer
 from .build import WORLD_CLIP_RECIPES
@@ -183,21 +184,6 @@ def load_world_clip(folder: Union[str, Path] = WORLD_CLIP_DIR, device: str = "cp
     if not (folder / "model.safetensors").exists():
         raise FileNotFoundError(f"world CLIP weights not found in {folder}; train them with `python -m expander.world.clip OUT_DIR STEPS --export {folder}`")
     return load_clip(str(folder), device)
-
-
-def _is_word_level(tokenizer) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend is not None and type(backend.model).__name__ == "WordLevel"
-
-
-def check_vocabulary(tokenizer, prompt: str) -> list[str]:
-    """Words of ``prompt`` that a word-level tokenizer maps to ``<unk>`` (always [] for BPE tokenizers)."""
-    if not _is_word_level(tokenizer):
-        return []  # subword tokenizers (real CLIP) can spell any word
-    backend = tokenizer.backend_tokenizer
-    text = backend.normalizer.normalize_str(prompt) if backend.normalizer is not None else prompt
-    words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
-    return [w for w in words if backend.token_to_id(w) is None]
 
 
 def _features(output) -> torch.Tensor:

@@ -120,6 +120,18 @@ def test_subword_tokenizers_have_no_out_of_vocabulary_words():
     assert check_vocabulary(bpe, "anything at all") == []
 
 
+def test_real_clip_tokenizer_knows_words_it_has_pieces_for(tiny_sd_dir):
+    """CLIP's BPE stores whole words as 'photo</w>' and its unknown token is in the vocabulary: a
+    word missing as one entry is still encoded, so it must not be reported as unknown."""
+    from transformers import AutoTokenizer
+
+    from expander.guidance.clip import out_of_vocabulary  # what ClipEncoder.encode_text warns with
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_sd_dir / "tokenizer")
+    assert tokenizer.unk_token_id is not None
+    assert out_of_vocabulary(tokenizer, "A photo of a person with a hat.") == []
+
+
 def test_encoders_are_deterministic_and_normalised(world):
     model, tokenizer = world
     prompts = ["a portrait of a person", "a zombie wearing a hat"]
