@@ -22,6 +22,7 @@ from .hub import load_model
 from .losses.mystyle import invert_images
 from .registry import check_user_model_name, entry_for_model, refresh_user_entries, register_user_model
 from .train import ExpansionConfig, check_lowpass_keep, expand
+from .utils.io import check_replaceable
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def run_expansion(
     from .guidance.build import build_guidance
 
     config = config or ExpansionConfig()
-    out = Path(out)
+    out = check_replaceable(out)  # '--out .' fails now, not after training
     if name is not None:
         check_user_model_name(name, "the name to register the result under")  # before hours of training, not after
     accelerator = None

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import LocalEntryNotFoundError
@@ -67,10 +67,11 @@ def _snapshot_complete(snapshot: Path) -> bool:
     return not any(blobs.glob("*.incomplete"))
 
 
-def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registry] = None, revision: Optional[str] = None) -> tuple[Path, str]:
+def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registry] = None, revision: Optional[str] = None, **download: Any) -> tuple[Path, str]:
     """Map ``model`` (None = default, a registry name, a folder, or a Hub repo id) to a local folder.
 
-    Returns (folder, display name).
+    ``download``: further ``snapshot_download`` arguments for a Hub repo id (``cache_dir``, ``token``,
+    ``local_files_only``, ``force_download``). Returns (folder, display name).
     """
     registry = registry or load_registries()
     if model is None:
@@ -87,7 +88,7 @@ def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registr
         raise ModelNotFoundError(f"model folder {model} not found (registered models: {known}); check the path, or train or pull the model first")
     if is_repo_id(model):
         try:
-            return Path(snapshot_download(repo_id=model, revision=revision)), model
+            return Path(snapshot_download(repo_id=model, revision=revision, **download)), model
         except Exception as err:  # huggingface_hub raises many network, auth, cache and not-found error types
             raise ModelNotFoundError(
                 f"model {model!r} is not a registered model ({known}) or a folder here, and the Hugging Face Hub did not give it "

@@ -179,6 +179,72 @@ def test_failed_save_leaves_previous_checkpoint_intact(expanded, tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left behind
 
 
+def test_saving_over_a_model_keeps_files_that_are_not_the_checkpoints(expanded, tmp_path):
+    folder = _saved(expanded, tmp_path)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "notes.txt").write_text("trained on the lab machine")
+    expanded.add_domain(Domain("third", direction=-1))
+    expanded.save_pretrained(folder)
+    assert (folder / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (folder / "notes.txt").read_text() == "trained on the lab machine"
+    assert "third" in ExpandedGenerator.from_pretrained(folder).domain_names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_failed_folder_swap_puts_the_old_folder_and_its_other_files_back(expanded, tmp_path, monkeypatch):
+    import os
+
+    folder = _saved(expanded, tmp_path)
+    (folder / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(folder) and ".old" not in str(src):  # the new folder moving into place
+            raise OSError("device busy")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("expander.utils.io.os.replace", replace)
+    with pytest.raises(OSError, match="device busy"):
+        expanded.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_saving_onto_the_current_folder_is_refused(expanded, tmp_path, monkeypatch):
+    folder = _saved(expanded, tmp_path)
+    monkeypatch.chdir(folder)
+    with pytest.raises(ValueError, match="current folder"):
+        expanded.save_pretrained(".")
+    monkeypatch.chdir(tmp_path)
+    expanded.save_pretrained("m/../m")  # resolved first: the folder itself, not a '..' entry
+    assert ExpandedGenerator.from_pretrained(folder).domain_names == expanded.domain_names
+
+
+def test_malformed_config_and_domains_files_are_checkpoint_errors(expanded, tmp_path):
+    folder = _saved(expanded, tmp_path)
+    domains = (folder / "domains.json").read_text()
+    (folder / "domains.json").write_text(json.dumps({"domains": ["zombie"]}))
+    with pytest.raises(CheckpointError, match="invalid domains registry"):
+        ExpandedGenerator.from_pretrained(folder)
+    (folder / "domains.json").write_text(domains)
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        ExpandedGenerator.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", ["./nope", "runs/nope", "/tmp/expander-no-such-model"])
+def test_from_pretrained_reports_a_missing_local_folder_without_asking_the_hub(name, tmp_path, monkeypatch):
+    from expander import hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(hub, "snapshot_download", lambda **kwargs: pytest.fail(f"asked the Hub for {kwargs}"))
+    with pytest.raises(hub.ModelNotFoundError, match="not found"):
+        ExpandedGenerator.from_pretrained(name)
+
+
 def test_training_log_round_trips_and_reaches_the_model_card(expanded, tmp_path):
     from expander.expansion import training_run_record
     from expander.train import ExpansionConfig

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -304,6 +305,17 @@ def test_add_domain_bad_input_writes_nothing(args, message, parent_dir, tmp_path
     assert not (home / "registry.json").exists()
 
 
+def test_add_domain_into_the_current_folder_is_refused_before_training(parent_dir, home, tiny_clip_dir, monkeypatch):
+    # `cd my-model && expander add-domain ... --model .` writes back to '.', whose swap would pull the
+    # folder out from under the process: refused before the run, not after it.
+    monkeypatch.chdir(parent_dir)
+    before = _snapshot(parent_dir)
+    result = run("add-domain", "a ghost", "--model", ".", "--steps", 1, "--clip", tiny_clip_dir)
+    assert result.exit_code != 0 and "current folder" in result.output, result.output
+    assert "expand:" not in result.output  # no training step was taken
+    assert _snapshot(parent_dir) == before
+
+
 def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip_dir, tmp_path, home, offline_lpips):
     recipe = {
         "model": str(parent_dir),
@@ -445,6 +457,19 @@ def _photos(folder: Path, n: int, size: int = 24) -> Path:
         pixels = (torch.rand(size, size + 8, 3, generator=rng) * 255).to(torch.uint8).numpy()  # not square: centre-cropped
         Image.fromarray(pixels).save(folder / f"{i}.png")
     return folder
+
+
+def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path):
+    from expander.utils.images import load_image
+
+    upright = np.zeros((16, 16, 3), dtype=np.uint8)
+    upright[:4] = (255, 0, 0)  # red band on top, as a viewer shows the photo
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # how a phone stores it on its side (counter-clockwise)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "phone.png", exif=exif)
+    Image.fromarray(upright).save(tmp_path / "plain.png")
+    torch.testing.assert_close(load_image(tmp_path / "phone.png", 16), load_image(tmp_path / "plain.png", 16))
 
 
 def test_image_folder_sampler_draws_seeded_batches_from_disk(tmp_path):

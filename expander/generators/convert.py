@@ -76,6 +76,7 @@ import math
 import os
 import pickle
 import re
+import struct
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -232,8 +233,9 @@ def _torch_load_weights_only(path: Path) -> Any:
             f"(torch.load(weights_only=True) refused it). If this is an NVIDIA .pkl, use load_nvidia_pickle(..., allow_pickle=True) "
             f"(CLI: --allow-pickle). Details: {err}"
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path}: could not read it as a PyTorch checkpoint: {err}") from err
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, struct.error) as err:
+        # a corrupt or truncated file fails deep inside the unpickler with whatever it tripped on
+        raise ValueError(f"{path}: could not read it as a PyTorch checkpoint ({type(err).__name__}: {err}); check the file is a complete torch.save checkpoint (re-download it)") from err
 
 
 def _args_value(args: Any, name: str) -> Any:

@@ -377,8 +377,9 @@ class Generator(nn.Module):
     def style_affine_weights(self) -> dict[str, torch.Tensor]:
         """The style affine (modulation) weights of the convolution layers, rosinality's choice for SeFA.
 
-        Returns {parameter name: (C_in, style_dim)}; to_rgb modulations are excluded as in
-        rosinality's ``closed_form_factorization.py``.
+        Returns {parameter name: (C_in, style_dim)}; every to_rgb modulation is excluded (rosinality's
+        ``closed_form_factorization.py`` drops those of ``to_rgbs`` but keeps ``to_rgb1``'s, so its basis
+        of an imported model differs slightly from this one).
         """
         return {
             name: p.detach()
@@ -417,6 +418,8 @@ class Generator(nn.Module):
                 noise = [torch.zeros_like(n) for n in self.noise_buffers()]
             else:
                 raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
+        elif len(noise) != self.config.num_noise_layers:  # zip below would silently stop at a lower resolution
+            raise ValueError(f"noise needs one entry (a tensor or None) per noise layer: {self.config.num_noise_layers}, got {len(noise)}")
 
         out = self.input(w.shape[0])
         out = self.conv1(out, w[:, 0], noise=noise[0])
@@ -492,9 +495,9 @@ class Discriminator(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         out = self.convs(image)  # (B, C, 4, 4)
         batch, channels, height, width = out.shape
-        group = min(batch, self.stddev_group)
-        if batch % group:
-            group = 1  # minibatch-stddev needs equal groups; fall back rather than fail on odd batches
+        # Minibatch-stddev needs equal groups: the largest group size <= stddev_group that divides the
+        # batch (a batch of 6 uses groups of 3, not a per-sample constant the discriminator never saw).
+        group = next(g for g in range(min(batch, self.stddev_group), 0, -1) if batch % g == 0)
         # Per-group standard deviation over the batch, averaged to one extra feature map.
         stddev = out.view(group, -1, self.stddev_feat, channels // self.stddev_feat, height, width)
         stddev = torch.sqrt(stddev.var(0, unbiased=False) + 1e-8)

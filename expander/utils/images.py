@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def load_image(file: Path, resolution: int) -> torch.Tensor:
     """One image file as (3, R, R) in [-1, 1]: centre-cropped to square, resized with antialiasing."""
     try:
         with Image.open(file) as image:
-            image = image.convert("RGB")
+            image = ImageOps.exif_transpose(image).convert("RGB")  # phone photos: upright, as viewers show them
     except Exception as err:
         raise UnreadableImageError.of(file, err) from None
     side = min(image.size)

@@ -12,16 +12,33 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
 
+def check_replaceable(path: str | os.PathLike) -> Path:
+    """``path`` made absolute, or a ValueError when writing it would replace the current folder (or
+    one that contains it): ``--out .`` would swap the folder the process runs in from under it. Call it
+    before long work (training), so the mistake costs a second, not the run."""
+    path = Path(os.path.abspath(path))
+    cwd = Path.cwd()
+    if path == cwd or path in cwd.parents:
+        raise ValueError(f"cannot write {path}: it is the current folder or contains it, and a checkpoint replaces its folder whole; write to a new folder (e.g. --out {path.name}-v2) or run from outside it")
+    return path
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it onto ``path`` (file or folder)."""
-    path = Path(path)
+def atomic_path(path: str | os.PathLike, owned: Optional[Collection[str]] = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it onto ``path`` (file or folder).
+
+    A folder replaces the old one by two renames (old aside, new in place); if the second fails, the
+    old folder is put back. ``owned``: the entry names the new folder is responsible for (e.g. a
+    checkpoint's files); every other entry of the old folder (a ``.git``, a user's notes) moves into
+    the new one instead of being deleted. None: the new folder replaces the old one whole.
+    """
+    path = check_replaceable(path)  # absolute: '.' or 'a/..' have no usable name
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
@@ -30,14 +47,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if not target.exists():
             raise RuntimeError(f"nothing was written for {path}")
         if path.is_dir() and target.is_dir():
-            # Swap folders: move the old one aside first so the new one lands in one rename.
-            backup = tmp / (path.name + ".old")
-            os.replace(path, backup)
-            os.replace(target, path)
+            _swap_folders(path, target, tmp / (path.name + ".old"), owned)
         else:
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_folders(path: Path, new: Path, backup: Path, owned: Optional[Collection[str]]) -> None:
+    """Put folder ``new`` at ``path``, carrying over the old folder's entries not in ``owned``."""
+    carried = []
+    try:
+        if owned is not None:
+            for entry in sorted(path.iterdir()):
+                if entry.name not in owned and not (new / entry.name).exists():
+                    os.replace(entry, new / entry.name)  # same file system: a rename, whatever its size
+                    carried.append(entry.name)
+        os.replace(path, backup)
+        try:
+            os.replace(new, path)
+        except BaseException:
+            os.replace(backup, path)
+            raise
+    except BaseException:
+        for name in carried:  # back into the old folder, which is at `path` again
+            if (new / name).exists():
+                os.replace(new / name, path / name)
+        raise
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -111,6 +111,18 @@ def test_rosinality_checkpoint_loads_identically(tmp_path, with_args):
     assert torch.equal(D(image), D2(image))
 
 
+@pytest.mark.parametrize("content", [b"hello world, not a checkpoint" * 4, b"PK\x03\x04" + b"\x00" * 40])
+def test_corrupt_checkpoint_files_get_one_clear_error(tmp_path, content):
+    # the unpickler trips on garbage with KeyError/IndexError/struct.error: still a ValueError that says what to do
+    (tmp_path / "broken.pt").write_bytes(content)
+    with pytest.raises(ValueError, match="could not read it as a PyTorch checkpoint .*re-download"):
+        load_rosinality_checkpoint(tmp_path / "broken.pt")
+    torch.save({"g_ema": {"w": torch.zeros(64)}}, tmp_path / "whole.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:60])
+    with pytest.raises(ValueError, match="could not read it as a PyTorch checkpoint"):
+        load_rosinality_checkpoint(tmp_path / "truncated.pt")
+
+
 def test_infer_config_reads_any_widths():
     config = tiny_config(resolution=32)
     config.channels = {4: 12, 8: 10, 16: 6, 32: 4}

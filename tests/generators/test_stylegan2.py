@@ -69,3 +69,22 @@ def test_whole_generator_matches_grouped_reference(tiny_generator):
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
     # The patch is undone on exit: every layer runs its own forward again.
     assert all("forward" not in vars(m) for m in tiny_generator.modules() if isinstance(m, ModulatedConv2d))
+
+
+def test_minibatch_stddev_uses_equal_groups_for_any_batch():
+    torch.manual_seed(0)
+    discriminator = Discriminator(tiny_config()).eval()
+    images = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        six = discriminator(images)  # groups of 3: 4 does not divide 6
+        discriminator.stddev_group = 3
+        assert torch.equal(six, discriminator(images))
+        discriminator.stddev_group = 1  # the old fallback: one per-sample constant, far from the trained feature
+        assert not torch.allclose(six, discriminator(images), atol=1e-3)
+
+
+def test_an_explicit_noise_list_must_cover_every_layer(tiny_generator):
+    w = torch.randn(2, tiny_generator.config.style_dim)
+    with pytest.raises(ValueError, match="one entry .* per noise layer"):
+        tiny_generator.synthesis(w, noise=tiny_generator.noise_buffers()[:3])
+    assert tiny_generator.synthesis(w, noise=[None] * tiny_generator.config.num_noise_layers).shape == (2, 3, 16, 16)
