@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -64,8 +65,8 @@ def validate_domains(domains: Iterable[Domain], style_dim: int) -> list[Domain]:
             raise ValueError(f"domains {other.name!r} and {domain.name!r} both use direction {domain.direction}: each domain needs its own direction")
         if domain.method not in METHODS:
             raise ValueError(f"domain {domain.name!r}: unknown method {domain.method!r}; expected one of {list(METHODS)}")
-        if domain.alpha is not None and not float(domain.alpha) > 0:
-            raise ValueError(f"domain {domain.name!r}: alpha must be positive, got {domain.alpha}")
+        if domain.alpha is not None and (isinstance(domain.alpha, bool) or not isinstance(domain.alpha, (int, float)) or not math.isfinite(domain.alpha) or domain.alpha <= 0):
+            raise ValueError(f"domain {domain.name!r}: alpha must be a positive finite number, got {domain.alpha!r}")
         seen_names[domain.name] = domain
         seen_directions[domain.direction] = domain
     return domains

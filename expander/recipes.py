@@ -26,6 +26,7 @@ A domain's ``weights`` override the ``training`` loss weights for that domain's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -147,6 +148,12 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
                 images = str((base_dir / images).resolve())
     if not isinstance(entry.get("weights") or {}, dict):
         raise RecipeError(f"{where}: weights must map loss weights to numbers, e.g. {{lambda_nada_consistency: 0.3}}, got {entry['weights']!r}")
+    for key in ("prompt", "source_prompt"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise RecipeError(f"{where}: {key} must be a text, got {entry[key]!r}")
+    alpha = entry.get("alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0):
+        raise RecipeError(f"{where}: alpha must be a positive number (the distance of the domain's subspace along its direction) or left out for the model's, got {alpha!r}")
     direction = entry.get("direction", "auto")
     if direction in (None, "auto"):
         direction = -1
@@ -159,5 +166,5 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
         prompt=entry.get("prompt"),
         source_prompt=entry.get("source_prompt"),
         images=images,
-        alpha=entry.get("alpha"),
+        alpha=None if alpha is None else float(alpha),
     )

@@ -119,6 +119,8 @@ def _validate_entry(name: str, data: Any, where: str) -> ModelEntry:
             raise RegistryError(f"{prefix}: revision {source['revision']!r} is not a 40-character commit hash; pin the exact commit")
     elif set(source) != set(kinds):
         raise RegistryError(f"{prefix}: source has unknown keys {sorted(set(source) - set(kinds))}")
+    if not isinstance(source[kinds[0]], str) or not source[kinds[0]].strip():
+        raise RegistryError(f"{prefix}: source {kinds[0]} must be a non-empty text, got {source[kinds[0]]!r}")
     resolution = data.get("resolution", 0)
     if not isinstance(resolution, int) or (resolution and resolution & (resolution - 1)):
         raise RegistryError(f"{prefix}: resolution must be a power of two, got {resolution!r}")
@@ -239,7 +241,7 @@ def refresh_user_entries(folder: str | Path, model: Any) -> list[str]:
         return []
     folder = Path(folder).resolve()
     registry = Registry.load(path)
-    stale = [name for name, entry in registry.models.items() if "path" in entry.source and Path(entry.source["path"]).resolve() == folder]
+    stale = [name for name, entry in registry.models.items() if "path" in entry.source and Path(entry.source["path"]).expanduser().resolve() == folder]
     for name in stale:
         old = registry.models[name]
         registry.models[name] = entry_for_model(name, dict(old.source), model, old.description)

@@ -54,6 +54,8 @@ def test_round_trip():
         (lambda d: d.update(default_model="zzz"), "default_model 'zzz'"),
         (lambda d: d["models"]["a"]["domains"]["zombie"].update(method="magic"), "method must be one of"),
         (lambda d: d["models"]["a"].update(resolution=48), "power of two"),
+        (lambda d: d["models"]["a"].update(source={"path": 5}), "source path must be a non-empty text"),
+        (lambda d: d["models"]["a"].update(source={"path": "  "}), "source path must be a non-empty text"),
     ],
 )
 def test_invalid_registries_are_refused(mutate, message):

@@ -228,7 +228,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Measure ``model`` (see the module docstring for the report's schema).
 
-    ``pairs``: domain pairs for the composition test (default: every pair of mapped domains).
+    ``pairs``: domain pairs for the composition test (default: every pair of mapped domains that draw two different attributes).
     ``classifier`` / ``perceptual``: the world's shipped networks by default (injectable for tests).
     """
     from tqdm.auto import tqdm
@@ -248,8 +248,8 @@ def evaluate(
     reliable = [f for f in SOURCE_FACTORS if f in set(getattr(classifier, "reliable_factors", SOURCE_FACTORS))]
     reliable_index = [SOURCE_FACTORS.index(f) for f in reliable]
     mapped = [d for d in names if attributes[d] is not None]
-    if pairs is None:
-        pairs = list(itertools.combinations(mapped, 2))
+    if pairs is None:  # two domains drawing one attribute are no composition (leakage skips them too)
+        pairs = [(a, b) for a, b in itertools.combinations(mapped, 2) if attributes[a] != attributes[b]]
     pairs = [tuple(p) for p in pairs]
     for pair in pairs:
         if len(pair) != 2 or pair[0] == pair[1]:

@@ -172,6 +172,7 @@ def render(factors: torch.Tensor, labels: Optional[torch.Tensor] = None, resolut
     """Deterministic rendering of (N, F) factors with (N, A) bool labels -> (N, 3, R, R) in [-1, 1]."""
     if labels is None:
         labels = torch.zeros(factors.shape[0], len(ATTRIBUTES), dtype=torch.bool)
+    _check_labels(labels, factors.shape[0])
     labels = resolve_conflicts(labels)
     with torch.no_grad():
         return torch.cat([_render_chunk(f, l, resolution) for f, l in zip(factors.split(RENDER_CHUNK), labels.split(RENDER_CHUNK))])
@@ -529,11 +530,18 @@ def _pixel_art(canvas: torch.Tensor) -> torch.Tensor:
     return torch.round(blocks * 4) / 4
 
 
+def _check_labels(labels: torch.Tensor, n: int) -> None:
+    """Labels must be one row of len(ATTRIBUTES) flags per portrait: a mismatch would silently drop portraits."""
+    if tuple(labels.shape) != (n, len(ATTRIBUTES)):
+        raise ValueError(f"labels must have shape ({n}, {len(ATTRIBUTES)}): one row of attribute flags per portrait, in ATTRIBUTES order; got {tuple(labels.shape)}")
+
+
 def _labels_from(attributes, n: int, rng: torch.Generator, attribute_prob: float) -> torch.Tensor:
     if attributes is None:
         labels = torch.rand(n, len(ATTRIBUTES), generator=rng) < attribute_prob if attribute_prob > 0 else torch.zeros(n, len(ATTRIBUTES), dtype=torch.bool)
     elif torch.is_tensor(attributes):
         labels = attributes.bool().clone()
+        _check_labels(labels, n)
     else:
         unknown = [a for a in attributes if a not in ATTRIBUTES]
         if unknown:

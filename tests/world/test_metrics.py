@@ -119,7 +119,8 @@ def test_report_schema_and_json(world_like):
     assert set(report["domain_success"]) == set(mapped)
     assert set(report["alignment"]) == set(world_like.domain_names)  # unmapped domains still get alignment
     assert report["alignment"]["mystery"]["reference_factors_preserved"] is None
-    assert len(report["composition"]) == 6  # every pair of the 4 mapped domains
+    assert len(report["composition"]) == 5  # every pair of the 4 mapped domains but zombie+ghoul (one attribute)
+    assert "zombie+ghoul" not in report["composition"]
     assert report["composition"]["zombie+blue_skin"]["conflicting"] is True
     assert report["composition"]["glasses+zombie"]["conflicting"] is False
     for key in ("fid", "fid_floor"):

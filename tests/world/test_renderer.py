@@ -157,3 +157,11 @@ def test_sketch_keeps_sunglasses_distinct_from_glasses():
         sketches[worn] = render(factors, labels)[:, :, 20:36, 16:48]  # the eye band
     differing = ((sketches["sunglasses"] - sketches["glasses"]).abs() > 0.3).float().mean(dim=(1, 2, 3))
     assert differing.min() > 0.1
+
+
+def test_labels_of_the_wrong_shape_are_refused():
+    one_row = torch.zeros(1, len(renderer.ATTRIBUTES), dtype=torch.bool)
+    with pytest.raises(ValueError, match="one row of attribute flags per portrait"):
+        renderer.sample_portraits(200, 0, attributes=one_row)  # used to give 128 portraits
+    with pytest.raises(ValueError, match=r"labels must have shape \(3, "):
+        renderer.render(renderer.sample_factors(3, 0), one_row)
