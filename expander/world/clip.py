@@ -372,9 +372,10 @@ def _optimizer(model, config: ClipTrainingConfig) -> torch.optim.Optimizer:
 def save_world_clip(model, tokenizer, folder: Union[str, Path]) -> Path:
     """Hub layout: config.json, model.safetensors, tokenizer files, preprocessor_config.json."""
     folder = Path(folder)
-    model.save_pretrained(folder)  # safetensors by default
-    tokenizer.save_pretrained(folder)
-    _save_image_processor(folder, model.config.vision_config.image_size)
+    with atomic_path(folder) as tmp:  # a kill mid-save leaves the last complete model, never a truncated one
+        model.save_pretrained(tmp)  # safetensors by default
+        tokenizer.save_pretrained(tmp)
+        _save_image_processor(tmp, model.config.vision_config.image_size)
     return folder
 
 
