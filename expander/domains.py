@@ -42,6 +42,11 @@ class Domain:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+def is_valid_alpha(value: Any) -> bool:
+    """Whether ``value`` can be a domain's alpha: a positive finite number (not a bool or a numeric string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def validate_domains(domains: Iterable[Domain], style_dim: int) -> list[Domain]:
     """Check names are valid and unique, directions unique and in range, methods known."""
     domains = list(domains)
@@ -65,7 +70,7 @@ def validate_domains(domains: Iterable[Domain], style_dim: int) -> list[Domain]:
             raise ValueError(f"domains {other.name!r} and {domain.name!r} both use direction {domain.direction}: each domain needs its own direction")
         if domain.method not in METHODS:
             raise ValueError(f"domain {domain.name!r}: unknown method {domain.method!r}; expected one of {list(METHODS)}")
-        if domain.alpha is not None and (isinstance(domain.alpha, bool) or not isinstance(domain.alpha, (int, float)) or not math.isfinite(domain.alpha) or domain.alpha <= 0):
+        if domain.alpha is not None and not is_valid_alpha(domain.alpha):
             raise ValueError(f"domain {domain.name!r}: alpha must be a positive finite number, got {domain.alpha!r}")
         seen_names[domain.name] = domain
         seen_directions[domain.direction] = domain

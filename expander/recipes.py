@@ -26,14 +26,13 @@ A domain's ``weights`` override the ``training`` loss weights for that domain's 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from .domains import METHODS, Domain
+from .domains import METHODS, Domain, is_valid_alpha
 from .guidance.build import check_guidance_spec
 from .registry import RegistryError, check_user_model_name
 from .train import ExpansionConfig
@@ -152,7 +151,7 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise RecipeError(f"{where}: {key} must be a text, got {entry[key]!r}")
     alpha = entry.get("alpha")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0):
+    if alpha is not None and not is_valid_alpha(alpha):
         raise RecipeError(f"{where}: alpha must be a positive number (the distance of the domain's subspace along its direction) or left out for the model's, got {alpha!r}")
     direction = entry.get("direction", "auto")
     if direction in (None, "auto"):
