@@ -580,9 +580,8 @@ def evaluate(model, parent, num, seed, attributes, out, grid, classifier_samples
       expander eval --out report.json --grid grid.png
       expander eval --model runs/world-nada-10 --num 512
     """
-    import json
-
     from .guidance.perceptual import is_world_model
+    from .utils.io import write_json
     from .world import metrics
 
     generator = _load(model)
@@ -604,8 +603,7 @@ def evaluate(model, parent, num, seed, attributes, out, grid, classifier_samples
         report["classifier"] = metrics.classifier_accuracy(n=classifier_samples)
     click.echo(metrics.format_report(report))
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out, report)  # atomic: a report is never left half-written
         click.echo(f"wrote {out}")
     if grid:
         metrics.evaluation_grid(generator, grid, seed=seed)

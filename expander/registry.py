@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+from filelock import FileLock, Timeout
 
 from .domains import METHODS
 from .utils.io import read_json, write_json
@@ -40,6 +43,8 @@ BUILTIN_REGISTRY = PACKAGE_ROOT / "registry.json"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# How long a registry update waits for another process's update of the same file.
+REGISTRY_LOCK_TIMEOUT_S = 60.0
 
 
 class RegistryError(ValueError):
@@ -221,13 +226,33 @@ def check_user_model_name(name: Any, where: str = "model name") -> str:
     return name
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold ``path``'s lock file while it is read, changed and written back.
+
+    Each write is atomic, but two runs that finish at the same moment would otherwise both read the
+    old file and the second write would drop the first one's entry.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=REGISTRY_LOCK_TIMEOUT_S)
+    except Timeout:
+        raise RegistryError(f"registry {path} is locked by another expander process (lock file {lock.lock_file}) for more than {REGISTRY_LOCK_TIMEOUT_S:.0f} s; wait for it to finish, or delete the lock file if no expander command is running") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def register_user_model(entry: ModelEntry) -> Path:
     """Add (or replace) a model in the user registry, atomically; built-in names are refused."""
     check_user_model_name(entry.name)
     path = user_registry_path()
-    registry = Registry.load(path) if path.exists() else Registry()
-    registry.models[entry.name] = entry
-    registry.save(path)
+    with _locked(path):
+        registry = Registry.load(path) if path.exists() else Registry()
+        registry.models[entry.name] = entry
+        registry.save(path)
     return path
 
 
@@ -240,11 +265,12 @@ def refresh_user_entries(folder: str | Path, model: Any) -> list[str]:
     if not path.exists():
         return []
     folder = Path(folder).resolve()
-    registry = Registry.load(path)
-    stale = [name for name, entry in registry.models.items() if "path" in entry.source and Path(entry.source["path"]).expanduser().resolve() == folder]
-    for name in stale:
-        old = registry.models[name]
-        registry.models[name] = entry_for_model(name, dict(old.source), model, old.description)
-    if stale:
-        registry.save(path)
+    with _locked(path):
+        registry = Registry.load(path)
+        stale = [name for name, entry in registry.models.items() if "path" in entry.source and Path(entry.source["path"]).expanduser().resolve() == folder]
+        for name in stale:
+            old = registry.models[name]
+            registry.models[name] = entry_for_model(name, dict(old.source), model, old.description)
+        if stale:
+            registry.save(path)
     return stale

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -182,6 +184,15 @@ def test_eval_options_are_checked_before_any_sampling(tmp_path):
     assert result.exit_code != 0 and "--attribute needs DOMAIN=ATTRIBUTE" in result.output
     result = run("eval", "--attribute", "specs=glasses", "-n", 2, "--classifier-samples", 0)
     assert result.exit_code != 0 and "does not have" in result.output
+
+
+def test_eval_writes_its_report_whole(tmp_path):
+    out = tmp_path / "reports" / "r.json"
+    result = run("eval", "-n", 4, "--classifier-samples", 0, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["n_samples"] == 4 and "mean_composition" in report["summary"]
+    assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # no temporary file left beside it
 
 
 @pytest.mark.parametrize(

@@ -95,3 +95,52 @@ def test_entries_of_a_rewritten_folder_list_its_new_domains(tmp_path, tiny_gener
     registry = load_registries()
     assert set(registry.models["mine"].domains) == {"zombie"} and registry.models["mine"].description == "kept"
     assert registry.models["other"].domains == {}
+
+
+def test_runs_that_register_at_the_same_moment_keep_every_entry(tmp_path, monkeypatch):
+    """Each run reads the user registry, adds its entry and writes it back: without a lock, two runs
+    that overlap both read the old file and the later write drops the other's entry."""
+    import threading
+    import time
+
+    from expander.registry import ModelEntry, load_registries, register_user_model
+
+    load = Registry.load.__func__
+
+    def slow_load(cls, path):  # widen the read-modify-write window so an unlocked update loses entries
+        registry = load(cls, path)
+        time.sleep(0.05)
+        return registry
+
+    monkeypatch.setattr(Registry, "load", classmethod(slow_load))
+    register_user_model(ModelEntry("first", {"path": str(tmp_path / "first")}))
+    errors = []
+
+    def register(index):
+        try:
+            register_user_model(ModelEntry(f"run{index}", {"path": str(tmp_path / f"run{index}")}))
+        except Exception as err:  # pragma: no cover - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=register, args=(index,)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert {"first", *(f"run{index}" for index in range(6))} <= set(load_registries().models)
+
+
+def test_a_registry_locked_for_too_long_is_a_clear_error(monkeypatch):
+    from filelock import FileLock
+
+    import expander.registry as registry_module
+    from expander.registry import ModelEntry, register_user_model, user_registry_path
+
+    monkeypatch.setattr(registry_module, "REGISTRY_LOCK_TIMEOUT_S", 0.1)
+    path = user_registry_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        with pytest.raises(RegistryError, match="locked by another expander process"):
+            register_user_model(ModelEntry("mine", {"path": "/tmp/mine"}))
+    assert not path.exists()
