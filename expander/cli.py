@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -90,7 +91,7 @@ def main(verbose: bool) -> None:
 @click.option("--strength", default=1.0, show_default=True, type=float, help="Position along the domain direction: 0 = base, 1 = domain.")
 @click.option("--compose", default="", help="Comma-separated extra domains added at full strength, e.g. 'glasses,hat'.")
 @click.option("--truncation", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Truncation psi towards the mean w.")
-@click.option("--nrow", default=None, type=int, help="Images per row of the grid.")
+@click.option("--nrow", default=None, type=click.IntRange(1), help="Images per row of the grid.")
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG grid.")
 def sample(domain, model, num, seed, strength, compose, truncation, nrow, device, out):
@@ -155,12 +156,17 @@ def directions(model, out, recompute, save, samples, perceptual, device):
     from .hub import resolve_model_folder
     from .plots import plot_directions
     from .subspace.dormancy import dormancy_curve
+    from .utils.io import check_replaceable
 
     folder = None
     if save:
         folder, _ = resolve_model_folder(model)
         if not _is_writable_model_folder(folder):
             _fail(f"--save writes into the model folder, and {folder} is a built-in or downloaded model: copy the folder (cp -r) and pass the copy as --model, or drop --save")
+        try:
+            check_replaceable(folder)  # before the measurement, which is long on a real model
+        except ValueError:
+            _fail(f"--save rewrites the model folder {folder}, which is the current folder or contains it: run the command from outside it (e.g. cd .. and --model {folder.name})")
     generator = _load(str(folder) if folder else model, device)
     curve = generator.basis.dormancy.cpu()
     measured = recompute or curve.numel() == 0
@@ -234,7 +240,7 @@ def pull(repo_id, revision, name):
 @main.command()
 @click.argument("model")
 @click.argument("repo_id")
-@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--private", is_flag=True, help="Create the repo as private; an existing public repo is refused, not made private.")
 @click.option("--message", default="Upload expanded generator", show_default=True)
 def push(model, repo_id, private, message):
     """Upload a model (name or folder) to a Hugging Face Hub repo (needs `hf auth login`, or HF_TOKEN).
@@ -339,7 +345,7 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
     from .generators.convert import load_nvidia_pickle, load_rosinality_checkpoint
 
     try:
-        if checkpoint.endswith(".pkl"):
+        if checkpoint.lower().endswith((".pkl", ".pickle")):
             G, D = load_nvidia_pickle(checkpoint, allow_pickle=allow_pickle)
         else:
             G, D = load_rosinality_checkpoint(checkpoint)
@@ -391,7 +397,15 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device
     if is_main_process():  # once per run, not once per rank under accelerate/torchrun
         click.echo(f"wrote {out} with {len(model.domains)} domains: {', '.join(model.domain_names)}")
         if keep_state:
-            click.echo(f"kept the training state in {training_state_dir(out)}; train this run longer with: expander expand {recipe} --out {out} --resume --steps N")
+            # Every option that shaped the run: a resume refuses another seed, settings or real images.
+            again = ["expander", "expand", recipe, "--out", out]
+            again += ["--seed", seed] if seed is not None else []
+            for setting in settings:
+                again += ["--set", setting]
+            again += ["--real-images", real_images] if real_images else []
+            again += ["--force"] if force else []
+            again = " ".join(shlex.quote(str(part)) for part in [*again, "--resume", "--steps"])
+            click.echo(f"kept the training state in {training_state_dir(out)}; train this run longer with: {again} N")
 
 
 @main.command(name="add-domain")
@@ -511,7 +525,7 @@ def world():
 
 @world.command()
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-@click.option("-n", "--num", "num", default=16, show_default=True)
+@click.option("-n", "--num", "num", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--attributes", default="", help="Comma-separated target attributes to add, e.g. 'glasses,hat'.")
 @click.option("--seed", default=0, show_default=True)
 def preview(out, num, attributes, seed):
@@ -538,7 +552,7 @@ WORLD_PARTS = ("gan", "parent", *CLIP_PARTS, "classifier", "perceptual")
 
 @world.command()
 @click.option("--what", type=click.Choice(WORLD_PARTS), required=True, help="Which world model to (re)build.")
-@click.option("--steps", default=None, type=int, help="Training steps (default: what the shipped weights used).")
+@click.option("--steps", default=None, type=click.IntRange(1), help="Training steps (default: what the shipped weights used; not for the parent, which is not trained).")
 @click.option("--runs", default="runs", show_default=True, type=click.Path(file_okay=False), help="Folder for resumable training state.")
 @click.option("--no-resume", is_flag=True, help="Start over instead of resuming from --runs.")
 def build(what, steps, runs, no_resume):

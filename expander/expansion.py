@@ -16,15 +16,18 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import ExpandedGenerator
+from .checkpoint import CHECKPOINT_FILES, CONFIG_FILE, ExpandedGenerator
 from .domains import Domain
-from .hub import load_model
+from .hub import resolve_model_folder
 from .losses.mystyle import invert_images
 from .registry import check_user_model_name, entry_for_model, refresh_user_entries, register_user_model
 from .train import ExpansionConfig, check_lowpass_keep, expand
-from .utils.io import check_replaceable
+from .utils.io import atomic_path, check_replaceable
 
 logger = logging.getLogger(__name__)
+
+# Inside a kept training state: the model the run started from (see keep_starting_model).
+STARTING_MODEL = "starting-model"
 
 
 def load_domain_images(source: str, resolution: int) -> torch.Tensor:
@@ -93,7 +96,17 @@ def run_expansion(
     is_main = accelerator is None or accelerator.is_main_process
     # this rank's device (accelerate's), or the one asked for: checked before anything is loaded
     run_device = accelerator.device if accelerator is not None else training_device(device)
-    parent = load_model(model)
+    state_dir = training_state_dir(out)
+    starting_copy = state_dir / STARTING_MODEL
+    if resume and (starting_copy / CONFIG_FILE).is_file():
+        parent = ExpandedGenerator.load_folder(starting_copy)
+    else:
+        if is_main and not resume:
+            shutil.rmtree(starting_copy, ignore_errors=True)  # an earlier run's: a later --resume must not start from it
+        folder, _ = resolve_model_folder(model)
+        parent = ExpandedGenerator.load_folder(folder)
+        if keep_state and is_main:
+            keep_starting_model(folder, starting_copy)
     replayed = parent.domain_names  # the domains the model had before this run
     # Directions named explicitly are reserved first, so an 'auto' domain listed earlier cannot take them.
     requested = {d.direction for d in domains if d.direction >= 0}
@@ -120,7 +133,6 @@ def run_expansion(
 
             w = broadcast(w.contiguous())  # rank 0's inversion, so every rank reconstructs the same targets
         guidance.mystyle_targets[domain_name] = (images, w)
-    state_dir = training_state_dir(out)
     run_info = {"guidance": guidance_spec, **({"real_images": str(real_images)} if real_images else {})}
     expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator, run_info=run_info)
     for domain_name, (_, w) in guidance.mystyle_targets.items():
@@ -155,6 +167,19 @@ def training_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return resolved
+
+
+def keep_starting_model(folder: Path, copy: Path) -> None:
+    """Copy the checkpoint files of the model a run starts from into its training state.
+
+    A run kept for ``--resume --steps N`` may have written its result over the model it started from
+    (add-domain in place): continuing it must start from, and replay against, the model as it was.
+    """
+    with atomic_path(copy) as tmp:
+        tmp.mkdir()
+        for name in CHECKPOINT_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, tmp / name)
 
 
 def training_state_dir(out: str | Path) -> Path:

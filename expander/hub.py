@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -12,7 +13,7 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import LocalEntryNotFoundError
 
 from .checkpoint import CONFIG_FILE, DISCRIMINATOR_FILE, DOMAINS_FILE, WEIGHTS_FILE, ExpandedGenerator
-from .registry import PACKAGE_ROOT, ModelEntry, Registry, entry_for_model, is_repo_id, load_registries, register_user_model
+from .registry import PACKAGE_ROOT, ModelEntry, Registry, RegistryError, entry_for_model, is_repo_id, load_registries, register_user_model, user_registry_path
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registr
     """Map ``model`` (None = default, a registry name, a folder, or a Hub repo id) to a local folder.
 
     ``download``: further ``snapshot_download`` arguments for a Hub repo id (``cache_dir``, ``token``,
-    ``local_files_only``, ``force_download``). Returns (folder, display name).
+    ``local_files_only``, ``force_download``). Returns (folder, display name): a local folder comes back
+    absolute, and the display name is a registry entry's name only when ``model`` was one.
     """
     registry = registry or load_registries()
     if model is None:
@@ -82,7 +84,8 @@ def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registr
         return _entry_folder(registry.models[model]), model
     path = Path(model).expanduser()
     if path.is_dir():
-        return path, str(path)
+        # Absolute, so the folder passed on is never mistaken for a registered name ('./m' -> 'm').
+        return Path(os.path.abspath(path)), model
     known = ", ".join(sorted(registry.models)) or "none"
     if _looks_like_local_path(model):
         raise ModelNotFoundError(f"model folder {model} not found (registered models: {known}); check the path, or train or pull the model first")
@@ -121,7 +124,10 @@ def pull(repo_id: str, revision: Optional[str] = None, name: Optional[str] = Non
     model = ExpandedGenerator.load_folder(folder)  # validates before anything is recorded
     commit = folder.name  # snapshot folders are named by commit hash
     entry = entry_for_model(name or repo_id.split("/")[-1], {"repo_id": repo_id, "revision": commit}, model)
-    register_user_model(entry)
+    try:
+        register_user_model(entry)
+    except OSError as err:  # the download worked: say where the problem is
+        raise RegistryError(f"downloaded {repo_id} but could not record it in the user registry {user_registry_path()}: {err}; check $EXPANDER_HOME") from err
     return entry
 
 
@@ -131,5 +137,11 @@ def push(model: Optional[str], repo_id: str, private: bool = False, token: Optio
     ExpandedGenerator.load_folder(folder)  # never publish a checkpoint that does not load
     api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    # create_repo leaves an existing repo's visibility as it is: --private must not publish to a public one.
+    if private and not getattr(api.repo_info(repo_id=repo_id, repo_type="model"), "private", False):
+        raise ValueError(
+            f"{repo_id} already exists and is public, so nothing was uploaded: make it private first (its settings page on the Hub, "
+            f"or HfApi().update_repo_settings({repo_id!r}, private=True)), or push without --private"
+        )
     info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model")
     return str(getattr(info, "commit_url", info))

@@ -280,3 +280,16 @@ def test_training_log_refuses_unknown_domains_and_loads_only_well_formed_files(e
         with pytest.raises(CheckpointError, match=message) as caught:
             ExpandedGenerator.from_pretrained(tmp_path / "m")
         assert "delete it to load the model" in str(caught.value)
+
+
+def test_saved_files_are_as_readable_as_any_file_the_user_writes(expanded, tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        expanded.save_pretrained(tmp_path / "shared")
+    finally:
+        os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "shared").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes  # safetensors alone writes 0600

@@ -139,6 +139,32 @@ def test_directions_save_stores_a_measured_curve(model_dir, tmp_path, monkeypatc
     assert stored.domain_names == ["zombie", "glasses"], "saving the curve keeps the domains"
 
 
+def test_a_dot_slash_folder_is_that_folder_even_when_a_registered_model_has_its_name(model_dir, tmp_path, monkeypatch, tiny_generator):
+    import expander.guidance.perceptual as perceptual
+    from expander.registry import ModelEntry, register_user_model
+
+    other = ExpandedGenerator.from_generator(tiny_generator, num_dormant=8, base_model="tiny")
+    other.save_pretrained(tmp_path / "elsewhere")
+    register_user_model(ModelEntry("model", {"path": str(tmp_path / "elsewhere")}))  # same name as the folder
+    monkeypatch.chdir(tmp_path)
+    result = run("info", "./model")
+    assert result.exit_code == 0 and "zombie" in result.output and str(tmp_path / "model") in result.output, result.output
+    monkeypatch.setattr(perceptual, "load_perceptual", lambda name, model=None: lambda a, b: (a - b).pow(2).flatten(1).mean(1))
+    result = run("directions", "--model", "./model", "--recompute", "--save", "--samples", 2, "--out", "c.png")
+    assert result.exit_code == 0, result.output
+    assert ExpandedGenerator.from_pretrained(model_dir).domain_names == ["zombie", "glasses"], "the folder keeps its own domains"
+    assert ExpandedGenerator.from_pretrained(str(tmp_path / "elsewhere")).domain_names == []
+
+
+def test_directions_save_from_inside_the_model_folder_fails_before_measuring(model_dir, monkeypatch):
+    import expander.subspace.dormancy as dormancy
+
+    monkeypatch.setattr(dormancy, "dormancy_curve", lambda *a, **k: pytest.fail("measured before refusing"))
+    monkeypatch.chdir(model_dir)
+    result = run("directions", "--model", ".", "--recompute", "--save", "--out", "../c.png")
+    assert result.exit_code != 0 and "run the command from outside it" in result.output and "--model model" in result.output
+
+
 def test_directions_save_never_writes_into_the_built_in_model(tmp_path):
     result = run("directions", "--recompute", "--save", "--out", tmp_path / "c.png")
     assert result.exit_code != 0 and "built-in or downloaded model" in result.output
@@ -202,3 +228,33 @@ def test_eval_writes_its_report_whole(tmp_path):
 def test_sample_options_that_would_be_ignored_are_refused(model_dir, tmp_path, args, message):
     result = run("sample", "--model", model_dir, *args, "--out", tmp_path / "z.png")
     assert result.exit_code != 0 and message in result.output and not (tmp_path / "z.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("world", "build", "--what", "classifier", "--steps", 0), ("world", "build", "--what", "clip", "--steps", -1), ("world", "preview", "-n", 0, "--out", "p.png"), ("sample", "--nrow", 0, "--out", "s.png")],
+)
+def test_counts_that_make_no_sense_are_refused_by_the_option(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run(*args)
+    assert result.exit_code == 2 and "Invalid value" in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_world_build_never_exports_an_untrained_part(tmp_path):
+    from expander.world.build import build
+
+    for what, steps in [("classifier", -1), ("gan", 0), ("perceptual", True)]:
+        with pytest.raises(ValueError, match="positive whole number"):
+            build(what, steps=steps, runs=tmp_path)
+    result = run("world", "build", "--what", "parent", "--steps", 5, "--runs", tmp_path)
+    assert result.exit_code != 0 and "takes no steps" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".PKL", ".pickle"])
+def test_import_reads_any_spelling_of_a_pickle_name_as_a_pickle(tmp_path, suffix):
+    checkpoint = tmp_path / f"ffhq{suffix}"
+    checkpoint.write_bytes(b"not a pickle")
+    result = run("import", checkpoint, "--allow-pickle", "--out", tmp_path / "out")
+    assert result.exit_code != 0 and "could not read it as a pickle" in result.output, result.output
+    assert not (tmp_path / "out").exists()

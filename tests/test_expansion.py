@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -411,16 +412,19 @@ def test_expand_keep_state_lets_a_finished_run_train_longer_exactly(parent_dir, 
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     cpu = ("--device", "cpu")  # bit for bit on the CPU; GPU kernels are not deterministic
-    short = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--keep-state", *cpu)
+    overrides = ("--seed", 1, "--set", "lambda_nada=0.5")  # the printed command must repeat them, or the resume is refused
+    short = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--keep-state", *overrides, *cpu)
     assert short.exit_code == 0, short.output
     state = tmp_path / ".joint.state"
     assert (state / "state.json").exists() and "--resume --steps N" in short.output, short.output
     assert ExpandedGenerator.from_pretrained(tmp_path / "joint").get_domain("zombie").steps == 2
 
-    longer = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint", "--resume", "--steps", 3, *cpu)
+    hint = shlex.split(short.output.split("train this run longer with: ")[1].strip())
+    assert hint[:2] == ["expander", "expand"] and hint[-1] == "N"
+    longer = run(*hint[1:-1], 3, *cpu)  # the printed command, with N = 3
     assert longer.exit_code == 0, longer.output
     assert not state.exists()  # without --keep-state this time
-    straight = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "straight", "--steps", 3, *cpu)
+    straight = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "straight", "--steps", 3, *overrides, *cpu)
     assert straight.exit_code == 0, straight.output
     continued, reference = (ExpandedGenerator.from_pretrained(tmp_path / name) for name in ("joint", "straight"))
     assert continued.get_domain("zombie").steps == 3
@@ -799,6 +803,28 @@ def test_dual_basis_pays_only_for_what_the_other_domains_do_not_explain():
     # with the cosine loss the dual direction is a unit vector
     cosine = ClipGuidance([_FixedTextEncoder(correlated)], templates=("{}",), direction_loss="cosine")
     assert cosine.text_direction(cosine.encoders[0], "a person", "a zombie", ["a ghost"], dual_ridge=0.1).norm() == pytest.approx(1.0)
+
+
+def test_an_in_place_add_domain_kept_for_later_trains_longer_exactly(parent_dir, tiny_clip_dir, tmp_path, home):
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(parent_dir, mine)
+    exactly = ("--clip", tiny_clip_dir, "--perceptual", "world", "--device", "cpu")  # seeded networks only, on the CPU
+    command = ("add-domain", "a zombie", "--model", mine, *exactly)
+    short = run(*command, "--steps", 2, "--keep-state")
+    assert short.exit_code == 0 and "the same command plus --resume --steps N" in short.output, short.output
+    assert ExpandedGenerator.from_pretrained(mine).domain_names == ["zombie"]  # written over the model it started from
+    longer = run(*command, "--steps", 3, "--resume")  # starts from the model as it was, not from its own result
+    assert longer.exit_code == 0, longer.output
+    assert not (tmp_path / ".mine.state").exists()
+    straight = run("add-domain", "a zombie", "--model", parent_dir, "--out", tmp_path / "straight", *exactly, "--steps", 3)
+    assert straight.exit_code == 0, straight.output
+    continued, reference = (ExpandedGenerator.from_pretrained(tmp_path / name) for name in ("mine", "straight"))
+    assert continued.domain_names == ["zombie"] and continued.get_domain("zombie").steps == 3
+    expected = reference.generator.state_dict()
+    for key, value in continued.generator.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_add_domain_on_a_registered_model_updates_it_only_without_out(parent_dir, tiny_clip_dir, tmp_path, home, offline_lpips):

@@ -134,3 +134,48 @@ def test_a_cached_snapshot_short_of_a_file_is_completed(hub_cache, monkeypatch, 
 
     monkeypatch.setattr(hub, "snapshot_download", download)
     assert hub.load_model("tiny").get_domain("zombie") is not None and calls == [True, False]
+
+
+class _FakeHubApi:
+    """Stands in for huggingface_hub.HfApi: records what push asks for, uploads nothing."""
+
+    existing: dict = {}
+    uploads: list = []
+
+    def __init__(self, token=None):
+        pass
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, repo_type="model"):
+        self.existing.setdefault(repo_id, private)  # like the Hub: an existing repo keeps its visibility
+
+    def repo_info(self, repo_id, repo_type="model"):
+        return type("RepoInfo", (), {"private": self.existing[repo_id]})()
+
+    def upload_folder(self, repo_id, folder_path, commit_message, repo_type="model"):
+        self.uploads.append((repo_id, folder_path))
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/{COMMIT}"})()
+
+
+def test_push_uploads_a_checkpoint_and_never_publishes_a_private_push(hub_cache, tmp_path, monkeypatch):
+    import expander.hub
+    from expander.hub import push
+
+    _, model = hub_cache
+    model.save_pretrained(tmp_path / "mine")
+    monkeypatch.setattr(_FakeHubApi, "existing", {"me/public": False})
+    monkeypatch.setattr(_FakeHubApi, "uploads", [])
+    monkeypatch.setattr(expander.hub, "HfApi", _FakeHubApi)
+    assert push(str(tmp_path / "mine"), "me/new", private=True).endswith(COMMIT)
+    assert _FakeHubApi.existing["me/new"] is True and _FakeHubApi.uploads == [("me/new", str(tmp_path / "mine"))]
+    with pytest.raises(ValueError, match="already exists and is public, so nothing was uploaded"):
+        push(str(tmp_path / "mine"), "me/public", private=True)
+    assert len(_FakeHubApi.uploads) == 1
+    push(str(tmp_path / "mine"), "me/public")  # without --private a public repo is what was asked for
+    assert len(_FakeHubApi.uploads) == 2
+
+
+def test_a_pull_whose_registry_cannot_be_written_says_so(hub_cache, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "file" / "home"))
+    with pytest.raises(ValueError, match="downloaded org/tiny but could not record it in the user registry"):
+        pull("org/tiny")

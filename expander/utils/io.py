@@ -46,12 +46,27 @@ def atomic_path(path: str | os.PathLike, owned: Optional[Collection[str]] = None
         yield target
         if not target.exists():
             raise RuntimeError(f"nothing was written for {path}")
+        _open_like_plain_files(target)
         if path.is_dir() and target.is_dir():
             _swap_folders(path, target, tmp / (path.name + ".old"), owned)
         else:
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_like_plain_files(target: Path) -> None:
+    """Give the files written under ``target`` the mode a plain ``open()`` gives (0644 under umask 022).
+
+    safetensors writes through a private temporary file (mode 0600): without this, the weights of a
+    model folder shared with a team or served from a shared disk could be read by their owner only.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for file in [target] if target.is_file() else target.rglob("*"):
+        if file.is_file() and not file.is_symlink() and not file.stat().st_mode & 0o111:
+            os.chmod(file, mode)
 
 
 def _swap_folders(path: Path, new: Path, backup: Path, owned: Optional[Collection[str]]) -> None:
@@ -192,7 +207,8 @@ def save_training_state(
     for name, rng in generators.items():
         tensors[f"rng/{name}"] = rng.get_state()
     tensors["rng/torch_global"] = torch.get_rng_state()
-    with atomic_path(folder) as tmp:
+    # owned: anything else a run keeps in its state folder (the model it started from) stays
+    with atomic_path(folder, owned=("state.safetensors", "state.json")) as tmp:
         tmp.mkdir()
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))

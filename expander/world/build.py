@@ -32,11 +32,17 @@ CLIP_PARTS = {recipe.part: name for name, recipe in WORLD_CLIP_RECIPES.items()} 
 
 
 def build(what: str, steps: Optional[int] = None, runs: Path = Path("runs"), resume: bool = True) -> Path:
+    """Train (or resume) one world part and export it over the shipped weights; ``steps`` None = the shipped length."""
+    # The export replaces the package's weights: a count that trains nothing must not get that far.
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive whole number of training steps, got {steps!r}; leave it out for the shipped length")
+    if what == "parent" and steps is not None:
+        raise ValueError("the parent is not trained (it wraps the world GAN: SeFA basis and dormancy curve), so it takes no steps; build the GAN with --steps instead")
     runs = Path(runs)
     if what == "gan":
         from .gan import GanTrainingConfig, train_world_gan
 
-        config = GanTrainingConfig(steps=steps) if steps else GanTrainingConfig()
+        config = GanTrainingConfig(steps=steps) if steps is not None else GanTrainingConfig()
         return train_world_gan(runs / "world-gan", config, resume=resume)
     if what == "parent":
         from .models import load_world_perceptual
@@ -53,16 +59,16 @@ def build(what: str, steps: Optional[int] = None, runs: Path = Path("runs"), res
 
         name = CLIP_PARTS[what]
         recipe = WORLD_CLIP_RECIPES[name]
-        config = ClipTrainingConfig(steps=steps or ClipTrainingConfig.steps, seed=recipe.seed, misplaced_share=recipe.misplaced_share)
+        config = ClipTrainingConfig(steps=ClipTrainingConfig.steps if steps is None else steps, seed=recipe.seed, misplaced_share=recipe.misplaced_share)
         model_dir = train_world_clip(runs / f"world-{what}", resume=resume, config=config)
         model, tokenizer = load_world_clip(model_dir)
         return export_world_clip(model_dir, WORLD_CLIPS[name], metrics={**evaluate_world_clip(model, tokenizer), "training": asdict(config)})
     if what == "classifier":
         from .classifier import train_world_classifier
 
-        return train_world_classifier(runs / "world-classifier", **({"steps": steps} if steps else {}), resume=resume)
+        return train_world_classifier(runs / "world-classifier", **({"steps": steps} if steps is not None else {}), resume=resume)
     if what == "perceptual":
         from .perceptual import train_world_perceptual
 
-        return train_world_perceptual(runs / "world-perceptual", **({"steps": steps} if steps else {}), resume=resume)
+        return train_world_perceptual(runs / "world-perceptual", **({"steps": steps} if steps is not None else {}), resume=resume)
     raise ValueError(f"unknown world part {what!r}")
