@@ -166,7 +166,7 @@ def directions(model, out, recompute, save, samples, perceptual, device):
         try:
             check_replaceable(folder)  # before the measurement, which is long on a real model
         except ValueError:
-            _fail(f"--save rewrites the model folder {folder}, which is the current folder or contains it: run the command from outside it (e.g. cd .. and --model {folder.name})")
+            _fail(f"--save rewrites the model folder {folder}, which is the current folder or contains it: run the command from outside that folder, with --model {folder}")
     generator = _load(str(folder) if folder else model, device)
     curve = generator.basis.dormancy.cpu()
     measured = recompute or curve.numel() == 0

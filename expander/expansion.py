@@ -98,15 +98,14 @@ def run_expansion(
     run_device = accelerator.device if accelerator is not None else training_device(device)
     state_dir = training_state_dir(out)
     starting_copy = state_dir / STARTING_MODEL
+    starting_folder = None  # where this run's parent was read from, when not from its kept copy
     if resume and (starting_copy / CONFIG_FILE).is_file():
         parent = ExpandedGenerator.load_folder(starting_copy)
     else:
         if is_main and not resume:
             shutil.rmtree(starting_copy, ignore_errors=True)  # an earlier run's: a later --resume must not start from it
-        folder, _ = resolve_model_folder(model)
-        parent = ExpandedGenerator.load_folder(folder)
-        if keep_state and is_main:
-            keep_starting_model(folder, starting_copy)
+        starting_folder, _ = resolve_model_folder(model)
+        parent = ExpandedGenerator.load_folder(starting_folder)
     replayed = parent.domain_names  # the domains the model had before this run
     # Directions named explicitly are reserved first, so an 'auto' domain listed earlier cannot take them.
     requested = {d.direction for d in domains if d.direction >= 0}
@@ -134,21 +133,25 @@ def run_expansion(
             w = broadcast(w.contiguous())  # rank 0's inversion, so every rank reconstructs the same targets
         guidance.mystyle_targets[domain_name] = (images, w)
     run_info = {"guidance": guidance_spec, **({"real_images": str(real_images)} if real_images else {})}
+    if keep_state and is_main and starting_folder is not None:  # after every check: a refused run keeps nothing
+        keep_starting_model(starting_folder, starting_copy)
     expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator, run_info=run_info)
     for domain_name, (_, w) in guidance.mystyle_targets.items():
         parent.set_anchors(domain_name, w)  # the subject is sampled between its inversions, not at random latents
     if description:
         parent.description = description
     parent.record_training(training_run_record(config, [d.name for d in domains], replayed, guidance_spec, 1 if accelerator is None else accelerator.num_processes, real_images))
-    if is_main:
-        parent.save_pretrained(out)
-        if name:
-            register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent))
-        refresh_user_entries(out, parent)  # other names of this folder list its new domains too
-        if not keep_state:
-            shutil.rmtree(state_dir, ignore_errors=True)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()  # the other ranks return once the checkpoint is in place
+    try:
+        if is_main:
+            parent.save_pretrained(out)
+            if name:
+                register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent))
+            refresh_user_entries(out, parent)  # other names of this folder list its new domains too
+            if not keep_state:
+                shutil.rmtree(state_dir, ignore_errors=True)
+    finally:
+        if accelerator is not None:
+            accelerator.wait_for_everyone()  # the other ranks return once the checkpoint is in place, or the main one failed
     return parent
 
 

@@ -238,7 +238,8 @@ def _locked(path: Path) -> Iterator[None]:
     try:
         lock.acquire(timeout=REGISTRY_LOCK_TIMEOUT_S)
     except Timeout:
-        raise RegistryError(f"registry {path} is locked by another expander process (lock file {lock.lock_file}) for more than {REGISTRY_LOCK_TIMEOUT_S:.0f} s; wait for it to finish, or delete the lock file if no expander command is running") from None
+        # Not "delete the lock file": the lock is held by a live process (it is released when its holder exits).
+        raise RegistryError(f"registry {path} is being updated by another expander process, which has held its lock ({lock.lock_file}) for more than {REGISTRY_LOCK_TIMEOUT_S:.0f} s; retry when that command has finished") from None
     try:
         yield
     finally:
@@ -265,9 +266,15 @@ def refresh_user_entries(folder: str | Path, model: Any) -> list[str]:
     if not path.exists():
         return []
     folder = Path(folder).resolve()
+
+    def entries_of_folder(registry: Registry) -> list[str]:
+        return [name for name, entry in registry.models.items() if "path" in entry.source and Path(entry.source["path"]).expanduser().resolve() == folder]
+
+    if not entries_of_folder(Registry.load(path)):
+        return []  # nothing to write: no lock either, so a read-only $EXPANDER_HOME is fine
     with _locked(path):
-        registry = Registry.load(path)
-        stale = [name for name, entry in registry.models.items() if "path" in entry.source and Path(entry.source["path"]).expanduser().resolve() == folder]
+        registry = Registry.load(path)  # again, under the lock: another run may have changed it since
+        stale = entries_of_folder(registry)
         for name in stale:
             old = registry.models[name]
             registry.models[name] = entry_for_model(name, dict(old.source), model, old.description)

@@ -818,6 +818,9 @@ def test_an_in_place_add_domain_kept_for_later_trains_longer_exactly(parent_dir,
     longer = run(*command, "--steps", 3, "--resume")  # starts from the model as it was, not from its own result
     assert longer.exit_code == 0, longer.output
     assert not (tmp_path / ".mine.state").exists()
+    refused = run(*command, "--steps", 2, "--keep-state")  # 'zombie' is taken now: refused before any copy is kept
+    assert refused.exit_code != 0 and "already has a domain named 'zombie'" in refused.output
+    assert not (tmp_path / ".mine.state").exists()
     straight = run("add-domain", "a zombie", "--model", parent_dir, "--out", tmp_path / "straight", *exactly, "--steps", 3)
     assert straight.exit_code == 0, straight.output
     continued, reference = (ExpandedGenerator.from_pretrained(tmp_path / name) for name in ("mine", "straight"))

@@ -141,6 +141,19 @@ def test_a_registry_locked_for_too_long_is_a_clear_error(monkeypatch):
     path = user_registry_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        with pytest.raises(RegistryError, match="locked by another expander process"):
+        with pytest.raises(RegistryError, match="is being updated by another expander process"):
             register_user_model(ModelEntry("mine", {"path": "/tmp/mine"}))
     assert not path.exists()
+
+
+def test_a_run_whose_folder_no_entry_names_leaves_the_registry_alone(tmp_path):
+    """Every run refreshes the entries of its output folder; with none to refresh it writes nothing,
+    not even the lock file, so a read-only $EXPANDER_HOME does not fail a finished run."""
+    from expander.registry import ModelEntry, refresh_user_entries, register_user_model, user_registry_path
+
+    register_user_model(ModelEntry("mine", {"path": str(tmp_path / "mine")}))
+    lock = user_registry_path().with_name("registry.json.lock")
+    lock.unlink(missing_ok=True)
+    before = user_registry_path().read_bytes()
+    assert refresh_user_entries(tmp_path / "other", model=None) == []
+    assert user_registry_path().read_bytes() == before and not lock.exists()

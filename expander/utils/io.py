@@ -61,12 +61,24 @@ def _open_like_plain_files(target: Path) -> None:
     safetensors writes through a private temporary file (mode 0600): without this, the weights of a
     model folder shared with a team or served from a shared disk could be read by their owner only.
     """
-    mask = os.umask(0)
-    os.umask(mask)
-    mode = 0o666 & ~mask
+    mode = 0o666 & ~_current_umask()
     for file in [target] if target.is_file() else target.rglob("*"):
         if file.is_file() and not file.is_symlink() and not file.stat().st_mode & 0o111:
             os.chmod(file, mode)
+
+
+def _current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux); elsewhere by
+    setting and restoring it, which briefly affects files other threads create."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _swap_folders(path: Path, new: Path, backup: Path, owned: Optional[Collection[str]]) -> None:
