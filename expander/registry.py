@@ -21,6 +21,8 @@ Schema (``schema_version`` 1)::
 Two files share this schema: the built-in zoo (the repository's top-level ``registry.json``, shipped
 inside the package) and the user's registry (``$EXPANDER_HOME/registry.json``, default
 ``~/.cache/expander``), where ``expander pull`` records models. User entries win on a name clash.
+Each update of the user's registry reads, changes and rewrites it under ``registry.json.lock``, so
+runs that finish at the same moment each keep their entry.
 """
 
 from __future__ import annotations
