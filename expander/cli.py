@@ -398,14 +398,14 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device
         click.echo(f"wrote {out} with {len(model.domains)} domains: {', '.join(model.domain_names)}")
         if keep_state:
             # Every option that shaped the run: a resume refuses another seed, settings or real images.
-            again = ["expander", "expand", recipe, "--out", out]
-            again += ["--seed", seed] if seed is not None else []
+            command = ["expander", "expand", recipe, "--out", out]
+            command += ["--seed", seed] if seed is not None else []
             for setting in settings:
-                again += ["--set", setting]
-            again += ["--real-images", real_images] if real_images else []
-            again += ["--force"] if force else []
-            again = " ".join(shlex.quote(str(part)) for part in [*again, "--resume", "--steps"])
-            click.echo(f"kept the training state in {training_state_dir(out)}; train this run longer with: {again} N")
+                command += ["--set", setting]
+            command += ["--real-images", real_images] if real_images else []
+            command += ["--force"] if force else []
+            command += ["--resume", "--steps"]
+            click.echo(f"kept the training state in {training_state_dir(out)}; train this run longer with: {shlex.join(str(part) for part in command)} N")
 
 
 @main.command(name="add-domain")
