@@ -88,6 +88,11 @@ class ExpansionConfig:
     # recipes' measured weights are in these units), unlike the absolute lambda_nada_image_exclusive.
     lambda_nada_exclusive: float = 0.0
     lambda_nada_image_exclusive: float = 0.0  # hinge on moving towards what the other NADA domains of the step draw (0 = off; see loss_nada_image_exclusive)
+    # Targets of that hinge: {domain name: [domain names]} restricts a domain's image hinge to the
+    # named domains (when they are trained in the same step) instead of every other NADA domain of the
+    # step, so a hinge aimed at one measured leak (blue skin's mask read as freckles) does not also
+    # pull the domain away from the directions it shares with the rest. Unlisted domains: all others.
+    nada_image_exclusive_of: dict = field(default_factory=dict)
     nada_contrast: float = 1.0  # how much of the model's NADA domains' mean text direction each domain's direction drops (0 = off; see ClipGuidance.text_direction)
     # Ridge of the dual basis of the model's NADA text directions (None = off; replaces nada_contrast,
     # which must then be 0): each domain is paid only for what the other domains' directions do not
@@ -153,6 +158,7 @@ class ExpansionConfig:
         if self.nada_consistency_temperature <= 0:
             raise ValueError(f"training setting nada_consistency_temperature must be > 0 (a softmax temperature over CLIP cosine similarities, e.g. 0.1), got {self.nada_consistency_temperature}")
         self.domain_weights = _checked_domain_weights(self.domain_weights)
+        self.nada_image_exclusive_of = _checked_exclusive_targets(self.nada_image_exclusive_of)
         if self.batch_size < 3 and any(self.weight("lambda_nada_consistency", name) > 0 for name in [None, *self.domain_weights]):
             raise ValueError(f"training setting lambda_nada_consistency needs batch_size >= 3 (each latent ranks at least two others), got {self.batch_size}")
         if not 0 <= self.sds_t_min < self.sds_t_max <= 1:
@@ -228,6 +234,21 @@ def _checked_domain_weights(value: object) -> dict[str, dict[str, float]]:
             if weight < 0:
                 raise ValueError(f"training setting {name} of domain {domain!r} must be >= 0 (0 turns the term off for that domain), got {weight}")
             checked[domain][name] = weight
+    return checked
+
+
+def _checked_exclusive_targets(value: object) -> dict[str, list[str]]:
+    """``nada_image_exclusive_of`` as {domain name: [other domain names]}, or a ValueError saying what is wrong."""
+    usage = "must map a domain name to the list of domains its image hinge acts against, e.g. {blue_skin: [freckles]}"
+    if not isinstance(value, dict):
+        raise ValueError(f"training setting nada_image_exclusive_of {usage}, got {value!r}")
+    checked = {}
+    for domain, targets in value.items():
+        if not isinstance(domain, str) or not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"training setting nada_image_exclusive_of: entry {domain!r} {usage} (a non-empty list), got {targets!r}")
+        if domain in targets:
+            raise ValueError(f"training setting nada_image_exclusive_of: domain {domain!r} lists itself; list the domains whose drawings it must not move towards")
+        checked[domain] = list(dict.fromkeys(targets))
     return checked
 
 
@@ -331,6 +352,13 @@ class Expander:
         strangers = sorted(set(config.domain_weights) - set(new_names))
         if strangers:
             raise ValueError(f"training setting domain_weights names {strangers}, which this run does not train; trained here: {new_names}")
+        nada_names = [d.name for d in new_domains if d.method == "nada"]
+        for domain, targets in config.nada_image_exclusive_of.items():
+            strangers = sorted({domain, *targets} - set(nada_names))
+            if strangers:
+                raise ValueError(f"training setting nada_image_exclusive_of names {strangers}, which this run does not train with nada (the hinge compares what NADA domains of one step draw); NADA domains trained here: {nada_names}")
+            if config.weight("lambda_nada_image_exclusive", domain) <= 0:
+                raise ValueError(f"training setting nada_image_exclusive_of gives targets to domain {domain!r}, whose lambda_nada_image_exclusive is 0 (off); give it a weight (its entry's weights: {{lambda_nada_image_exclusive: 0.5}}) or remove the entry")
         self.trained = [model.get_domain(n) for n in new_names]
         self.replayed = [d for d in model.domains if d.name not in new_names]
         check_lowpass_keep(config, self.trained, model.generator.resolution)
@@ -557,7 +585,8 @@ class Expander:
                     consistency = loss_nada_consistency(features[id(group)], len(domain_images), config.nada_consistency_temperature)
                     add("loss_nada_consistency", weight("lambda_nada_consistency") * consistency)
                 if weight("lambda_nada_image_exclusive") > 0:
-                    others = [per_clip for name, per_clip in drawn.items() if name != domain.name]
+                    targets = config.nada_image_exclusive_of.get(domain.name)
+                    others = [per_clip for name, per_clip in drawn.items() if name != domain.name and (targets is None or name in targets)]
                     add("loss_nada_image_exclusive", weight("lambda_nada_image_exclusive") * loss_nada_image_exclusive(guidance.clip, own, others, source, domain.prompt))
             elif domain.method == "sds":
                 # On top of another text domain, the teacher is asked for both prompts at once (composed guidance).

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -319,3 +321,31 @@ def test_lowpass_keep_is_a_per_domain_term_of_nada_domains(model, guidance):
         Expander(model, [model.get_domain("subject")], guidance, ExpansionConfig(**SMALL, domain_weights={"subject": {"lambda_lowpass_keep": 1.0}}))
     with pytest.raises(ValueError, match=r"lowpass_size \(128\) must be at most the images' resolution \(16\)"):
         Expander(model, [model.get_domain("zombie")], guidance, ExpansionConfig(**SMALL, lambda_lowpass_keep=1.0, lowpass_size=128))
+
+
+def test_image_exclusive_targets_restrict_the_hinge_to_the_named_domains(model, guidance):
+    model.add_domain(Domain("pixel", direction=-1, prompt="pixel art"))
+    config = {**SMALL, "batch_size": 3, "domain_weights": {"zombie": {"lambda_nada_image_exclusive": 1.0}}}
+
+    def hinge(**settings):  # no step: the model is unchanged, and the targets draw nothing from the RNG
+        return Expander(model, list(model.domains), guidance, ExpansionConfig(**config, **settings)).losses()["loss_nada_image_exclusive"].item()
+
+    everyone = hinge()
+    sketch, pixel = hinge(nada_image_exclusive_of={"zombie": ["sketch"]}), hinge(nada_image_exclusive_of={"zombie": ["pixel"]})
+    assert sketch > 0 and pixel > 0
+    assert sketch + pixel == pytest.approx(everyone, rel=1e-5)  # the hinge sums over its targets
+    assert hinge(nada_image_exclusive_of={"zombie": ["sketch", "pixel"]}) == pytest.approx(everyone, rel=1e-6)
+
+
+@pytest.mark.parametrize("targets, message", [
+    ({"zombie": ["crown"]}, "names ['crown'], which this run does not train"),
+    ({"sketch": ["zombie"]}, "whose lambda_nada_image_exclusive is 0"),
+    ({"zombie": ["zombie"]}, "lists itself"),
+    ({"zombie": []}, "non-empty list"),
+    ({"zombie": "sketch"}, "non-empty list"),
+    (["zombie"], "must map a domain name"),
+])
+def test_image_exclusive_targets_are_checked(model, guidance, targets, message):
+    config = dict(SMALL, domain_weights={"zombie": {"lambda_nada_image_exclusive": 1.0}}, nada_image_exclusive_of=targets)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**config))
