@@ -28,7 +28,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import save_file
 from torch import nn
 
-from .domains import BASE_DOMAIN, Domain, unknown_domain_error, validate_domains
+from .domains import BASE_DOMAIN, Domain, is_valid_alpha, unknown_domain_error, validate_domains
 from .generators.stylegan2 import Discriminator, Generator, StyleGAN2Config
 from .subspace.basis import LatentBasis, sefa
 from .utils.io import atomic_path, read_json, read_safetensors
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "expander.expanded_generator"
 FORMAT_VERSION = 1
+# Every key of config.json (ExpandedGenerator.config_dict); loading refuses a file with others or fewer.
+CONFIG_KEYS = ("format", "format_version", "generator", "alpha", "num_dormant", "base_model", "description", "has_discriminator")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DOMAINS_FILE = "domains.json"
@@ -76,6 +78,8 @@ class ExpandedGenerator(
         self.generator = Generator(StyleGAN2Config.from_dict(dict(generator)))
         self.basis = LatentBasis(self.generator.style_dim)
         self.discriminator: Optional[Discriminator] = None
+        if not is_valid_alpha(alpha):
+            raise ValueError(f"alpha must be a positive finite number (the distance of repurposed subspaces from the base one, e.g. 20), got {alpha!r}")
         self.alpha = float(alpha)
         self.num_dormant = int(num_dormant) if num_dormant is not None else self.generator.style_dim // 2
         if not 0 < self.num_dormant <= self.generator.style_dim:
@@ -205,7 +209,7 @@ class ExpandedGenerator(
     def random_latents(self, n: int, seed: int = 0, truncation_psi: float = 1.0) -> torch.Tensor:
         """Mapped w (n, D) from seeded z (the same seed gives the same identities in every domain)."""
         rng = torch.Generator().manual_seed(int(seed))
-        z = torch.randn(n, self.generator.style_dim, generator=rng).to(self.basis.mean.device)
+        z = torch.randn(n, self.generator.style_dim, generator=rng).to(self.basis.mean)  # the model's device and dtype
         return self.generator.mapping(z, truncation_psi=truncation_psi)
 
     def sampling_latents(self, domain: str, n: int, seed: int = 0, truncation_psi: float = 1.0) -> torch.Tensor:
@@ -215,13 +219,13 @@ class ExpandedGenerator(
         anchors = None if domain == BASE_DOMAIN else self.anchors(domain)
         if anchors is None:
             return self.random_latents(n, seed, truncation_psi)
-        anchors = anchors.to(self.generator.w_avg.device)  # Module.to does not move this plain dict
+        anchors = anchors.to(self.generator.w_avg)  # Module.to does not move or cast this plain dict
         rng = torch.Generator().manual_seed(int(seed))
         k = min(ANCHORS_PER_SAMPLE, len(anchors))
         picks = torch.rand(n, len(anchors), generator=rng).argsort(dim=1)[:, :k]  # (n, k) distinct anchors per sample
         weights = -torch.rand(n, k, generator=rng).clamp_min(1e-12).log()  # Exp(1) ...
         weights = weights / weights.sum(dim=1, keepdim=True)  # ... normalised = Dirichlet(1): uniform on the simplex
-        w = torch.einsum("nk,nkd->nd", weights.to(anchors.device), anchors[picks.to(anchors.device)])  # (n, k) x (n, k, D) -> (n, D)
+        w = torch.einsum("nk,nkd->nd", weights.to(anchors), anchors[picks.to(anchors.device)])  # (n, k) x (n, k, D) -> (n, D)
         if truncation_psi != 1.0:  # the same truncation as Generator.mapping
             w = self.generator.w_avg.lerp(w, truncation_psi)
         return w
@@ -253,7 +257,14 @@ class ExpandedGenerator(
         if domain != BASE_DOMAIN:
             self.get_domain(domain)  # fail before any work on an unknown name
         w = self.domain_latents(self.sampling_latents(domain, n, seed, truncation_psi), strengths)
-        return torch.cat([self.generator.synthesis(chunk, noise_mode=noise_mode) for chunk in w.split(batch_size)]).clamp(-1, 1)
+        if noise_mode != "random":
+            return torch.cat([self.generator.synthesis(chunk, noise_mode=noise_mode) for chunk in w.split(batch_size)]).clamp(-1, 1)
+        # Fresh noise per image, drawn from the seed (as the latents are) for all n images at once, so a
+        # seed gives the same images whatever the batch size.
+        rng = torch.Generator().manual_seed(int(seed) + 1)
+        noise = [torch.randn((n, *buffer.shape[1:]), generator=rng).to(buffer) for buffer in self.generator.noise_buffers()]  # (n, 1, S, S) each
+        starts = range(0, n, batch_size)
+        return torch.cat([self.generator.synthesis(w[i : i + batch_size], noise=[layer[i : i + batch_size] for layer in noise]) for i in starts]).clamp(-1, 1)
 
     @torch.no_grad()
     def traverse(
@@ -296,7 +307,7 @@ class ExpandedGenerator(
 
     # ---- serialization ----------------------------------------------------------------------------
 
-    def config_dict(self) -> dict[str, Any]:
+    def config_dict(self) -> dict[str, Any]:  # keys: CONFIG_KEYS
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -359,14 +370,21 @@ class ExpandedGenerator(
         local_files_only: bool = False,
         token: Any = None,
         map_location: str = "cpu",
-        **unused: Any,
+        torch_dtype: Optional[torch.dtype] = None,
+        **unknown: Any,
     ) -> "ExpandedGenerator":
         from .hub import resolve_model_folder
+
+        if unknown:  # a misspelt option must not load a different model than asked for without a word
+            raise TypeError(f"ExpandedGenerator.from_pretrained got unknown arguments {sorted(unknown)}; it takes revision, cache_dir, force_download, local_files_only, token, map_location and torch_dtype (loading is always strict)")
+        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+            raise TypeError(f"torch_dtype must be a floating-point torch.dtype such as torch.float16, got {torch_dtype!r}")
 
         # As the CLI resolves --model: a registered name first, then a folder (a mistyped one is
         # reported as missing, not sent to the Hub), then a Hub repo id.
         folder, _ = resolve_model_folder(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only, token=token)
-        return cls.load_folder(folder, map_location=map_location)
+        model = cls.load_folder(folder, map_location=map_location)
+        return model if torch_dtype is None else model.to(torch_dtype)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "ExpandedGenerator":
@@ -386,17 +404,30 @@ class ExpandedGenerator(
                 f"{folder} is not an expander checkpoint (config.json has format={config.get('format')!r}, expected {FORMAT_NAME!r}). "
                 "To start from a plain StyleGAN2 checkpoint use `expander import` / ExpandedGenerator.from_generator."
             )
-        if int(config.get("format_version", 0)) > FORMAT_VERSION:
-            raise CheckpointError(f"{folder} was written by a newer expander (format {config['format_version']}); upgrade expander")
+        version = config.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CheckpointError(f"{folder / CONFIG_FILE} is invalid: format_version must be a positive integer, got {version!r}; restore the file or download the model again")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{folder} was written by a newer expander (format {version}); upgrade expander")
+        expected = set(CONFIG_KEYS)
+        missing, unknown = sorted(expected - set(config)), sorted(set(config) - expected)
+        if missing or unknown:
+            found = "; ".join(part for part in (f"missing keys {missing}" if missing else "", f"unknown keys {unknown}" if unknown else "") if part)
+            raise CheckpointError(f"{folder / CONFIG_FILE} is invalid: {found} (expected exactly {sorted(expected)}); restore the file or download the model again")
+        if not isinstance(config["has_discriminator"], bool) or not all(isinstance(config[k], str) for k in ("base_model", "description")):
+            raise CheckpointError(f"{folder / CONFIG_FILE} is invalid: has_discriminator must be true or false and base_model, description texts; restore the file or download the model again")
         try:
-            model = cls(config["generator"], alpha=config["alpha"], num_dormant=config.get("num_dormant"), base_model=config.get("base_model", ""), description=config.get("description", ""))
+            num_dormant = config["num_dormant"]
+            if not isinstance(num_dormant, int) or isinstance(num_dormant, bool):
+                raise ValueError(f"num_dormant must be an integer, got {num_dormant!r}")
+            model = cls(config["generator"], alpha=config["alpha"], num_dormant=num_dormant, base_model=config["base_model"], description=config["description"])
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{folder / CONFIG_FILE} is invalid: {err}") from None
 
         tensors = read_safetensors(folder / WEIGHTS_FILE, what="model weights")
         anchors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(ANCHORS_PREFIX)]}
         model._load_weights(tensors, source=folder / WEIGHTS_FILE)
-        if config.get("has_discriminator"):
+        if config["has_discriminator"]:
             model.discriminator = Discriminator(model.generator.config)
             d_state = read_safetensors(folder / DISCRIMINATOR_FILE, what="discriminator weights")
             _strict_load(model.discriminator, d_state, folder / DISCRIMINATOR_FILE)
@@ -437,6 +468,7 @@ class ExpandedGenerator(
     def _load_weights(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
         expected = set(self.weights_dict())
         _check_keys(expected, set(tensors), source)
+        _check_tensor_values(tensors, self.generator.style_dim, source)
         basis_state = {k[len("basis.") :]: v for k, v in tensors.items() if k.startswith("basis.")}
         # The dormancy curve may be empty (not measured yet): resize the buffer before a strict load.
         self.basis.dormancy = torch.zeros_like(basis_state["dormancy"])
@@ -448,6 +480,26 @@ class ExpandedGenerator(
             raise CheckpointError(f"{source} does not match its config.json: {err}") from None
 
 
+def _check_tensor_values(tensors: dict[str, torch.Tensor], style_dim: int, source: Path) -> None:
+    """Refuse what a strict key and shape check lets through: non-finite weights, a mean latent or a
+    dormancy curve of the wrong size (``copy_`` would broadcast the one, the other would silently fall
+    back to singular-value order), and a latent basis whose directions are not orthonormal."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: tensor {key!r} contains NaN or infinite values; the checkpoint is corrupt: restore it or download the model again")
+    shapes = {"latent_avg": (style_dim,), "basis.mean": (style_dim,), "basis.singular_values": (style_dim,), "basis.directions": (style_dim, style_dim)}
+    for key, shape in shapes.items():
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}; the checkpoint is corrupt or does not match its config.json")
+    dormancy = tensors["basis.dormancy"]
+    if dormancy.ndim != 1 or dormancy.numel() not in (0, style_dim):
+        raise CheckpointError(f"{source}: the dormancy curve 'basis.dormancy' has shape {tuple(dormancy.shape)}, expected ({style_dim},) or empty (not measured); re-measure it with `expander directions --recompute --save`")
+    directions = tensors["basis.directions"].double()
+    error = (directions.T @ directions - torch.eye(style_dim, dtype=torch.float64)).abs().max().item()
+    if error > 1e-3:
+        raise CheckpointError(f"{source}: the latent basis 'basis.directions' is not orthonormal (max |V^T V - I| = {error:.2g}); the checkpoint is corrupt: restore it or download the model again")
+
+
 def _check_training_run(run: Any, where: str) -> None:
     """A training run record is a mapping that names the domains it trained.
 
@@ -456,6 +508,11 @@ def _check_training_run(run: Any, where: str) -> None:
     """
     if not isinstance(run, dict) or not isinstance(run.get("trained"), list) or not all(isinstance(n, str) for n in run["trained"]):
         raise ValueError(f"{where}: a training run must be a mapping with 'trained': [domain names], got {str(run)[:200]}")
+    # The optional fields the model card reads (model_card._training_section), each of its one type.
+    kinds = {"date": str, "expander_version": str, "settings": dict, "guidance": dict, "replayed": list, "real_images": str}
+    wrong = [f"{key} ({type(run[key]).__name__}, expected {kind.__name__})" for key, kind in kinds.items() if run.get(key) is not None and not isinstance(run[key], kind)]
+    if wrong:
+        raise ValueError(f"{where}: fields of the wrong type: {', '.join(wrong)}")
 
 
 def _check_keys(expected: set[str], found: set[str], source: Path) -> None:

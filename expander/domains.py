@@ -47,18 +47,21 @@ def is_valid_alpha(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def check_domain_name(name: Any) -> None:
+    """Raise a ValueError unless ``name`` can name a domain (on the command line, in the model card)."""
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"invalid domain name {name!r}: use 1-64 letters, digits, spaces, '_', '-' or '.', starting with a letter or digit")
+    if name == BASE_DOMAIN:
+        raise ValueError(f"'{BASE_DOMAIN}' is reserved for the source domain; choose another domain name")
+
+
 def validate_domains(domains: Iterable[Domain], style_dim: int) -> list[Domain]:
     """Check names are valid and unique, directions unique and in range, methods known."""
     domains = list(domains)
     seen_names: dict[str, Domain] = {}
     seen_directions: dict[int, Domain] = {}
     for domain in domains:
-        if not isinstance(domain.name, str) or not _NAME_PATTERN.match(domain.name):
-            raise ValueError(
-                f"invalid domain name {domain.name!r}: use 1-64 letters, digits, spaces, '_', '-' or '.', starting with a letter or digit"
-            )
-        if domain.name == BASE_DOMAIN:
-            raise ValueError(f"'{BASE_DOMAIN}' is reserved for the source domain; choose another domain name")
+        check_domain_name(domain.name)
         if domain.name in seen_names:
             raise ValueError(f"duplicate domain name {domain.name!r}: domain names must be unique")
         if not isinstance(domain.direction, int) or isinstance(domain.direction, bool):
@@ -70,6 +73,13 @@ def validate_domains(domains: Iterable[Domain], style_dim: int) -> list[Domain]:
             raise ValueError(f"domains {other.name!r} and {domain.name!r} both use direction {domain.direction}: each domain needs its own direction")
         if domain.method not in METHODS:
             raise ValueError(f"domain {domain.name!r}: unknown method {domain.method!r}; expected one of {list(METHODS)}")
+        for key in ("prompt", "source_prompt", "images"):
+            if getattr(domain, key) is not None and not isinstance(getattr(domain, key), str):
+                raise ValueError(f"domain {domain.name!r}: {key} must be a text, got {getattr(domain, key)!r}")
+        if not isinstance(domain.steps, int) or isinstance(domain.steps, bool) or domain.steps < 0:
+            raise ValueError(f"domain {domain.name!r}: steps must be a whole number >= 0 (the training steps spent on it), got {domain.steps!r}")
+        if not isinstance(domain.created, str):
+            raise ValueError(f"domain {domain.name!r}: created must be a date text such as '2026-01-31', got {domain.created!r}")
         if domain.alpha is not None and not is_valid_alpha(domain.alpha):
             raise ValueError(f"domain {domain.name!r}: alpha must be a positive finite number, got {domain.alpha!r}")
         seen_names[domain.name] = domain

@@ -32,10 +32,10 @@ from typing import Any, Optional
 
 import yaml
 
-from .domains import METHODS, Domain, is_valid_alpha
+from .domains import METHODS, Domain, check_domain_name, is_valid_alpha
 from .guidance.build import check_guidance_spec
 from .registry import RegistryError, check_user_model_name
-from .train import ExpansionConfig
+from .train import ExpansionConfig, check_domain_weight_methods
 
 _TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description", "real_images"}
 _DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha", "weights"}
@@ -75,10 +75,13 @@ class Recipe:
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
             raise RecipeError(f"{where} has unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
+        for key, kind, usage in (("model", str, "a registered name, a folder or a Hub repo id (quote a name YAML reads as a number: model: \"2024\")"), ("training", dict, "a mapping of ExpansionConfig settings"), ("description", str, "one line of text")):
+            if data.get(key) is not None and not isinstance(data[key], kind):
+                raise RecipeError(f"{where}: '{key}' must be {usage}, got {data[key]!r}")
         out = data.get("out")
         if out is not None and (not isinstance(out, str) or not out.strip()):
             raise RecipeError(f"{where}: 'out' must be a folder path, got {out!r}")
-        guidance = data.get("guidance") or {}
+        guidance = {} if data.get("guidance") is None else data["guidance"]  # "" or [] are refused, not taken for {}
         try:
             check_guidance_spec(guidance)
         except ValueError as err:
@@ -92,8 +95,6 @@ class Recipe:
             if domains[-1].name in weights:
                 raise RecipeError(f"{where}: duplicate domain name {domains[-1].name!r}")
             weights[domains[-1].name] = entry.get("weights") or {}
-        if not isinstance(data.get("training") or {}, dict):
-            raise RecipeError(f"{where}: 'training' must be a mapping of ExpansionConfig settings, got {data['training']!r}")
         training_data = dict(data.get("training") or {})
         if "domain_weights" in training_data:
             raise RecipeError(f"{where}: set a domain's loss weights in its entry (weights: {{lambda_nada_consistency: 0.3}}), not in training.domain_weights")
@@ -101,6 +102,7 @@ class Recipe:
             training_data["domain_weights"] = {name: own for name, own in weights.items() if own}
         try:
             training = ExpansionConfig.from_dict(training_data)
+            check_domain_weight_methods(training, domains)
         except (TypeError, ValueError) as err:
             raise RecipeError(f"{where}: {err}") from None
         real_images = data.get("real_images")
@@ -130,6 +132,12 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
         raise RecipeError(f"{where} has unknown keys {unknown}; allowed: {sorted(_DOMAIN_KEYS)}")
     if not entry.get("name"):
         raise RecipeError(f"{where} needs a 'name'")
+    if not isinstance(entry["name"], str):
+        raise RecipeError(f"{where}: 'name' must be a text (quote a name YAML reads as a number or a date), got {entry['name']!r}")
+    try:
+        check_domain_name(entry["name"])
+    except ValueError as err:
+        raise RecipeError(f"{where}: {err}") from None
     method = entry.get("method") or ("mystyle" if entry.get("images") else "nada")
     if method not in METHODS or method == "manual":
         raise RecipeError(f"{where}: method must be nada, sds or mystyle, got {method!r}")
@@ -145,11 +153,13 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
             images = str(Path(images).expanduser())
             if base_dir is not None and not Path(images).is_absolute():
                 images = str((base_dir / images).resolve())
-    if not isinstance(entry.get("weights") or {}, dict):
+    if entry.get("weights") is not None and not isinstance(entry["weights"], dict):
         raise RecipeError(f"{where}: weights must map loss weights to numbers, e.g. {{lambda_nada_consistency: 0.3}}, got {entry['weights']!r}")
     for key in ("prompt", "source_prompt"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise RecipeError(f"{where}: {key} must be a text, got {entry[key]!r}")
+    if entry.get("source_prompt") is not None and not entry["source_prompt"].strip():
+        raise RecipeError(f"{where}: source_prompt is blank; leave it out to measure the edit from training.source_prompt, or give the text the edit starts from")
     alpha = entry.get("alpha")
     if alpha is not None and not is_valid_alpha(alpha):
         raise RecipeError(f"{where}: alpha must be a positive number (the distance of the domain's subspace along its direction) or left out for the model's, got {alpha!r}")
@@ -159,7 +169,7 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
     if not isinstance(direction, int) or isinstance(direction, bool):
         raise RecipeError(f"{where}: direction must be an integer or 'auto', got {direction!r}")
     return Domain(
-        name=str(entry["name"]),
+        name=entry["name"],
         direction=direction,
         method=method,
         prompt=entry.get("prompt"),

@@ -62,7 +62,7 @@ def user_registry_path() -> Path:
 
 
 def is_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.match(text)) and not Path(text).exists()
+    return bool(_REPO_ID.fullmatch(text)) and not Path(text).exists()
 
 
 @dataclass
@@ -94,7 +94,7 @@ class ModelEntry:
 
 def check_model_name(name: Any, where: str = "model name") -> str:
     """``name`` if it can be a registry name; otherwise a RegistryError that says what is allowed."""
-    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
         raise RegistryError(f"{where}: invalid model name {name!r}: use 1-96 letters, digits, '_', '-' or '.', starting with a letter or digit")
     return name
 
@@ -122,7 +122,7 @@ def _validate_entry(name: str, data: Any, where: str) -> ModelEntry:
     if "repo_id" in source:
         if set(source) != {"repo_id", "revision"}:
             raise RegistryError(f"{prefix}: a Hub source needs exactly 'repo_id' and 'revision' (a pinned 40-character commit)")
-        if not _COMMIT.match(str(source["revision"])):
+        if not _COMMIT.fullmatch(str(source["revision"])):
             raise RegistryError(f"{prefix}: revision {source['revision']!r} is not a 40-character commit hash; pin the exact commit")
     elif set(source) != set(kinds):
         raise RegistryError(f"{prefix}: source has unknown keys {sorted(set(source) - set(kinds))}")

@@ -28,7 +28,7 @@ import math
 from dataclasses import asdict, dataclass, field, is_dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import torch
 from tqdm.auto import tqdm
@@ -115,6 +115,9 @@ class ExpansionConfig:
     sds_t_min: float = 0.02  # SDS timestep range, as fractions of the teacher's steps
     sds_t_max: float = 0.5
     sds_guidance_scale: float = 7.5
+    # Elementwise clamp of the SDS gradient in the teacher's latent space (null = off, as in DreamFusion
+    # and StyleGAN-Fusion): a guard against the large gradients of high t and guidance scale.
+    sds_grad_clip: Optional[float] = 1.0
     lambda_replay_l2: float = 10.0  # paper: ~10
     lambda_replay_perceptual: float = 10.0  # paper: ~10
     lambda_gan: float = 0.1  # used only with a discriminator and real images
@@ -161,6 +164,8 @@ class ExpansionConfig:
         self.nada_image_exclusive_of = _checked_exclusive_targets(self.nada_image_exclusive_of)
         if self.batch_size < 3 and any(self.weight("lambda_nada_consistency", name) > 0 for name in [None, *self.domain_weights]):
             raise ValueError(f"training setting lambda_nada_consistency needs batch_size >= 3 (each latent ranks at least two others), got {self.batch_size}")
+        if self.sds_grad_clip is not None and self.sds_grad_clip <= 0:
+            raise ValueError(f"training setting sds_grad_clip must be > 0 (or null: no clamp), got {self.sds_grad_clip}")
         if not 0 <= self.sds_t_min < self.sds_t_max <= 1:
             raise ValueError(f"training settings sds_t_min < sds_t_max must lie in [0, 1] (fractions of the teacher's steps), got {self.sds_t_min} and {self.sds_t_max}")
         if not self.source_prompt.strip():
@@ -177,7 +182,7 @@ class ExpansionConfig:
         """The score-distillation settings of this run, as the teacher's SdsConfig."""
         from .losses.sds import SdsConfig
 
-        return SdsConfig(t_min=self.sds_t_min, t_max=self.sds_t_max, guidance_scale=self.sds_guidance_scale, lambda_directional=self.lambda_sds_directional)
+        return SdsConfig(t_min=self.sds_t_min, t_max=self.sds_t_max, guidance_scale=self.sds_guidance_scale, lambda_directional=self.lambda_sds_directional, grad_clip=self.sds_grad_clip)
 
     def weight(self, name: str, domain: Optional[str]) -> float:
         """The loss weight ``name`` for ``domain``'s adaptation losses: its override, else the run's."""
@@ -215,6 +220,25 @@ def check_lowpass_keep(config: ExpansionConfig, domains: list[Domain], resolutio
     used = any(config.weight("lambda_lowpass_keep", d.name) > 0 for d in domains if d.method in ("nada", "sds"))
     if used and config.lowpass_size > resolution:
         raise ValueError(f"training setting lowpass_size ({config.lowpass_size}) must be at most the images' resolution ({resolution}): it is the number of cells per side the images are pooled to")
+
+
+# The per-domain loss weights each method's losses read; another method's weight would do nothing.
+DOMAIN_LOSS_WEIGHTS_BY_METHOD = {
+    "nada": ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_lowpass_keep"),
+    "sds": ("lambda_sds", "lambda_lowpass_keep"),
+    "mystyle": ("lambda_mystyle",),
+}
+
+
+def check_domain_weight_methods(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
+    """Refuse a domain weight its method's losses never read (``lambda_sds`` on a NADA domain)."""
+    methods = {d.name: d.method for d in domains}
+    for name, weights in config.domain_weights.items():
+        allowed = DOMAIN_LOSS_WEIGHTS_BY_METHOD.get(methods.get(name), ())
+        # lambda_lowpass_keep on a MyStyle domain has its own message (check_lowpass_keep)
+        useless = sorted(set(weights) - set(allowed) - {"lambda_lowpass_keep"}) if name in methods else []
+        if useless:
+            raise ValueError(f"loss weights {useless} of domain {name!r} do nothing for a {methods[name]} domain; its weights are {list(allowed)}")
 
 
 def _checked_domain_weights(value: object) -> dict[str, dict[str, float]]:
@@ -352,6 +376,7 @@ class Expander:
         strangers = sorted(set(config.domain_weights) - set(new_names))
         if strangers:
             raise ValueError(f"training setting domain_weights names {strangers}, which this run does not train; trained here: {new_names}")
+        check_domain_weight_methods(config, new_domains)
         nada_names = [d.name for d in new_domains if d.method == "nada"]
         for domain, targets in config.nada_image_exclusive_of.items():
             strangers = sorted({domain, *targets} - set(nada_names))

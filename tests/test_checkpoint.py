@@ -1,3 +1,4 @@
+import re
 import json
 
 import pytest
@@ -293,3 +294,89 @@ def test_saved_files_are_as_readable_as_any_file_the_user_writes(expanded, tmp_p
         os.umask(mask)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "shared").iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes  # safetensors alone writes 0600
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("latent_avg", torch.tensor([5.0]), "'latent_avg' has shape (1,)"),  # copy_ would broadcast it over the mean w
+    ("basis.dormancy", torch.zeros(3, 5), "dormancy curve"),  # would silently fall back to singular-value order
+    ("basis.directions", torch.full((32, 32), float("nan")), "NaN or infinite"),
+    ("basis.directions", 2 * torch.eye(32), "not orthonormal"),
+    ("generator.conv1.conv.weight", None, "NaN or infinite"),  # None: that tensor with one NaN
+])
+def test_tensor_values_a_key_check_lets_through_are_refused(expanded, tmp_path, key, value, message):
+    folder = _saved(expanded, tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    if value is None:
+        value = tensors[key].clone()
+        value.view(-1)[0] = float("nan")
+    tensors[key] = value
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        ExpandedGenerator.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"alpha": -2}, "alpha must be a positive finite number"),
+    ({"alpha": float("nan")}, "alpha must be a positive finite number"),
+    ({"format_version": None}, "format_version must be a positive integer"),
+    ({"num_dormant": None}, "missing keys ['num_dormant']"),
+    ({"num_dormat": 8}, "unknown keys ['num_dormat']"),
+    ({"has_discriminator": None}, "missing keys ['has_discriminator']"),
+    ({"has_discriminator": "yes"}, "has_discriminator must be true or false"),
+    ({"num_dormant": 2.5}, "num_dormant must be an integer"),
+])
+def test_config_json_is_read_strictly(expanded, tmp_path, change, message):
+    folder = _saved(expanded, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in change.items():
+        if value is None and key != "format_version":
+            config.pop(key)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        ExpandedGenerator.from_pretrained(folder)
+
+
+def test_a_training_log_the_model_card_cannot_read_is_refused_on_load(expanded, tmp_path):
+    folder = _saved(expanded, tmp_path)
+    (folder / "training.json").write_text(json.dumps({"format": "expander.training_log", "runs": [{"trained": ["zombie"], "date": 5, "settings": []}]}))
+    with pytest.raises(CheckpointError, match=re.escape("date (int, expected str), settings (list, expected dict)")):
+        ExpandedGenerator.from_pretrained(folder)
+    with pytest.raises(ValueError, match="wrong type"):
+        expanded.record_training({"trained": ["zombie"], "guidance": "world"})
+
+
+def test_from_pretrained_refuses_unknown_arguments_and_casts_to_torch_dtype(expanded, tmp_path):
+    folder = _saved(expanded, tmp_path)
+    with pytest.raises(TypeError, match=r"unknown arguments \['map_locaton', 'strict'\]"):
+        ExpandedGenerator.from_pretrained(folder, strict=False, map_locaton="cuda")
+    with pytest.raises(TypeError, match="floating-point torch.dtype"):
+        ExpandedGenerator.from_pretrained(folder, torch_dtype="float16")
+    doubled = ExpandedGenerator.from_pretrained(folder, torch_dtype=torch.float64)
+    images = doubled.sample("zombie", n=2, seed=3)  # latents follow the model's dtype
+    assert images.dtype == torch.float64
+    torch.testing.assert_close(images.float(), expanded.sample("zombie", n=2, seed=3), atol=1e-4, rtol=1e-4)
+
+
+def test_random_noise_is_drawn_from_the_seed(expanded):
+    from expander.generators.stylegan2 import NoiseInjection
+
+    for module in expanded.modules():
+        if isinstance(module, NoiseInjection):
+            module.weight.data.fill_(0.5)  # a random generator starts with the noise off
+    first, again = expanded.sample("zombie", n=3, seed=4, noise_mode="random"), expanded.sample("zombie", n=3, seed=4, noise_mode="random", batch_size=2)
+    torch.testing.assert_close(first, again)  # the same images, whatever the batches
+    assert not torch.allclose(first, expanded.sample("zombie", n=3, seed=4))  # const noise is another picture
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"name": "glasses\n"}, "invalid domain name"),
+    ({"prompt": ["a zombie"]}, "prompt must be a text"),
+    ({"steps": -1}, "steps must be a whole number"),
+    ({"created": 2026}, "created must be a date text"),
+])
+def test_domain_entries_of_the_wrong_type_are_refused(expanded, change, message):
+    entry = {**expanded.domains[0].to_dict(), **change}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        expanded.set_domains([Domain.from_dict(entry)])

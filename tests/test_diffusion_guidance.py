@@ -192,3 +192,27 @@ def test_several_prompts_are_composed_in_the_guided_noise():
     assert teacher.prompts == ["a hat", "blue skin", "a hat", "a hat"]
     with pytest.raises(ValueError, match="at least one prompt"):
         sds.guided_noise(latents, t, [])
+
+
+def test_sds_refuses_latents_that_are_not_finite(teacher, monkeypatch):
+    sds = ScoreDistillation(teacher, SdsConfig())
+    monkeypatch.setattr(teacher, "encode", lambda images: torch.full((len(images), 4, 4, 4), float("inf")))  # an overflowing float16 VAE
+    with pytest.raises(ValueError, match="NaN or infinite latents .* load the teacher in float32"):
+        sds.loss(_images(seed=3), _images(seed=4), "a sketch", torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"t_min": 0.2, "t_max": 1.5}, "0 <= t_min < t_max <= 1"),
+    ({"guidance_scale": -1.0}, "guidance_scale >= 0"),
+    ({"grad_clip": 0.0}, "grad_clip must be > 0"),
+])
+def test_sds_config_is_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SdsConfig(**settings)
+
+
+def test_the_sds_gradient_clamp_is_a_training_setting():
+    from expander.train import ExpansionConfig
+
+    assert ExpansionConfig().sds_config().grad_clip == 1.0
+    assert ExpansionConfig(sds_grad_clip=None).sds_config().grad_clip is None  # off, as in DreamFusion

@@ -113,6 +113,18 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"name": "my model"}, "invalid model name 'my model'"),
         ({"name": 2024}, "invalid model name 2024"),
         ({"name": "world-portraits"}, "'world-portraits' is a built-in model"),
+        ({"name": "my-model\n"}, "invalid model name"),  # `$` would let a final newline through
+        ({"model": 2024}, "'model' must be a registered name, a folder or a Hub repo id"),
+        ({"training": []}, "'training' must be a mapping"),  # falsy values are not taken for {}
+        ({"guidance": ""}, "guidance must be a mapping"),
+        ({"description": 0}, "'description' must be one line of text"),
+        ({"domains": [{"name": "z", "prompt": "x", "weights": 0}]}, "weights must map loss weights to numbers"),
+        ({"domains": [{"name": 5, "prompt": "x"}]}, "'name' must be a text"),
+        ({"domains": [{"name": "z\n", "prompt": "x"}]}, "invalid domain name"),
+        ({"domains": [{"name": "z", "prompt": "x", "source_prompt": "  "}]}, "source_prompt is blank"),
+        ({"domains": [{"name": "z", "prompt": "x", "weights": {"lambda_sds": 2}}]}, r"\['lambda_sds'\] of domain 'z' do nothing for a nada domain"),
+        ({"training": {"sds_grad_clip": 0}}, "sds_grad_clip must be > 0"),
+        ({"training": {"nada_image_exclusive_of": {"z": "y"}}}, "non-empty list"),
     ],
 )
 def test_bad_recipes_are_refused_with_a_clear_message(change, message):
@@ -626,6 +638,12 @@ class _LinearEncoder:
 
     def encode_images(self, images):
         return images.mean(dim=(2, 3))
+
+
+def test_a_prompt_that_embeds_like_the_source_is_refused():
+    guidance = ClipGuidance([_LinearEncoder()], templates=("{}",))
+    with pytest.raises(ValueError, match="'a person' and the source prompt 'a portrait' embed alike in CLIP"):
+        guidance.text_direction(guidance.encoders[0], "a portrait", "a person")  # both the stand-in's green
 
 
 def test_nada_direction_losses_cosine_is_scale_free_projection_is_not():

@@ -228,6 +228,8 @@ class ClipGuidance:
         key = (id(encoder), source, target, contrast, contrast_strength, dual_ridge)
         if key not in self._directions:
             directions = torch.stack([self._raw_direction(encoder, source, prompt) for prompt in (target, *contrast)])  # (1 + C, D)
+            if directions[0].norm() < 0.5:  # unit, or zero where the prompts embed alike: a loss without gradient (or NaN), silently
+                raise ValueError(f"the prompt {target!r} and the source prompt {source!r} embed alike in CLIP, so there is no edit to learn: give a prompt that differs from the source (or another source_prompt)")
             if dual_ridge is not None and contrast:
                 gram = directions @ directions.T  # (1 + C, 1 + C)
                 coefficients = torch.linalg.solve(gram + dual_ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), directions)  # (1 + C, D)

@@ -13,6 +13,8 @@ A teacher implements :class:`DiffusionTeacher`: the world's exact posterior-mean
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence, Union
 
@@ -50,6 +52,14 @@ class SdsConfig:
     lambda_directional: float = 1.0  # 0 disables the directional regularizer
     grad_clip: Optional[float] = 1.0  # clamp |grad| elementwise (None: off)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.t_min < self.t_max <= 1:
+            raise ValueError(f"SdsConfig needs 0 <= t_min < t_max <= 1 (fractions of the teacher's timesteps), got t_min={self.t_min}, t_max={self.t_max}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0) or not (math.isfinite(self.lambda_directional) and self.lambda_directional >= 0):
+            raise ValueError(f"SdsConfig needs a finite guidance_scale >= 0 and lambda_directional >= 0, got {self.guidance_scale} and {self.lambda_directional}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"SdsConfig grad_clip must be > 0 (or None: no clamp), got {self.grad_clip}")
+
 
 class ScoreDistillation:
     def __init__(self, teacher: DiffusionTeacher, config: Optional[SdsConfig] = None):
@@ -77,6 +87,11 @@ class ScoreDistillation:
         """
         config, teacher = self.config, self.teacher
         latents = teacher.encode(domain_images)  # (B, C, h, w), differentiable
+        if not torch.isfinite(latents).all():  # nan_to_num below cleans the teacher's output, not its input
+            raise ValueError(
+                f"score distillation: the teacher encoded the images to NaN or infinite latents (dtype {latents.dtype}; "
+                f"images finite: {bool(torch.isfinite(domain_images).all())}). A float16 VAE can overflow: load the teacher in float32"
+            )
         batch = latents.shape[0]
         T = teacher.num_train_timesteps
         t = torch.randint(int(config.t_min * T), max(int(config.t_max * T), int(config.t_min * T) + 1), (batch,), generator=rng)

@@ -37,9 +37,11 @@ def dormancy_curve(
     deterministic for a seed and differences between directions are not sampling noise.
     """
     device = basis.mean.device
+    if isinstance(distance, torch.nn.Module):
+        distance.to(device)  # load_perceptual builds it on the CPU; the renders are on the basis' device
     step = latent_step_size(generator, basis, step_scale, seed=seed)
     rng = torch.Generator().manual_seed(seed + 1)
-    w = generator.mapping(torch.randn(n_samples, generator.style_dim, generator=rng).to(device))  # (N, D)
+    w = generator.mapping(torch.randn(n_samples, generator.style_dim, generator=rng).to(basis.mean))  # (N, D), the basis' device and dtype
     reference = generator.synthesis(w)  # (N, 3, H, W)
     dim = basis.style_dim
     curve = torch.zeros(dim)

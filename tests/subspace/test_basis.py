@@ -84,3 +84,22 @@ def test_dormancy_curve_is_deterministic_and_orders_directions(tiny_generator):
     model.basis.dormancy = curve
     order = model.basis.dormant_order()
     assert curve[order[0]] == curve.min() and sorted(order) == list(range(32))
+
+
+def test_dormancy_curve_runs_a_perceptual_module_where_the_basis_is(tiny_generator):
+    from expander.checkpoint import ExpandedGenerator
+
+    class Distance(torch.nn.Module):  # a perceptual network, built on the CPU by load_perceptual
+        moved_to: list = []
+
+        def to(self, *args, **kwargs):  # this machine has one device: record where it is sent
+            self.moved_to.append(torch.device(args[0]))
+            return super().to(*args, **kwargs)
+
+        def forward(self, a, b):
+            return (a - b).abs().mean(dim=(1, 2, 3))
+
+    model = ExpandedGenerator.from_generator(tiny_generator)
+    distance = Distance()
+    curve = dormancy_curve(model.generator, model.basis, distance, n_samples=2, progress=False)
+    assert curve.shape == (32,) and distance.moved_to == [model.basis.mean.device]
