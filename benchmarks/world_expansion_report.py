@@ -1,6 +1,13 @@
 """Tables of benchmarks/world_expansion.sh's results (markdown, for the README and the notes).
 
     python benchmarks/world_expansion_report.py runs/world-expansion
+    python benchmarks/world_expansion_report.py --reports a.json b.json   # rows of docs/results/HISTORY.md's tables
+
+A ``--reports`` row holds, from one ``expander eval`` report: base FD; mean domain success and the
+domains >= 90% (those below listed); the worst leak cell (domain -> attribute) and the mean leak, with
+the cells > 5%; mean composition over the non-conflicting pairs, its *relative* value (summed share of
+composed samples with both attributes over the summed success of each pair's weaker domain: what
+composes among what is learned) and the pairs >= 70%; factors kept and diversity.
 """
 
 from __future__ import annotations
@@ -58,10 +65,40 @@ def success_table(folder: Path, name: str) -> list[str]:
     return lines
 
 
+HISTORY_HEADER = [
+    "| run | base FD | domain success (mean; >= 90%) | leakage max / mean (cells > 5%) | composition (relative; pairs >= 70%) | factors kept; diversity |",
+    "|---|---|---|---|---|---|",
+]
+
+
+def history_row(report: dict, label: str) -> str:
+    """One row of HISTORY.md's tables from an ``expander eval`` report (see the module docstring)."""
+    success, summary = report["domain_success"], report["summary"]
+    below = ", ".join(f"{name.replace('_', ' ')} {100 * value:.0f}" for name, value in sorted(success.items(), key=lambda item: item[1]) if value < 0.9)
+    cells = [(value, row, column) for row, columns in report["leakage"]["matrix"].items() if row != "base" for column, value in columns.items() if column != row]
+    worst = max(cells, default=None)
+    worst_text = "-" if worst is None else f"{100 * worst[0]:.0f}% ({worst[1].replace('_', ' ')} -> {worst[2].replace('_', ' ')})"
+    pairs = [pair for pair in report["composition"].values() if not pair["conflicting"]]
+    learned = sum(min(success[a] for a in pair["domains"]) for pair in pairs)
+    relative = sum(pair["both"] for pair in pairs) / learned if learned else None
+    composed = f"{100 * summary['mean_composition']:.1f}% ({'-' if relative is None else f'{relative:.2f}'}; {sum(pair['both'] >= 0.7 for pair in pairs)})" if pairs else "-"
+    return (
+        f"| {label} | {report['source_preservation']['fid']:.1f} | {100 * summary['mean_success']:.1f}%; {sum(v >= 0.9 for v in success.values())}{f' ({below})' if below else ''} | "
+        f"{worst_text} / {100 * summary['mean_leakage']:.1f}% ({sum(value > 0.05 for value, _, _ in cells)}) | {composed} | "
+        f"{summary['mean_factors_preserved']:.2f}; {summary['mean_diversity']:.2f} |"
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", type=Path, nargs="?", help="what benchmarks/world_expansion.sh wrote")
+    parser.add_argument("--reports", type=Path, nargs="+", default=[], help="`expander eval --out` reports: one HISTORY.md row each")
     args = parser.parse_args(argv)
+    if args.reports:
+        print("\n".join(HISTORY_HEADER + [history_row(json.loads(path.read_text()), path.stem) for path in args.reports]))
+        return
+    if args.folder is None:
+        parser.error("give the folder benchmarks/world_expansion.sh wrote, or --reports")
     folder = args.folder
     runs = [
         ("nada10", "10 NADA domains, joint"),
