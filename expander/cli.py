@@ -343,14 +343,21 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
     """
     from .checkpoint import ExpandedGenerator
     from .generators.convert import load_nvidia_pickle, load_rosinality_checkpoint
+    from .utils.io import check_replaceable
 
+    if not _is_writable_model_folder(Path(out)):
+        _fail(f"--out {out} is inside a built-in or downloaded model (the package's weights or the Hugging Face cache); write the imported model to a folder of your own")
+    try:
+        check_replaceable(out)  # before the conversion, which is long for a 1024 px model
+    except ValueError as err:
+        _fail(str(err))
     try:
         if checkpoint.lower().endswith((".pkl", ".pickle")):
             G, D = load_nvidia_pickle(checkpoint, allow_pickle=allow_pickle)
         else:
             G, D = load_rosinality_checkpoint(checkpoint)
         model = ExpandedGenerator.from_generator(G, D, alpha=alpha, num_dormant=num_dormant, base_model=str(Path(checkpoint).name))
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:  # TypeError: values of the wrong kind in a file
         _fail(str(err))
     model.save_pretrained(out)
     click.echo(f"wrote {out}; run `expander directions --model {out} --recompute --save --out curve.png` (add --device cuda on a GPU) to measure and store its dormancy curve")

@@ -258,3 +258,19 @@ def test_import_reads_any_spelling_of_a_pickle_name_as_a_pickle(tmp_path, suffix
     result = run("import", checkpoint, "--allow-pickle", "--out", tmp_path / "out")
     assert result.exit_code != 0 and "could not read it as a pickle" in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_import_refuses_a_shipped_model_folder_and_the_current_folder_before_reading(tmp_path, monkeypatch):
+    from expander.registry import PACKAGE_ROOT
+
+    checkpoint = tmp_path / "ffhq.pt"
+    checkpoint.write_bytes(b"never read: the output is checked first")
+    shipped = PACKAGE_ROOT / "world" / "weights" / "portraits"
+    result = run("import", checkpoint, "--out", shipped)
+    assert result.exit_code != 0 and "inside a built-in or downloaded model" in result.output, result.output
+    monkeypatch.chdir(tmp_path)
+    result = run("import", checkpoint, "--out", ".")
+    assert result.exit_code != 0 and "it is the current folder" in result.output, result.output
+    result = run("import", checkpoint, "--out", tmp_path / "out")  # now it is read: and refused as what it is
+    assert result.exit_code != 0 and "is not a readable PyTorch checkpoint" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ffhq.pt"]

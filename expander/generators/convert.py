@@ -219,6 +219,12 @@ def infer_config(state_dict: dict, lr_mlp: float = 0.01, channel_multiplier: int
         raise ValueError(f"cannot infer the architecture ({len(to_rgbs)} to_rgbs layers -> {resolution}x{resolution}): {err}") from err
 
 
+def _weights_unpickler_detail(err: Exception) -> str:
+    """The WeightsUnpickler's own reason (e.g. "Unsupported operand 60") out of torch's long message."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(err), re.S)
+    return found.group(1).strip() if found else "torch.load(weights_only=True) could not read it"
+
+
 def _torch_load_weights_only(path: Path) -> Any:
     """``torch.load(weights_only=True)``, allowing ``argparse.Namespace`` (rosinality's ``args``).
 
@@ -228,11 +234,18 @@ def _torch_load_weights_only(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False, which is the code execution this reader exists to avoid: keep only the facts.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))  # "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ..."
+        if refused is None:
+            raise ValueError(
+                f"{path} is not a readable PyTorch checkpoint: it is corrupt, truncated, or another kind of file (a saved web page "
+                f"instead of the download, for instance); download it again. Details: {_weights_unpickler_detail(err)}"
+            ) from None
         raise UnsafePickleError(
-            f"{path}: the file contains pickled Python objects beyond tensors; expander never unpickles arbitrary code "
-            f"(torch.load(weights_only=True) refused it). If this is an NVIDIA .pkl, use load_nvidia_pickle(..., allow_pickle=True) "
-            f"(CLI: --allow-pickle). Details: {err}"
-        ) from err
+            f"{path}: the file contains pickled Python objects beyond tensors ({refused.group(1)}); expander never unpickles arbitrary "
+            f"code (torch.load(weights_only=True) refused it). If it is an NVIDIA StyleGAN pickle, give it a .pkl name and use "
+            f"load_nvidia_pickle(..., allow_pickle=True) (CLI: expander import FILE.pkl --allow-pickle), which rebuilds only tensors and module state"
+        ) from None
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, struct.error) as err:
         # a corrupt or truncated file fails deep inside the unpickler with whatever it tripped on
         raise ValueError(f"{path}: could not read it as a PyTorch checkpoint ({type(err).__name__}: {err}); check the file is a complete torch.save checkpoint (re-download it)") from err
@@ -333,7 +346,17 @@ class PickledModule:
         return node
 
     def attribute(self, name: str, default: Any = None) -> Any:
-        return self.state.get(name, default)
+        """A scalar setting of the module (``c_dim``, ``activation``, ...): None, a bool, number or text.
+
+        numpy scalars come back as Python ones; anything else (an array, a dict) is not what a
+        StyleGAN2 module stores there, so the file is refused rather than guessed at.
+        """
+        value = self.state.get(name, default)
+        if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar
+            value = value.item()
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise ValueError(f"the module {self.class_name} stores {name} as a {type(value).__name__}, where a StyleGAN2 module has a number or a text: this is not a StyleGAN2 pickle")
+        return value
 
     def init_kwargs(self) -> dict:
         kwargs = self.state.get("_init_kwargs")
@@ -442,21 +465,47 @@ def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
+def _is_plain_dtype(dtype: Any) -> bool:
+    """A numpy bool/int/float/complex dtype: no fields, no sub-arrays, no objects. Structured and void
+    dtypes are refused: their field offsets come from the file, and a crafted offset reads out of bounds."""
+    import numpy as np
+
+    return isinstance(dtype, np.dtype) and dtype.kind in "biufc" and dtype.fields is None and dtype.subdtype is None and not dtype.hasobject
+
+
 def _numpy_dtype(spec: Any, align: Any = False, copy: Any = True) -> Any:
     import numpy as np
 
     if not isinstance(spec, str):
         raise UnsafePickleError("numpy.dtype with a non-string spec")
-    dtype = np.dtype(spec, bool(align), bool(copy))
-    if dtype.hasobject:
-        raise UnsafePickleError("numpy object dtypes are refused (they would carry arbitrary Python objects)")
+    try:
+        dtype = np.dtype(spec, bool(align), bool(copy))
+    except TypeError as err:
+        raise UnsafePickleError(f"numpy.dtype {spec!r} is not a dtype: {err}") from None
+    if not _is_plain_dtype(dtype):
+        raise UnsafePickleError(f"refused numpy dtype {spec!r}: only bool, integer, float and complex dtypes are read; object dtypes would carry arbitrary Python objects, void and structured ones fields at offsets the file chooses")
     return dtype
+
+
+# The state numpy pickles for a plain dtype (after version and byte order): no sub-array, names or
+# fields, default size and alignment, no flags. A BUILD with any other state is refused: it could turn
+# a plain dtype into one with fields at arbitrary offsets, or flag it as holding objects.
+_PLAIN_DTYPE_STATE = (None, None, None, -1, -1, 0)
+
+
+def _numpy_build_allowed(inst: Any, state: Any) -> bool:
+    import numpy as np
+
+    if isinstance(inst, np.dtype):
+        return isinstance(state, tuple) and len(state) == 8 and state[1] in ("<", ">", "|", "=") and tuple(state[2:]) == _PLAIN_DTYPE_STATE
+    # ndarray.__setstate__((version, shape, dtype, is_fortran, raw bytes))
+    return isinstance(state, tuple) and len(state) == 5 and _is_plain_dtype(state[2]) and isinstance(state[4], (bytes, bytearray))
 
 
 def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     import numpy as np
 
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
+    if not _is_plain_dtype(dtype) or not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
         raise UnsafePickleError("numpy scalar with an unsupported dtype or payload")
     return np.frombuffer(bytes(data), dtype=dtype, count=1)[0]
 
@@ -570,6 +619,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
         state = self.stack.pop()
         inst = self.stack[-1]
         if _build_allowed(inst):
+            if not isinstance(inst, PickledModule) and not _numpy_build_allowed(inst, state):
+                raise UnsafePickleError(f"refused to set the state of a numpy {type(inst).__name__} to anything but a plain dtype's (BUILD)")
             inst.__setstate__(state)
         elif isinstance(inst, dict) and not state:
             pass  # dict subclasses (OrderedDict, EasyDict) pickle an empty __dict__

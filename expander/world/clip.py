@@ -445,14 +445,17 @@ def train_world_clip(
 def export_world_clip(model_dir: Union[str, Path], dest: Union[str, Path] = WORLD_CLIP_DIR, metrics: Optional[dict] = None) -> Path:
     """Copy the inference files only (no training state) into ``dest``, plus the evaluation metrics."""
     model_dir, dest = Path(model_dir), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        # Each file is moved into place whole: a running job that memory-maps the old weights
-        # (safetensors does) keeps reading them instead of dying with SIGBUS on a rewritten file.
-        with atomic_path(dest / name) as tmp:
-            shutil.copyfile(model_dir / name, tmp)  # not copy2: package files get ordinary permissions
-    if metrics is not None:
-        write_json(dest / "metrics.json", metrics)
+    names = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+    # The folder is assembled beside dest and swapped in whole: a kill part-way never leaves new weights
+    # beside an old config or metrics, and a running job that memory-maps the old weights (safetensors
+    # does) keeps reading them instead of dying with SIGBUS on a rewritten file. Without new metrics,
+    # the old ones no longer describe the weights, so they go too.
+    with atomic_path(dest, owned=(*names, "metrics.json")) as tmp:
+        tmp.mkdir(parents=True)
+        for name in names:
+            shutil.copyfile(model_dir / name, tmp / name)  # not copy2: package files get ordinary permissions
+        if metrics is not None:
+            write_json(tmp / "metrics.json", metrics)
     return dest
 
 

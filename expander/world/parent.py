@@ -33,13 +33,21 @@ ALPHA_IN_STDS = 36.0
 def load_gan_export(folder: str | Path) -> tuple[Generator, Discriminator]:
     """Read what :func:`expander.world.gan.export_world_gan` wrote."""
     folder = Path(folder)
-    config = StyleGAN2Config.from_dict(read_json(folder / "config.json", what="world GAN config")["generator"])
-    G, D = Generator(config), Discriminator(config)
-    g_state = read_safetensors(folder / "generator.safetensors", what="world generator")
-    latent_avg = g_state.pop("latent_avg")
-    G.load_state_dict(g_state, strict=True)
-    G.style.w_avg.copy_(latent_avg)
-    D.load_state_dict(read_safetensors(folder / "discriminator.safetensors", what="world discriminator"), strict=True)
+    hint = "rebuild it with `expander world build --what gan`"
+    try:
+        config = StyleGAN2Config.from_dict(read_json(folder / "config.json", what="world GAN config")["generator"])
+        G, D = Generator(config), Discriminator(config)
+        g_state = read_safetensors(folder / "generator.safetensors", what="world generator")
+        latent_avg = g_state.pop("latent_avg")
+        if latent_avg.shape != G.style.w_avg.shape:
+            raise ValueError(f"latent_avg has shape {tuple(latent_avg.shape)}, expected {tuple(G.style.w_avg.shape)}")
+        G.load_state_dict(g_state, strict=True)
+        G.style.w_avg.copy_(latent_avg)
+        D.load_state_dict(read_safetensors(folder / "discriminator.safetensors", what="world discriminator"), strict=True)
+    except KeyError as err:
+        raise ValueError(f"the world GAN export in {folder} lacks {err}; {hint}") from None
+    except (RuntimeError, TypeError, ValueError) as err:  # RuntimeError: keys or shapes of another architecture
+        raise ValueError(f"the world GAN export in {folder} does not match this expander's world GAN ({err}); {hint}") from None
     return G.eval(), D.eval()
 
 

@@ -29,3 +29,24 @@ def test_train_resume_and_export(tmp_path, monkeypatch):
         assert torch.equal(value, G_b.state_dict()[key]), key
     assert torch.equal(G_a.w_avg, G_b.w_avg)
     assert G_a(torch.randn(2, 32)).shape == (2, 3, 16, 16)
+
+
+def test_a_broken_export_says_to_rebuild(tmp_path):
+    import json
+
+    import pytest
+    from safetensors.torch import save_file
+
+    from expander.generators.stylegan2 import Discriminator, Generator
+
+    config = tiny_config()
+    G, D = Generator(config), Discriminator(config)
+    (tmp_path / "config.json").write_text(json.dumps({"generator": config.to_dict()}))
+    save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(tmp_path / "generator.safetensors"))  # no latent_avg
+    save_file({k: v.contiguous() for k, v in D.state_dict().items()}, str(tmp_path / "discriminator.safetensors"))
+    with pytest.raises(ValueError, match=r"lacks 'latent_avg'; rebuild it with `expander world build --what gan`"):
+        load_gan_export(tmp_path)
+    other = Generator(tiny_config(style_dim=16))  # another architecture
+    save_file({**{k: v.contiguous() for k, v in other.state_dict().items()}, "latent_avg": torch.zeros(32)}, str(tmp_path / "generator.safetensors"))
+    with pytest.raises(ValueError, match="does not match this expander's world GAN"):
+        load_gan_export(tmp_path)
