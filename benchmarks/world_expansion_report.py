@@ -73,6 +73,13 @@ HISTORY_HEADER = [
 
 def history_row(report: dict, label: str) -> str:
     """One row of HISTORY.md's tables from an ``expander eval`` report (see the module docstring)."""
+
+    def share(value):  # a summary mean is null when nothing was measured (no domains, no factors)
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    def plain(value):
+        return "-" if value is None else f"{value:.2f}"
+
     success, summary = report["domain_success"], report["summary"]
     below = ", ".join(f"{name.replace('_', ' ')} {100 * value:.0f}" for name, value in sorted(success.items(), key=lambda item: item[1]) if value < 0.9)
     cells = [(value, row, column) for row, columns in report["leakage"]["matrix"].items() if row != "base" for column, value in columns.items() if column != row]
@@ -81,11 +88,11 @@ def history_row(report: dict, label: str) -> str:
     pairs = [pair for pair in report["composition"].values() if not pair["conflicting"]]
     learned = sum(min(success[a] for a in pair["domains"]) for pair in pairs)
     relative = sum(pair["both"] for pair in pairs) / learned if learned else None
-    composed = f"{100 * summary['mean_composition']:.1f}% ({'-' if relative is None else f'{relative:.2f}'}; {sum(pair['both'] >= 0.7 for pair in pairs)})" if pairs else "-"
+    composed = f"{share(summary['mean_composition'])} ({'-' if relative is None else f'{relative:.2f}'}; {sum(pair['both'] >= 0.7 for pair in pairs)})" if pairs else "-"
     return (
-        f"| {label} | {report['source_preservation']['fid']:.1f} | {100 * summary['mean_success']:.1f}%; {sum(v >= 0.9 for v in success.values())}{f' ({below})' if below else ''} | "
-        f"{worst_text} / {100 * summary['mean_leakage']:.1f}% ({sum(value > 0.05 for value, _, _ in cells)}) | {composed} | "
-        f"{summary['mean_factors_preserved']:.2f}; {summary['mean_diversity']:.2f} |"
+        f"| {label} | {report['source_preservation']['fid']:.1f} | {share(summary['mean_success'])}; {sum(v >= 0.9 for v in success.values())}{f' ({below})' if below else ''} | "
+        f"{worst_text} / {share(summary['mean_leakage'])} ({sum(value > 0.05 for value, _, _ in cells)}) | {composed} | "
+        f"{plain(summary['mean_factors_preserved'])}; {plain(summary['mean_diversity'])} |"
     )
 
 

@@ -35,7 +35,7 @@ import yaml
 from .domains import METHODS, Domain, check_domain_name, is_valid_alpha
 from .guidance.build import check_guidance_spec
 from .registry import RegistryError, check_user_model_name
-from .train import ExpansionConfig, check_domain_weight_methods
+from .train import ExpansionConfig, check_domain_weight_methods, check_exclusive_targets
 
 _TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description", "real_images"}
 _DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha", "weights"}
@@ -103,6 +103,7 @@ class Recipe:
         try:
             training = ExpansionConfig.from_dict(training_data)
             check_domain_weight_methods(training, domains)
+            check_exclusive_targets(training, domains)
         except (TypeError, ValueError) as err:
             raise RecipeError(f"{where}: {err}") from None
         real_images = data.get("real_images")

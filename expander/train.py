@@ -206,8 +206,14 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 
 
 # Loss weights a domain may override (ExpansionConfig.domain_weights): those of its own adaptation
-# losses. Replay and GAN weights act on the shared base subspace, so they stay per run.
-DOMAIN_LOSS_WEIGHTS = ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_sds", "lambda_mystyle", "lambda_lowpass_keep")
+# losses, by the method whose losses read them (another method's weight would do nothing). Replay and
+# GAN weights act on the shared base subspace, so they stay per run.
+DOMAIN_LOSS_WEIGHTS_BY_METHOD = {
+    "nada": ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_lowpass_keep"),
+    "sds": ("lambda_sds", "lambda_lowpass_keep"),
+    "mystyle": ("lambda_mystyle",),
+}
+DOMAIN_LOSS_WEIGHTS = tuple(dict.fromkeys(name for names in DOMAIN_LOSS_WEIGHTS_BY_METHOD.values() for name in names))
 
 
 def check_lowpass_keep(config: ExpansionConfig, domains: list[Domain], resolution: int) -> None:
@@ -222,12 +228,18 @@ def check_lowpass_keep(config: ExpansionConfig, domains: list[Domain], resolutio
         raise ValueError(f"training setting lowpass_size ({config.lowpass_size}) must be at most the images' resolution ({resolution}): it is the number of cells per side the images are pooled to")
 
 
-# The per-domain loss weights each method's losses read; another method's weight would do nothing.
-DOMAIN_LOSS_WEIGHTS_BY_METHOD = {
-    "nada": ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_lowpass_keep"),
-    "sds": ("lambda_sds", "lambda_lowpass_keep"),
-    "mystyle": ("lambda_mystyle",),
-}
+
+
+def check_exclusive_targets(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
+    """Refuse ``nada_image_exclusive_of`` entries that name a domain not trained with NADA in the run,
+    or give targets to a domain whose image hinge is off (they would do nothing)."""
+    nada_names = [d.name for d in domains if d.method == "nada"]
+    for domain, targets in config.nada_image_exclusive_of.items():
+        strangers = sorted({domain, *targets} - set(nada_names))
+        if strangers:
+            raise ValueError(f"training setting nada_image_exclusive_of names {strangers}, which this run does not train with nada (the hinge compares what NADA domains of one step draw); NADA domains trained here: {nada_names}")
+        if config.weight("lambda_nada_image_exclusive", domain) <= 0:
+            raise ValueError(f"training setting nada_image_exclusive_of gives targets to domain {domain!r}, whose lambda_nada_image_exclusive is 0 (off); give it a weight (its entry's weights: {{lambda_nada_image_exclusive: 0.5}}) or remove the entry")
 
 
 def check_domain_weight_methods(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
@@ -377,13 +389,7 @@ class Expander:
         if strangers:
             raise ValueError(f"training setting domain_weights names {strangers}, which this run does not train; trained here: {new_names}")
         check_domain_weight_methods(config, new_domains)
-        nada_names = [d.name for d in new_domains if d.method == "nada"]
-        for domain, targets in config.nada_image_exclusive_of.items():
-            strangers = sorted({domain, *targets} - set(nada_names))
-            if strangers:
-                raise ValueError(f"training setting nada_image_exclusive_of names {strangers}, which this run does not train with nada (the hinge compares what NADA domains of one step draw); NADA domains trained here: {nada_names}")
-            if config.weight("lambda_nada_image_exclusive", domain) <= 0:
-                raise ValueError(f"training setting nada_image_exclusive_of gives targets to domain {domain!r}, whose lambda_nada_image_exclusive is 0 (off); give it a weight (its entry's weights: {{lambda_nada_image_exclusive: 0.5}}) or remove the entry")
+        check_exclusive_targets(config, new_domains)
         self.trained = [model.get_domain(n) for n in new_names]
         self.replayed = [d for d in model.domains if d.name not in new_names]
         check_lowpass_keep(config, self.trained, model.generator.resolution)

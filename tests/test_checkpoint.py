@@ -380,3 +380,10 @@ def test_domain_entries_of_the_wrong_type_are_refused(expanded, change, message)
     entry = {**expanded.domains[0].to_dict(), **change}
     with pytest.raises(ValueError, match=re.escape(message)):
         expanded.set_domains([Domain.from_dict(entry)])
+
+
+def test_a_bfloat16_model_saves_a_basis_that_loads(expanded, tmp_path):
+    expanded.to(torch.bfloat16).save_pretrained(tmp_path / "m")  # rounded to bf16 the basis is off orthonormal by ~3e-3
+    loaded = ExpandedGenerator.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16)
+    assert loaded.basis.directions.dtype == torch.bfloat16
+    assert loaded.sample("zombie", n=1).dtype == torch.bfloat16

@@ -125,6 +125,7 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"domains": [{"name": "z", "prompt": "x", "weights": {"lambda_sds": 2}}]}, r"\['lambda_sds'\] of domain 'z' do nothing for a nada domain"),
         ({"training": {"sds_grad_clip": 0}}, "sds_grad_clip must be > 0"),
         ({"training": {"nada_image_exclusive_of": {"z": "y"}}}, "non-empty list"),
+        ({"training": {"nada_image_exclusive_of": {"zombie": ["ghost"]}}}, r"names \['ghost'\], which this run does not train"),  # before any model is loaded
     ],
 )
 def test_bad_recipes_are_refused_with_a_clear_message(change, message):

@@ -219,6 +219,11 @@ def infer_config(state_dict: dict, lr_mlp: float = 0.01, channel_multiplier: int
         raise ValueError(f"cannot infer the architecture ({len(to_rgbs)} to_rgbs layers -> {resolution}x{resolution}): {err}") from err
 
 
+# Pickle opcodes that name code to call (the ones torch's weights-only reader refuses as "Unsupported
+# operand" rather than by the global's name): their byte values and names.
+_CODE_OPCODES = {ord(op): name for op, name in ((pickle.INST, "INST"), (pickle.OBJ, "OBJ"), (pickle.GLOBAL, "GLOBAL"), (pickle.STACK_GLOBAL, "STACK_GLOBAL"), (pickle.REDUCE, "REDUCE"), (pickle.NEWOBJ, "NEWOBJ"), (pickle.NEWOBJ_EX, "NEWOBJ_EX"))}
+
+
 def _weights_unpickler_detail(err: Exception) -> str:
     """The WeightsUnpickler's own reason (e.g. "Unsupported operand 60") out of torch's long message."""
     found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(err), re.S)
@@ -235,14 +240,21 @@ def _torch_load_weights_only(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message advises weights_only=False, which is the code execution this reader exists to avoid: keep only the facts.
-        refused = re.search(r"GLOBAL ([\w.]+)", str(err))  # "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ..."
+        glob = re.search(r"GLOBAL ([\w.]+)", str(err))  # "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ..."
+        operand = re.search(r"Unsupported operand (\d+)", str(err))
+        if glob is not None:
+            refused = glob.group(1)
+        elif operand is not None and int(operand.group(1)) in _CODE_OPCODES:
+            refused = f"the {_CODE_OPCODES[int(operand.group(1))]} opcode"
+        else:
+            refused = None
         if refused is None:
             raise ValueError(
                 f"{path} is not a readable PyTorch checkpoint: it is corrupt, truncated, or another kind of file (a saved web page "
                 f"instead of the download, for instance); download it again. Details: {_weights_unpickler_detail(err)}"
             ) from None
         raise UnsafePickleError(
-            f"{path}: the file contains pickled Python objects beyond tensors ({refused.group(1)}); expander never unpickles arbitrary "
+            f"{path}: the file contains pickled Python objects beyond tensors ({refused}); expander never unpickles arbitrary "
             f"code (torch.load(weights_only=True) refused it). If it is an NVIDIA StyleGAN pickle, give it a .pkl name and use "
             f"load_nvidia_pickle(..., allow_pickle=True) (CLI: expander import FILE.pkl --allow-pickle), which rebuilds only tensors and module state"
         ) from None

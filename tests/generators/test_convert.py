@@ -661,3 +661,9 @@ def test_a_file_that_is_not_a_checkpoint_is_not_called_a_pickle_with_code(tmp_pa
     with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint.*Unsupported operand") as caught:
         load_rosinality_checkpoint(tmp_path / "ffhq.pt")
     assert not isinstance(caught.value, UnsafePickleError) and "weights_only` set to `False" not in str(caught.value)
+
+
+def test_a_pt_file_that_builds_objects_with_inst_is_called_code_not_corrupt(tmp_path):
+    (tmp_path / "inst.pt").write_bytes(b'(ios\nsystem\nS"true"\n.')  # protocol 0: INST os.system("true")
+    with pytest.raises(UnsafePickleError, match=r"beyond tensors \(the INST opcode\)"):
+        load_rosinality_checkpoint(tmp_path / "inst.pt")
