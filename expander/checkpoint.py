@@ -491,7 +491,8 @@ def _check_tensor_values(tensors: dict[str, torch.Tensor], style_dim: int, sourc
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{source}: tensor {key!r} contains NaN or infinite values; the checkpoint is corrupt: restore it or download the model again")
-    shapes = {"latent_avg": (style_dim,), "basis.mean": (style_dim,), "basis.singular_values": (style_dim,), "basis.directions": (style_dim, style_dim)}
+    # The strict load checks the other buffers' shapes; these two are read before it (copy_, V^T V).
+    shapes = {"latent_avg": (style_dim,), "basis.directions": (style_dim, style_dim)}
     for key, shape in shapes.items():
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}; the checkpoint is corrupt or does not match its config.json")

@@ -228,8 +228,6 @@ def check_lowpass_keep(config: ExpansionConfig, domains: list[Domain], resolutio
         raise ValueError(f"training setting lowpass_size ({config.lowpass_size}) must be at most the images' resolution ({resolution}): it is the number of cells per side the images are pooled to")
 
 
-
-
 def check_exclusive_targets(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
     """Refuse ``nada_image_exclusive_of`` entries that name a domain not trained with NADA in the run,
     or give targets to a domain whose image hinge is off (they would do nothing)."""
