@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -180,7 +181,7 @@ class ExpandedGenerator(
             reserved = set(reserved)
             free = [k for k in self.free_directions() if k not in reserved]
             if not free:
-                raise ValueError(f"all {self.num_dormant} dormant directions are taken; pass an explicit direction with force=True")
+                raise ValueError(f"all {self.num_dormant} dormant directions are taken; name a non-dormant direction and force it (--direction K --force on the command line, force=True in Python), knowing it changes the source domain")
             domain.direction = free[0]
         self.basis.check_index(domain.direction)
         taken = {d.direction: d.name for d in self._domains}
@@ -189,7 +190,7 @@ class ExpandedGenerator(
         if domain.direction not in self.dormant_directions() and not force:
             raise ValueError(
                 f"direction {domain.direction} is not dormant (the dormant ones are the last {self.num_dormant} by the dormancy curve); "
-                "repurposing it would change the source domain. Use a free dormant direction, or force it if you mean it."
+                "repurposing it would change the source domain. Use a free dormant direction (leave the direction out to get one), or force it if you mean it (--force on the command line, force=True in Python)."
             )
         self.set_domains(self._domains + [domain])
         return domain
@@ -203,6 +204,8 @@ class ExpandedGenerator(
             if name == BASE_DOMAIN:
                 continue
             domain = self.get_domain(name)
+            if not math.isfinite(float(strength)):
+                raise ValueError(f"strength of {name!r} must be a finite number (0 = base, 1 = the domain), got {strength!r}")
             shifts[domain.direction] = self.domain_alpha(domain) * float(strength)
         return shifts
 
@@ -278,6 +281,8 @@ class ExpandedGenerator(
         if domain == BASE_DOMAIN:
             raise ValueError(f"the source domain {BASE_DOMAIN!r} has no direction to traverse; traverse one of: {', '.join(self.domain_names) or 'none yet (add a domain first)'}")
         direction = self.get_domain(domain)
+        if not math.isfinite(float(max_strength)):
+            raise ValueError(f"max_strength must be a finite number (strips run from -s to +s), got {max_strength!r}")
         amounts = torch.linspace(-max_strength, max_strength, steps) * self.domain_alpha(direction)
         w = self.basis.traverse(self.sampling_latents(domain, n, seed, truncation_psi), direction.direction, amounts)  # (n, S, D)
         images = torch.cat([self.generator.synthesis(chunk) for chunk in w.flatten(0, 1).split(batch_size)]).clamp(-1, 1)  # (n*S, 3, R, R)
@@ -437,6 +442,8 @@ class ExpandedGenerator(
             _strict_load(model.discriminator, d_state, folder / DISCRIMINATOR_FILE)
 
         registry = read_json(folder / DOMAINS_FILE, what="domains registry")
+        if not isinstance(registry, dict) or not isinstance(registry.get("domains"), list):
+            raise CheckpointError(f"invalid domains registry {folder / DOMAINS_FILE}: expected {{\"domains\": [...]}}, got {str(registry)[:80]}; restore the file or download the model again")
         try:
             domains = [Domain.from_dict(entry) for entry in registry["domains"]]
             model.set_domains(domains)
@@ -484,10 +491,20 @@ class ExpandedGenerator(
             raise CheckpointError(f"{source} does not match its config.json: {err}") from None
 
 
+def _check_floating_point(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Every weight of a checkpoint is floating point; a load casts silently, so integer tensors would
+    load as their rounded values."""
+    wrong_kind = sorted(k for k, v in tensors.items() if not v.is_floating_point())
+    if wrong_kind:
+        found = ", ".join(f"{k} ({tensors[k].dtype})" for k in wrong_kind[:3])
+        raise CheckpointError(f"{source} holds tensors that are not floating point: {found}{' ...' if len(wrong_kind) > 3 else ''}; the checkpoint is corrupt: restore it or download the model again")
+
+
 def _check_tensor_values(tensors: dict[str, torch.Tensor], style_dim: int, source: Path) -> None:
     """Refuse what a strict key and shape check lets through: non-finite weights, a mean latent or a
     dormancy curve of the wrong size (``copy_`` would broadcast the one, the other would silently fall
     back to singular-value order), and a latent basis whose directions are not orthonormal."""
+    _check_floating_point(tensors, source)
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{source}: tensor {key!r} contains NaN or infinite values; the checkpoint is corrupt: restore it or download the model again")
@@ -536,6 +553,7 @@ def _check_keys(expected: set[str], found: set[str], source: Path) -> None:
 
 def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     _check_keys(set(module.state_dict()), set(state), source)
+    _check_floating_point(state, source)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:  # shape mismatches

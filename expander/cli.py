@@ -28,16 +28,22 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
-def _is_writable_model_folder(folder: Path) -> bool:
-    """False for the models shipped in the package and for Hugging Face cache snapshots: writing there
-    would change a built-in model for every later command, or make a cached Hub commit lie."""
-    from huggingface_hub import constants
+def _image_path(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """An output image path whose format is known before any work (rendering can take minutes)."""
+    from .utils.images import IMAGE_SUFFIXES
 
-    from .registry import PACKAGE_ROOT
+    if value is not None and Path(value).suffix.lower() not in IMAGE_SUFFIXES:
+        raise click.BadParameter(f"{value!r} is not an image file name: end it in one of {', '.join(IMAGE_SUFFIXES)} (e.g. grid.png)", ctx=ctx, param=param)
+    return value
 
-    folder = Path(folder).resolve()
-    protected = [PACKAGE_ROOT, Path(constants.HF_HUB_CACHE).expanduser().resolve()]
-    return not any(folder == root or root in folder.parents for root in protected)
+
+def _same_folder(path: str, other: Optional[str]) -> bool:
+    return other is not None and Path(path).expanduser().resolve() == Path(other).expanduser().resolve()
+
+
+def _path_argument(folder: str) -> str:
+    """``folder`` as a --model value that always means the folder: a bare name is looked up in the registry first."""
+    return folder if "/" in folder or folder.startswith((".", "~")) else f"./{folder}"
 
 
 def _load(model: Optional[str], device: str = "cpu"):
@@ -93,7 +99,7 @@ def main(verbose: bool) -> None:
 @click.option("--truncation", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Truncation psi towards the mean w.")
 @click.option("--nrow", default=None, type=click.IntRange(1), help="Images per row of the grid.")
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG grid.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_image_path, help="Output image grid (.png, .jpg, ...).")
 def sample(domain, model, num, seed, strength, compose, truncation, nrow, device, out):
     """Sample a grid of images from one domain (or a composition of domains).
 
@@ -155,13 +161,14 @@ def directions(model, out, recompute, save, samples, perceptual, device):
     """
     from .hub import resolve_model_folder
     from .plots import plot_directions
+    from .registry import is_protected_model_folder
     from .subspace.dormancy import dormancy_curve
     from .utils.io import check_replaceable
 
     folder = None
     if save:
         folder, _ = resolve_model_folder(model)
-        if not _is_writable_model_folder(folder):
+        if is_protected_model_folder(folder):
             _fail(f"--save writes into the model folder, and {folder} is a built-in or downloaded model: copy the folder (cp -r) and pass the copy as --model, or drop --save")
         try:
             check_replaceable(folder)  # before the measurement, which is long on a real model
@@ -197,7 +204,7 @@ def directions(model, out, recompute, save, samples, perceptual, device):
 @click.option("--max-strength", default=1.0, show_default=True, type=float, help="Strips run from -s to +s.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_image_path, help="Output image grid (.png, .jpg, ...).")
 def traverse(domain, model, num, steps, max_strength, seed, device, out):
     """Images along a domain's direction, from -s to +s (0 = base subspace).
 
@@ -343,9 +350,10 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
     """
     from .checkpoint import ExpandedGenerator
     from .generators.convert import load_nvidia_pickle, load_rosinality_checkpoint
+    from .registry import is_protected_model_folder
     from .utils.io import check_replaceable
 
-    if not _is_writable_model_folder(Path(out)):
+    if is_protected_model_folder(Path(out)):
         _fail(f"--out {out} is inside a built-in or downloaded model (the package's weights or the Hugging Face cache); write the imported model to a folder of your own")
     try:
         check_replaceable(out)  # before the conversion, which is long for a 1024 px model
@@ -366,7 +374,8 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--steps", default=None, type=int, help="Override the recipe's training steps.")
-@click.option("--out", default=None, help="Override the recipe's output folder.")
+@click.option("--out", default=None, help="Override the recipe's output folder; the result is then registered only under --name (the recipe's name keeps pointing at the recipe's own folder).")
+@click.option("--name", default=None, help="Register the result under this name (default: the recipe's name, unless --out moves the run elsewhere).")
 @click.option("--resume", is_flag=True, help="Continue a killed run (or one finished with --keep-state) from its last saved step; with a larger --steps, train it longer.")
 @click.option("--keep-state", is_flag=True, help="Keep the training state (next to the output folder) after the run, so it can be continued later with --resume --steps N.")
 @click.option("--force", is_flag=True, help="Allow non-dormant directions named in the recipe.")
@@ -374,7 +383,7 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override any other training setting of the recipe (an ExpansionConfig field), e.g. --set lambda_composed_edits=4.0; repeatable.")
 @click.option("--device", "device", default="auto", show_default=True, help=TRAIN_DEVICE_HELP)
 @click.option("--real-images", default=None, type=click.Path(file_okay=False), help=REAL_IMAGES_HELP)
-def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device, real_images):
+def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, device, real_images):
     """Joint expansion of a model with every domain of a recipe file (see recipes/).
 
     \b
@@ -383,7 +392,7 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device
       expander expand recipes/world-nada-10.yaml --resume
       expander expand recipes/world-nada-10.yaml --keep-state   # then, to train it longer:
       expander expand recipes/world-nada-10.yaml --resume --steps 1800
-      expander expand recipes/world-nada-10.yaml --seed 1 --set lambda_nada_consistency=0.5 --out runs/variant
+      expander expand recipes/world-nada-10.yaml --seed 1 --set lambda_nada_consistency=0.5 --out runs/variant --name variant
       accelerate launch --multi_gpu --num_processes 4 -m expander.cli expand recipes/ffhq-nada.yaml
     """
     from .distributed import is_main_process
@@ -392,20 +401,24 @@ def expand(recipe, steps, out, resume, keep_state, force, seed, settings, device
 
     try:
         plan = Recipe.load(recipe)
+        if name is None and (not out or plan.out is None or _same_folder(out, plan.out)):
+            name = plan.name  # a variant written elsewhere must not take over the name of the recipe's own result
         out = out or plan.out
         if not out:
             raise ValueError(f"recipe {recipe} has no 'out' folder; add `out: FOLDER` to it or pass --out FOLDER")
         overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
         if overrides:  # validated like the recipe's own settings
             plan.training = plan.training.with_settings(overrides)
-        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=plan.name, resume=resume, force=force, keep_state=keep_state, device=device, real_images=real_images or plan.real_images, description=plan.description)
+        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=name, resume=resume, force=force, keep_state=keep_state, device=device, real_images=real_images or plan.real_images, description=plan.description)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     if is_main_process():  # once per run, not once per rank under accelerate/torchrun
-        click.echo(f"wrote {out} with {len(model.domains)} domains: {', '.join(model.domain_names)}")
+        click.echo(f"wrote {out} with {len(model.domains)} domains: {', '.join(model.domain_names)}" + (f"; registered as {name}" if name else ""))
+        if plan.name and not name:
+            click.echo(f"not registered as {plan.name}: that name stays with {plan.out}; sample this run with --model {_path_argument(out)}, or give it a name with --name")
         if keep_state:
             # Every option that shaped the run: a resume refuses another seed, settings or real images.
-            command = ["expander", "expand", recipe, "--out", out]
+            command = ["expander", "expand", recipe, "--out", out] + (["--name", name] if name and name != plan.name else [])
             command += ["--seed", seed] if seed is not None else []
             for setting in settings:
                 command += ["--set", setting]
@@ -449,7 +462,7 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
     from .domains import Domain
     from .expansion import run_expansion, training_state_dir
     from .hub import resolve_model_folder
-    from .registry import builtin_model_names, expander_home, load_registries
+    from .registry import builtin_model_names, expander_home, is_protected_model_folder, load_registries
     from .train import ExpansionConfig
 
     method = method or ("mystyle" if images else "nada")
@@ -466,7 +479,7 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
     # $EXPANDER_HOME/models/NAME and NAME points to it. With --out, the name keeps its old target.
     # The built-in model is the exception: a user entry of the same name would hide it everywhere.
     registered = model_name in load_registries().models and out is None
-    if out is None and (model_name in builtin_model_names() or (not registered and not _is_writable_model_folder(folder))):
+    if out is None and (model_name in builtin_model_names() or (not registered and is_protected_model_folder(folder))):
         kind = "the built-in model" if model_name in builtin_model_names() else "a downloaded Hub snapshot"
         _fail(f"{model_name!r} is {kind}, which add-domain never changes: pass --out FOLDER for the expanded copy, e.g. --out runs/my-model")
     out = Path(out) if out else (expander_home() / "models" / model_name if registered else folder)
@@ -531,7 +544,7 @@ def world():
 
 
 @world.command()
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_image_path, help="Output image grid (.png, .jpg, ...).")
 @click.option("-n", "--num", "num", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--attributes", default="", help="Comma-separated target attributes to add, e.g. 'glasses,hat'.")
 @click.option("--seed", default=0, show_default=True)
@@ -591,7 +604,7 @@ def build(what, steps, runs, no_resume):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--attribute", "attributes", multiple=True, metavar="DOMAIN=ATTRIBUTE", help="The world attribute a domain draws, when its name is not one (e.g. --attribute specs=glasses); repeatable.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the full JSON report here (a summary is always printed).")
-@click.option("--grid", default=None, type=click.Path(dir_okay=False), help="PNG grid: one row per domain.")
+@click.option("--grid", default=None, type=click.Path(dir_okay=False), callback=_image_path, help="Image grid (.png, .jpg, ...): one row per domain.")
 @click.option("--classifier-samples", default=2000, show_default=True, type=click.IntRange(0), help="Held-out renders to re-measure the evaluation classifier's accuracy on (0: skip).")
 def evaluate(model, parent, num, seed, attributes, out, grid, classifier_samples):
     """Measure a world model exactly: source preservation, domain success, leakage, alignment, composition.

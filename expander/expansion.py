@@ -20,8 +20,8 @@ from .checkpoint import CHECKPOINT_FILES, CONFIG_FILE, ExpandedGenerator
 from .domains import Domain
 from .hub import resolve_model_folder
 from .losses.mystyle import invert_images
-from .registry import check_user_model_name, entry_for_model, refresh_user_entries, register_user_model
-from .train import ExpansionConfig, check_lowpass_keep, expand
+from .registry import check_user_model_name, entry_for_model, is_protected_model_folder, refresh_user_entries, register_user_model
+from .train import ExpansionConfig, check_run_domains, expand
 from .utils.io import atomic_path, check_replaceable
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,10 @@ def run_expansion(
 
     config = config or ExpansionConfig()
     out = check_replaceable(out)  # '--out .' fails now, not after training
+    if is_protected_model_folder(out):
+        raise ValueError(f"cannot write {out}: it is inside a built-in or downloaded model (the package's models or the Hugging Face cache), which every later command reads; write the result to a folder of your own (--out)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot write {out}: it is a file, and the result is a model folder; choose another --out")
     if name is not None:
         check_user_model_name(name, "the name to register the result under")  # before hours of training, not after
     accelerator = None
@@ -102,8 +106,6 @@ def run_expansion(
     if resume and (starting_copy / CONFIG_FILE).is_file():
         parent = ExpandedGenerator.load_folder(starting_copy)
     else:
-        if is_main and not resume:
-            shutil.rmtree(starting_copy, ignore_errors=True)  # an earlier run's: a later --resume must not start from it
         starting_folder, _ = resolve_model_folder(model)
         parent = ExpandedGenerator.load_folder(starting_folder)
     replayed = parent.domain_names  # the domains the model had before this run
@@ -111,7 +113,7 @@ def run_expansion(
     requested = {d.direction for d in domains if d.direction >= 0}
     for domain in domains:
         parent.add_domain(domain, force=force, reserved=requested)  # validates names and directions before any work
-    check_lowpass_keep(config, domains, parent.generator.resolution)
+    check_run_domains(config, domains, parent.generator.resolution)  # per-domain settings, before any guidance model loads
     # Read every subject's photos before loading any guidance model: a bad folder fails in a second.
     subject_images = {d.name: load_domain_images(d.images, parent.generator.resolution) for d in domains if d.method == "mystyle"}
     real_sampler = None
@@ -133,7 +135,10 @@ def run_expansion(
             w = broadcast(w.contiguous())  # rank 0's inversion, so every rank reconstructs the same targets
         guidance.mystyle_targets[domain_name] = (images, w)
     run_info = {"guidance": guidance_spec, **({"real_images": str(real_images)} if real_images else {})}
-    if keep_state and is_main and starting_folder is not None:  # after every check: a refused run keeps nothing
+    # After every check: a refused run neither keeps a copy nor deletes the one an earlier --keep-state run kept.
+    if is_main and not resume:
+        shutil.rmtree(starting_copy, ignore_errors=True)  # an earlier run's: a later --resume must not start from it
+    if keep_state and is_main and starting_folder is not None:
         keep_starting_model(starting_folder, starting_copy)
     expand(parent, domains, guidance, config, state_dir=state_dir, resume=resume, real_sampler=real_sampler, progress=progress, accelerator=accelerator, run_info=run_info)
     for domain_name, (_, w) in guidance.mystyle_targets.items():

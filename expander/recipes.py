@@ -64,7 +64,7 @@ class Recipe:
             raise FileNotFoundError(f"recipe not found: {path}")
         try:
             data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
         return cls.from_dict(data, where=str(path), base_dir=path.parent)
 

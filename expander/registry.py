@@ -99,6 +99,16 @@ def check_model_name(name: Any, where: str = "model name") -> str:
     return name
 
 
+def is_protected_model_folder(folder: str | os.PathLike) -> bool:
+    """True for a folder inside the package (its built-in models) or the Hugging Face cache: writing
+    there would change a built-in model for every later command, or make a cached Hub commit lie."""
+    from huggingface_hub import constants
+
+    folder = Path(folder).expanduser().resolve()
+    protected = [PACKAGE_ROOT, Path(constants.HF_HUB_CACHE).expanduser().resolve()]
+    return any(folder == root or root in folder.parents for root in protected)
+
+
 def builtin_model_names() -> set[str]:
     """Names of the models shipped inside the package, which no user entry may replace."""
     return {name for name, entry in Registry.load(BUILTIN_REGISTRY).models.items() if "package" in entry.source}

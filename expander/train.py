@@ -216,6 +216,19 @@ DOMAIN_LOSS_WEIGHTS_BY_METHOD = {
 DOMAIN_LOSS_WEIGHTS = tuple(dict.fromkeys(name for names in DOMAIN_LOSS_WEIGHTS_BY_METHOD.values() for name in names))
 
 
+def check_run_domains(config: ExpansionConfig, domains: list[Domain], resolution: int) -> None:
+    """Every per-domain setting of ``config`` against the domains a run trains, before any model is
+    loaded: weights only for trained domains and only ones their method reads, exclusive-hinge targets
+    among them, low-pass keep settings that can act."""
+    names = [d.name for d in domains]
+    strangers = sorted(set(config.domain_weights) - set(names))
+    if strangers:
+        raise ValueError(f"training setting domain_weights names {strangers}, which this run does not train; trained here: {names}")
+    check_domain_weight_methods(config, domains)
+    check_exclusive_targets(config, domains)
+    check_lowpass_keep(config, domains, resolution)
+
+
 def check_lowpass_keep(config: ExpansionConfig, domains: list[Domain], resolution: int) -> None:
     """Refuse low-pass keep settings that cannot do what they say, before any model is loaded: a
     MyStyle domain's own weight (it has no base image to keep; a run-wide weight applies to the NADA
@@ -383,14 +396,9 @@ class Expander:
             differing = [f"{name}: {built.get(name)!r} in the teacher, {value!r} in the training settings" for name, value in wanted.items() if built.get(name, value) != value]
             if differing:
                 raise ValueError(f"the SDS teacher was built with other settings than this run's ({'; '.join(differing)}); build it with ScoreDistillation(teacher, config.sds_config())")
-        strangers = sorted(set(config.domain_weights) - set(new_names))
-        if strangers:
-            raise ValueError(f"training setting domain_weights names {strangers}, which this run does not train; trained here: {new_names}")
-        check_domain_weight_methods(config, new_domains)
-        check_exclusive_targets(config, new_domains)
         self.trained = [model.get_domain(n) for n in new_names]
         self.replayed = [d for d in model.domains if d.name not in new_names]
-        check_lowpass_keep(config, self.trained, model.generator.resolution)
+        check_run_domains(config, self.trained, model.generator.resolution)
         for domain in self.trained:
             _check_guidance(domain, guidance)
         if config.lambda_composed_edits > 0 and guidance.clip is None:

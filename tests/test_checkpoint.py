@@ -229,10 +229,20 @@ def test_malformed_config_and_domains_files_are_checkpoint_errors(expanded, tmp_
     (folder / "domains.json").write_text(json.dumps({"domains": ["zombie"]}))
     with pytest.raises(CheckpointError, match="invalid domains registry"):
         ExpandedGenerator.from_pretrained(folder)
+    for layout in ([1, 2], {"domain": []}):
+        (folder / "domains.json").write_text(json.dumps(layout))
+        with pytest.raises(CheckpointError, match='expected {"domains": \\[...\\]}'):
+            ExpandedGenerator.from_pretrained(folder)
     (folder / "domains.json").write_text(domains)
+    config = (folder / "config.json").read_text()
     (folder / "config.json").write_text("[]")
     with pytest.raises(CheckpointError, match="expected a JSON object"):
         ExpandedGenerator.from_pretrained(folder)
+    (folder / "config.json").write_bytes(b"\xfd\x00binary")  # not text at all: the file is named, not a UnicodeDecodeError
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        ExpandedGenerator.from_pretrained(folder)
+    (folder / "config.json").write_text(config)
+    ExpandedGenerator.from_pretrained(folder)  # restored: loads again
 
 
 @pytest.mark.parametrize("name", ["./nope", "runs/nope", "/tmp/expander-no-such-model"])
@@ -302,6 +312,7 @@ def test_saved_files_are_as_readable_as_any_file_the_user_writes(expanded, tmp_p
     ("basis.directions", torch.full((32, 32), float("nan")), "NaN or infinite"),
     ("basis.directions", 2 * torch.eye(32), "not orthonormal"),
     ("generator.conv1.conv.weight", None, "NaN or infinite"),  # None: that tensor with one NaN
+    ("generator.conv1.conv.weight", "int32", "not floating point"),  # a load would cast it silently
 ])
 def test_tensor_values_a_key_check_lets_through_are_refused(expanded, tmp_path, key, value, message):
     folder = _saved(expanded, tmp_path)
@@ -309,6 +320,8 @@ def test_tensor_values_a_key_check_lets_through_are_refused(expanded, tmp_path, 
     if value is None:
         value = tensors[key].clone()
         value.view(-1)[0] = float("nan")
+    elif isinstance(value, str):  # a dtype name: that tensor stored as it
+        value = tensors[key].round().to(getattr(torch, value))
     tensors[key] = value
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match=re.escape(message)):

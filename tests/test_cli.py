@@ -182,13 +182,12 @@ def test_add_domain_never_changes_the_built_in_model():
 def test_hub_cache_and_package_folders_are_not_writable(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from expander.cli import _is_writable_model_folder
-    from expander.registry import PACKAGE_ROOT
+    from expander.registry import PACKAGE_ROOT, is_protected_model_folder
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert not _is_writable_model_folder(tmp_path / "hub" / "models--org--name" / "snapshots" / ("0" * 40))
-    assert not _is_writable_model_folder(PACKAGE_ROOT / "world" / "weights" / "portraits")
-    assert _is_writable_model_folder(tmp_path / "runs" / "mine")
+    assert is_protected_model_folder(tmp_path / "hub" / "models--org--name" / "snapshots" / ("0" * 40))
+    assert is_protected_model_folder(PACKAGE_ROOT / "world" / "weights" / "portraits")
+    assert not is_protected_model_folder(tmp_path / "runs" / "mine")
 
 
 @pytest.mark.parametrize(
@@ -223,7 +222,11 @@ def test_eval_writes_its_report(tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(("--domain", "zombie", "--compose", "glasses,zombie"), "both the domain and in compose"), (("--domain", "base", "--strength", 0.5), "has none")],
+    [
+        (("--domain", "zombie", "--compose", "glasses,zombie"), "both the domain and in compose"),
+        (("--domain", "base", "--strength", 0.5), "has none"),
+        (("--domain", "zombie", "--strength", "nan"), "must be a finite number"),
+    ],
 )
 def test_sample_options_that_would_be_ignored_are_refused(model_dir, tmp_path, args, message):
     result = run("sample", "--model", model_dir, *args, "--out", tmp_path / "z.png")
@@ -274,3 +277,23 @@ def test_import_refuses_a_shipped_model_folder_and_the_current_folder_before_rea
     result = run("import", checkpoint, "--out", tmp_path / "out")  # now it is read: and refused as what it is
     assert result.exit_code != 0 and "is not a readable PyTorch checkpoint" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ffhq.pt"]
+
+
+@pytest.mark.parametrize("command", [("sample", "--domain", "zombie"), ("traverse", "--domain", "zombie"), ("world", "preview"), ("eval", "--grid")])
+def test_an_image_path_without_an_image_suffix_is_refused_before_any_work(command, model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*command, "new-folder/grid.xyz"] if command[-1] == "--grid" else [*command, "--out", "new-folder/grid.xyz"]
+    if command[0] in ("sample", "traverse", "eval"):
+        args += ["--model", model_dir]
+    result = run(*args)
+    assert result.exit_code == 2 and "not an image file name" in result.output and ".png" in result.output, result.output
+    assert not (tmp_path / "new-folder").exists()
+
+
+def test_an_image_file_given_as_the_subject_folder_is_named_as_a_file(tmp_path):
+    from expander.utils.images import image_files
+
+    photo = tmp_path / "me.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    with pytest.raises(ValueError, match="is a file, not an image folder"):
+        image_files(photo)

@@ -28,6 +28,7 @@ from expander.guidance.perceptual import lpips_distance
 from expander.losses.mystyle import invert_images
 from expander.losses.sds import ScoreDistillation, SdsConfig
 from expander.recipes import Recipe, RecipeError
+from expander.registry import load_registries
 from expander.train import ExpansionConfig, Expander, Guidance
 
 from .conftest import TINY_SD_RESOLUTION
@@ -165,9 +166,10 @@ def test_compose_recipe_differs_from_the_nada_recipe_only_in_consistency_weights
 
 
 def test_recipe_that_is_not_yaml(tmp_path):
-    (tmp_path / "r.yaml").write_text("model: [unclosed")
-    with pytest.raises(RecipeError, match="not valid YAML"):
-        Recipe.load(tmp_path / "r.yaml")
+    for content in (b"model: [unclosed", b"\xfd\xfe binary"):
+        (tmp_path / "r.yaml").write_bytes(content)
+        with pytest.raises(RecipeError, match="not valid YAML"):
+            Recipe.load(tmp_path / "r.yaml")
 
 
 # ---- the real-model code paths: one training step with every guidance kind ---------------------------
@@ -366,6 +368,14 @@ def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip
     assert " 2 " in line and str((tmp_path / "joint").resolve()) in line  # two domains, and where they live
     sample = run("sample", "--model", "tiny-joint", "--domain", "sketch", "-n", 2, "--out", tmp_path / "s.png")
     assert sample.exit_code == 0, sample.output
+    # A variant written elsewhere leaves the recipe's name with the recipe's folder, unless it is given a name.
+    variant = run("expand", tmp_path / "r.yaml", "--steps", 1, "--out", tmp_path / "variant")
+    assert variant.exit_code == 0 and "not registered as tiny-joint" in variant.output, variant.output
+    assert load_registries().models["tiny-joint"].source == {"path": str((tmp_path / "joint").resolve())}
+    named = run("expand", tmp_path / "r.yaml", "--steps", 1, "--out", tmp_path / "named", "--name", "tiny-variant")
+    assert named.exit_code == 0 and "registered as tiny-variant" in named.output, named.output
+    assert load_registries().models["tiny-variant"].source == {"path": str((tmp_path / "named").resolve())}
+    assert load_registries().models["tiny-joint"].source == {"path": str((tmp_path / "joint").resolve())}
 
 
 def test_expand_recipe_with_a_duplicate_domain_writes_nothing(parent_dir, tmp_path, home):
@@ -834,6 +844,10 @@ def test_an_in_place_add_domain_kept_for_later_trains_longer_exactly(parent_dir,
     short = run(*command, "--steps", 2, "--keep-state")
     assert short.exit_code == 0 and "the same command plus --resume --steps N" in short.output, short.output
     assert ExpandedGenerator.from_pretrained(mine).domain_names == ["zombie"]  # written over the model it started from
+    kept = tmp_path / ".mine.state" / "starting-model"
+    refused = run(*command, "--steps", 2)  # a fresh run, refused ('zombie' is taken): the kept copy must survive it
+    assert refused.exit_code != 0 and "already has a domain named 'zombie'" in refused.output
+    assert ExpandedGenerator.from_pretrained(kept).domain_names == []
     longer = run(*command, "--steps", 3, "--resume")  # starts from the model as it was, not from its own result
     assert longer.exit_code == 0, longer.output
     assert not (tmp_path / ".mine.state").exists()
@@ -847,6 +861,48 @@ def test_an_in_place_add_domain_kept_for_later_trains_longer_exactly(parent_dir,
     expected = reference.generator.state_dict()
     for key, value in continued.generator.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_results_are_never_written_into_built_in_or_cached_models_or_onto_a_file(parent_dir, tiny_clip_dir, tmp_path, home, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    snapshot = cache / "models--me--model" / "snapshots" / "abc"
+    refused = run("add-domain", "a zombie", "--model", parent_dir, "--out", snapshot, "--steps", 1, "--clip", tiny_clip_dir, *GUIDE)
+    assert refused.exit_code != 0 and "built-in or downloaded model" in refused.output, refused.output
+    assert not cache.exists()
+    (tmp_path / "a.png").write_bytes(b"not a model")
+    recipe = {"model": str(parent_dir), "guidance": {"clip": str(tiny_clip_dir)}, "training": {"steps": 1}, "domains": [{"name": "zombie", "prompt": "a zombie"}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    before = sorted(tmp_path.iterdir())
+    refused = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "a.png")  # add-domain's --out option refuses a file itself
+    assert refused.exit_code != 0 and "it is a file" in refused.output, refused.output
+    assert sorted(tmp_path.iterdir()) == before and (tmp_path / "a.png").read_bytes() == b"not a model"
+
+
+def test_per_domain_settings_are_checked_before_guidance_loads_and_load_errors_name_the_model(parent_dir, tmp_path, home, monkeypatch):
+    empty = tmp_path / "no-clip-here"
+    empty.mkdir()
+    common = ("add-domain", "a zombie", "--model", parent_dir, "--out", tmp_path / "out", "--steps", 1, "--clip", empty, "--perceptual", "world")
+    # A stranger in domain_weights is refused first: the unloadable CLIP is never reached.
+    refused = run(*common, "--set", "domain_weights={ghost: {lambda_nada: 2.0}}")
+    assert refused.exit_code != 0 and "domain_weights names ['ghost']" in refused.output, refused.output
+    refused = run(*common)
+    assert refused.exit_code != 0 and "could not load the CLIP" in refused.output and "--clip" in refused.output, refused.output
+    assert str(empty) in refused.output
+    # lpips fetches its backbone from the network: offline, the error names the setting, not only a URL
+    import urllib.error
+
+    import expander.guidance.build
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(expander.guidance.build, "load_perceptual", offline)
+    refused = run(*common[:-2], "--perceptual", "lpips-alex")
+    assert refused.exit_code != 0 and "could not load the perceptual network 'lpips-alex'" in refused.output, refused.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_add_domain_on_a_registered_model_updates_it_only_without_out(parent_dir, tiny_clip_dir, tmp_path, home, offline_lpips):

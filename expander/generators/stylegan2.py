@@ -51,13 +51,28 @@ class StyleGAN2Config:
     blur_kernel: Sequence[int] = field(default_factory=lambda: [1, 3, 3, 1])
 
     def __post_init__(self) -> None:
+        for key in ("resolution", "style_dim", "n_mlp", "channel_multiplier"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if isinstance(self.lr_mlp, bool) or not isinstance(self.lr_mlp, (int, float)) or not 0 < self.lr_mlp < math.inf:
+            raise ValueError(f"lr_mlp must be a positive number, got {self.lr_mlp!r}")
+        if self.channels is not None and not isinstance(self.channels, dict):
+            raise ValueError(f"channels must be a mapping {{resolution: width}}, got {self.channels!r}")
+        if isinstance(self.blur_kernel, (str, bytes)) or not isinstance(self.blur_kernel, Sequence):
+            raise ValueError(f"blur_kernel must be a list of integers, got {self.blur_kernel!r}")
         if self.resolution < 16 or self.resolution > 1024 or self.resolution & (self.resolution - 1):
             raise ValueError(f"resolution must be a power of two between 16 and 1024, got {self.resolution}")
         if self.channels is not None:
-            self.channels = {int(k): int(v) for k, v in self.channels.items()}
+            try:
+                self.channels = {int(k): int(v) for k, v in self.channels.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"channels must map resolutions to integer widths, got {self.channels!r}") from None
             missing = [2**i for i in range(2, self.log_size + 1) if 2**i not in self.channels]
             if missing:
                 raise ValueError(f"channels has no width for resolutions {missing}")
+        if not all(isinstance(k, (int, float)) and not isinstance(k, bool) and float(k).is_integer() for k in self.blur_kernel):
+            raise ValueError(f"blur_kernel must be a list of integers, got {self.blur_kernel!r}")
         self.blur_kernel = [int(k) for k in self.blur_kernel]
 
     @property

@@ -5,7 +5,8 @@ World parents default to the world's models (offline); real parents to the Hub m
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
 
 from ..checkpoint import ExpandedGenerator
 from ..world.clip import WORLD_CLIPS, WORLD_TEMPLATES
@@ -67,7 +68,8 @@ def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optio
 
     spec = dict(check_guidance_spec(spec or {}))
     world = is_world_model(model)
-    guidance = Guidance(perceptual=load_perceptual(spec.get("perceptual", "auto"), model))
+    with _naming_the_model(f"perceptual network {spec.get('perceptual', 'auto')!r}", "--perceptual on the command line, guidance.perceptual in a recipe"):
+        guidance = Guidance(perceptual=load_perceptual(spec.get("perceptual", "auto"), model))
     if "nada" in methods:
         from .clip import ClipEncoder, ClipGuidance
 
@@ -90,10 +92,11 @@ def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optio
                 max_projection=spec.get("clip_max_projection"),
             )
         else:
-            guidance.clip = ClipGuidance.from_pretrained(
-                names, device=device, direction_loss=spec.get("clip_loss", "cosine"), augment_views=spec.get("clip_views", 0),
-                max_projection=spec.get("clip_max_projection"),
-            )
+            with _naming_the_model(f"CLIP {names}", "--clip on the command line, guidance.clip in a recipe"):
+                guidance.clip = ClipGuidance.from_pretrained(
+                    names, device=device, direction_loss=spec.get("clip_loss", "cosine"), augment_views=spec.get("clip_views", 0),
+                    max_projection=spec.get("clip_max_projection"),
+                )
     if "sds" in methods:
         diffusion = spec.get("diffusion", WORLD if world else REAL_DIFFUSION)
         sds = config.sds_config()
@@ -104,6 +107,18 @@ def build_guidance(model: ExpandedGenerator, methods: Sequence[str], spec: Optio
         else:
             from .diffusion import StableDiffusionGuidance
 
-            guidance.teacher = ScoreDistillation(StableDiffusionGuidance.from_pretrained(diffusion, device=device), sds)
+            with _naming_the_model(f"diffusion model {diffusion!r}", "--diffusion on the command line, guidance.diffusion in a recipe"):
+                teacher = StableDiffusionGuidance.from_pretrained(diffusion, device=device)
+            guidance.teacher = ScoreDistillation(teacher, sds)
     return guidance
+
+
+@contextlib.contextmanager
+def _naming_the_model(what: str, where: str) -> Iterator[None]:
+    """transformers' and diffusers' load errors (no network, a mistyped id, a folder without weights)
+    name neither the setting nor the id the user gave: say both."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(f"could not load the {what} ({where}): {err}") from err
 

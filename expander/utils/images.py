@@ -54,6 +54,8 @@ def image_files(folder: str | Path, purpose: str = "add a few photos of the subj
     """The image files of ``folder`` (and its subfolders if ``recursive``), sorted; a clear error for a
     missing or empty folder (``purpose``: what to add)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not an image folder; pass the folder that holds the images")
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

@@ -114,7 +114,9 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
-    except json.JSONDecodeError as err:
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder, not a JSON file; remove it or restore the file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{what} {path} is not valid JSON ({err}); restore it or re-create it") from None
 
 

@@ -59,6 +59,19 @@ def test_bad_config_is_refused():
         StyleGAN2Config(resolution=32, channels={4: 8, 8: 8})
     with pytest.raises(ValueError, match="unknown StyleGAN2Config keys"):
         StyleGAN2Config.from_dict({"resolution": 16, "bogus": 1})
+    # values of the wrong kind in a hand-edited config.json: named, not a TypeError deep in the model
+    for change, message in [
+        ({"resolution": "big"}, "resolution must be a positive integer"),
+        ({"style_dim": 8.5}, "style_dim must be a positive integer"),
+        ({"n_mlp": True}, "n_mlp must be a positive integer"),
+        ({"lr_mlp": "fast"}, "lr_mlp must be a positive number"),
+        ({"channels": [8, 8]}, "channels must be a mapping"),
+        ({"channels": {"4": "wide"}}, "channels must map resolutions to integer widths"),
+        ({"blur_kernel": "1331"}, "blur_kernel must be a list of integers"),
+        ({"blur_kernel": [1, 3.5, 3, 1]}, "blur_kernel must be a list of integers"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            StyleGAN2Config.from_dict({"resolution": 16, **change})
 
 
 def test_whole_generator_matches_grouped_reference(tiny_generator):
