@@ -517,6 +517,8 @@ def _training_settings(settings: tuple[str, ...]) -> dict:
             _fail(f"--set needs KEY=VALUE, got {setting!r} (e.g. --set replay_batch_size=8)")
         if key in ("steps", "seed"):
             _fail(f"use --{key} instead of --set {key}=...")
+        if not value.strip():
+            _fail(f"--set {key}= has an empty value; give one as in a recipe (8, 0.2, true, [0.0, 0.99], \"a text\")")
         try:
             parsed[key] = yaml.safe_load(value)
         except yaml.YAMLError:

@@ -22,6 +22,7 @@ for how such a run relates to a single-process one.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import math
@@ -192,7 +193,9 @@ class ExpansionConfig:
     def from_dict(cls, data: dict) -> "ExpansionConfig":
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown training settings {unknown}; allowed: {sorted(cls.__dataclass_fields__)}")
+            close = {name: difflib.get_close_matches(name, cls.__dataclass_fields__, n=1) for name in unknown}
+            hints = "; ".join(f"{name}: did you mean {match[0]}?" for name, match in close.items() if match)
+            raise ValueError(f"unknown training settings {unknown}{' (' + hints + ')' if hints else ''}; allowed: {sorted(cls.__dataclass_fields__)}")
         return cls(**data)
 
     def with_settings(self, overrides: dict) -> "ExpansionConfig":

@@ -301,6 +301,8 @@ def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lp
         (("a ghost", "--set", "no_such_setting=1"), "unknown training settings"),
         (("a ghost", "--set", "replay_batch_size=eight"), "replay_batch_size must be an integer"),
         (("a ghost", "--set", "replay_batch_size"), "needs KEY=VALUE"),
+        (("a ghost", "--set", "replay_batch_sise=8"), "replay_batch_sise: did you mean replay_batch_size?"),
+        (("a ghost", "--set", "source_prompt="), "has an empty value"),
         (("a ghost", "--set", "steps=3"), "use --steps"),
         (("a ghost", "--set", "betas=[0.9"), "cannot read the value"),
         (("a ghost", "--device", "tpu9"), "unknown device 'tpu9'"),
