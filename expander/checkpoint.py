@@ -405,6 +405,11 @@ class ExpandedGenerator(
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder not found: {folder}")
+        if not (folder / CONFIG_FILE).exists():
+            raise FileNotFoundError(
+                f"{folder} is not an expander model: it has no {CONFIG_FILE}. Point --model at a model folder, or convert a "
+                "StyleGAN2 checkpoint into one with `expander import CHECKPOINT --out FOLDER`"
+            )
         config = read_json(folder / CONFIG_FILE, what="model config")
         if not isinstance(config, dict):
             raise CheckpointError(f"{folder / CONFIG_FILE} is invalid: expected a JSON object, got {type(config).__name__}; restore the file or download the model again")

@@ -161,7 +161,7 @@ def test_wrong_format_and_missing_folder(tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({"hidden_size": 3}))
     with pytest.raises(CheckpointError, match="not an expander checkpoint"):
         ExpandedGenerator.from_pretrained(tmp_path / "other")
-    with pytest.raises(FileNotFoundError, match="config not found"):
+    with pytest.raises(FileNotFoundError, match="not an expander model: it has no config.json.*expander import"):
         ExpandedGenerator.load_folder(tmp_path)
 
 
