@@ -482,8 +482,9 @@ class ExpandedGenerator(
                 raise CheckpointError(f"{source}: {err}") from None
 
     def _load_weights(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
-        expected = set(self.weights_dict())
-        _check_keys(expected, set(tensors), source)
+        # basis.dormancy may be of either of two sizes; _check_tensor_values checks it.
+        expected = {k: (None if k == "basis.dormancy" else tuple(v.shape)) for k, v in self.weights_dict().items()}
+        _check_keys(expected, tensors, source)
         _check_tensor_values(tensors, self.generator.style_dim, source)
         basis_state = {k[len("basis.") :]: v for k, v in tensors.items() if k.startswith("basis.")}
         # The dormancy curve may be empty (not measured yet): resize the buffer before a strict load.
@@ -492,7 +493,7 @@ class ExpandedGenerator(
             self.generator.load_state_dict({k[len("generator.") :]: v for k, v in tensors.items() if k.startswith("generator.")}, strict=True)
             self.generator.style.w_avg.copy_(tensors["latent_avg"])
             self.basis.load_state_dict(basis_state, strict=True)
-        except RuntimeError as err:  # shape mismatches
+        except RuntimeError as err:  # _check_keys compared every shape; kept for what it cannot foresee
             raise CheckpointError(f"{source} does not match its config.json: {err}") from None
 
 
@@ -506,18 +507,13 @@ def _check_floating_point(tensors: dict[str, torch.Tensor], source: Path) -> Non
 
 
 def _check_tensor_values(tensors: dict[str, torch.Tensor], style_dim: int, source: Path) -> None:
-    """Refuse what a strict key and shape check lets through: non-finite weights, a mean latent or a
-    dormancy curve of the wrong size (``copy_`` would broadcast the one, the other would silently fall
-    back to singular-value order), and a latent basis whose directions are not orthonormal."""
+    """Refuse what the key and shape check (``_check_keys``, run first) lets through: non-finite
+    weights, a dormancy curve of the wrong size (it would silently fall back to singular-value
+    order), and a latent basis whose directions are not orthonormal."""
     _check_floating_point(tensors, source)
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{source}: tensor {key!r} contains NaN or infinite values; the checkpoint is corrupt: restore it or download the model again")
-    # The strict load checks the other buffers' shapes; these two are read before it (copy_, V^T V).
-    shapes = {"latent_avg": (style_dim,), "basis.directions": (style_dim, style_dim)}
-    for key, shape in shapes.items():
-        if tuple(tensors[key].shape) != shape:
-            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}; the checkpoint is corrupt or does not match its config.json")
     dormancy = tensors["basis.dormancy"]
     if dormancy.ndim != 1 or dormancy.numel() not in (0, style_dim):
         raise CheckpointError(f"{source}: the dormancy curve 'basis.dormancy' has shape {tuple(dormancy.shape)}, expected ({style_dim},) or empty (not measured); the checkpoint is corrupt: restore it or download the model again")
@@ -545,19 +541,28 @@ def _check_training_run(run: Any, where: str) -> None:
         raise ValueError(f"{where}: fields of the wrong type: {', '.join(wrong)}")
 
 
-def _check_keys(expected: set[str], found: set[str], source: Path) -> None:
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        raise CheckpointError(f"{source} does not match its config.json: {'; '.join(parts)}")
+def _check_keys(expected: dict[str, Optional[tuple[int, ...]]], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Key and shape mismatches against ``expected`` (key -> shape, None: any shape), a few of each
+    with a count: another model's weights file would otherwise be named tensor by tensor."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    reshaped = [k for k in sorted(set(expected) & set(tensors)) if expected[k] is not None and tuple(tensors[k].shape) != expected[k]]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {_first_few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {_first_few(unexpected)}")
+    if reshaped:
+        parts.append(f"tensors of another shape {_first_few([f'{k} {tuple(tensors[k].shape)}, expected {expected[k]}' for k in reshaped])}")
+    if parts:
+        raise CheckpointError(f"{source} does not match its config.json: {'; '.join(parts)}. The weights come from another model or config.json was edited: restore the folder (or download the model again)")
+
+
+def _first_few(items: list[str], few: int = 3) -> str:
+    return f"{items[:few]}{f' and {len(items) - few} more' if len(items) > few else ''}"
 
 
 def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    _check_keys(set(module.state_dict()), set(state), source)
+    _check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, source)
     _check_floating_point(state, source)
     try:
         module.load_state_dict(state, strict=True)

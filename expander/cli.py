@@ -37,6 +37,22 @@ def _image_path(ctx: click.Context, param: click.Parameter, value: Optional[str]
     return value
 
 
+def _plot_path(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """An output plot path in a format matplotlib writes, known before the (possibly long) measurement."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if value is not None and Path(value).suffix.lower().lstrip(".") not in formats:
+        raise click.BadParameter(f"{value!r} is not a plot file name matplotlib writes: end it in one of {', '.join('.' + f for f in formats)} (e.g. curve.png)", ctx=ctx, param=param)
+    return value
+
+
+def _direction_index(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value < -1:
+        raise click.BadParameter(f"{value} is not a direction: give a direction index (0 or more; `expander directions` plots them) or -1 for the most dormant free one", ctx=ctx, param=param)
+    return value
+
+
 def _same_folder(path: str, other: Optional[str]) -> bool:
     return other is not None and Path(path).expanduser().resolve() == Path(other).expanduser().resolve()
 
@@ -145,7 +161,7 @@ def domains(model):
 
 @main.command()
 @click.option("--model", default=None, help=MODEL_HELP)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG plot.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_plot_path, help="Output plot (.png, .pdf, .svg, ...).")
 @click.option("--recompute", is_flag=True, help="Measure the dormancy curve again instead of using the stored one.")
 @click.option("--save", is_flag=True, help="Store the measured curve in the model folder, so new domains take the most dormant directions by it (an imported model needs this once).")
 @click.option("--samples", default=16, show_default=True, type=click.IntRange(1), help="Random latents per direction when measuring.")
@@ -227,10 +243,13 @@ def traverse(domain, model, num, steps, max_strength, seed, device, out):
 def pull(repo_id, revision, name):
     """Download a model from the Hugging Face Hub and add it to the local registry.
 
+    REPO_ID is a model repository written by `expander push` (config.json, model.safetensors,
+    domains.json), e.g. the one pushed in `expander push --help`.
+
     \b
     Example:
-      expander pull expander-ai/ffhq-expanded-100 --revision main
-      expander sample --model ffhq-expanded-100 --domain zombie --out z.png
+      expander pull me/portraits-expanded --revision main
+      expander sample --model portraits-expanded --domain zombie --out z.png
     """
     from .hub import pull as pull_model
     from .registry import user_registry_path
@@ -434,7 +453,7 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
 @click.option("--method", type=click.Choice(["nada", "sds", "mystyle"]), default=None, help="Default: nada for a prompt, mystyle with --images.")
 @click.option("--images", default=None, help="Folder of photos of one subject (mystyle), or world:subject:SEED.")
 @click.option("--name", default=None, help="Domain name (default: derived from the prompt or the folder).")
-@click.option("--direction", default=-1, show_default=True, type=int, help="Direction to repurpose; -1 = the most dormant free one.")
+@click.option("--direction", default=-1, show_default=True, type=int, callback=_direction_index, help="Direction to repurpose; -1 = the most dormant free one.")
 @click.option("--alpha", default=None, type=float, help="Distance of the new subspace (default: the model's alpha).")
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(1))
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder (default: the model folder, or $EXPANDER_HOME/models/NAME for registered models).")

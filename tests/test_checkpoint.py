@@ -138,6 +138,22 @@ def test_missing_and_unexpected_keys_are_named(expanded, tmp_path):
         ExpandedGenerator.from_pretrained(folder)
 
 
+def test_another_models_weights_are_summed_up_in_a_short_message(expanded, tmp_path):
+    """A weights file of another size names a few mismatches with a count, not every tensor."""
+    from expander.generators.stylegan2 import Generator
+
+    from .conftest import tiny_config
+
+    folder = _saved(expanded, tmp_path)
+    config = tiny_config()
+    config.channels = {size: 2 * count for size, count in config.channels.items()}
+    other = ExpandedGenerator.from_generator(Generator(config), alpha=3.0, num_dormant=8)
+    save_file(other.weights_dict(), str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensors of another shape \[.*\] and \d+ more\. The weights come from another model") as error:
+        ExpandedGenerator.from_pretrained(folder)
+    assert len(str(error.value)) < 600, str(error.value)
+
+
 def test_registry_with_duplicate_direction_is_refused(expanded, tmp_path):
     folder = _saved(expanded, tmp_path)
     registry = json.loads((folder / "domains.json").read_text())
@@ -307,7 +323,7 @@ def test_saved_files_are_as_readable_as_any_file_the_user_writes(expanded, tmp_p
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("latent_avg", torch.tensor([5.0]), "'latent_avg' has shape (1,)"),  # copy_ would broadcast it over the mean w
+    ("latent_avg", torch.tensor([5.0]), "tensors of another shape ['latent_avg (1,), expected (32,)']"),  # copy_ would broadcast it over the mean w
     ("basis.dormancy", torch.zeros(3, 5), "dormancy curve"),  # would silently fall back to singular-value order
     ("basis.directions", torch.full((32, 32), float("nan")), "NaN or infinite"),
     ("basis.directions", 2 * torch.eye(32), "not orthonormal"),

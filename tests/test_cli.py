@@ -171,6 +171,21 @@ def test_directions_save_never_writes_into_the_built_in_model(tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
+def test_directions_refuses_an_unknown_plot_format_before_measuring(model_dir, tmp_path, monkeypatch):
+    import expander.subspace.dormancy as dormancy
+
+    monkeypatch.setattr(dormancy, "dormancy_curve", lambda *a, **k: pytest.fail("measured before the --out check"))
+    result = run("directions", "--model", model_dir, "--recompute", "--save", "--out", tmp_path / "curve.xyz")
+    assert result.exit_code != 0 and "is not a plot file name" in result.output and ".png" in result.output
+    assert not (tmp_path / "curve.xyz").exists()
+
+
+def test_add_domain_refuses_a_negative_direction_other_than_auto(model_dir, tmp_path):
+    result = run("add-domain", "a portrait of a person with a hat", "--model", model_dir, "--direction", -5, "--out", tmp_path / "m")
+    assert result.exit_code != 0 and "-5 is not a direction" in result.output and "-1 for the most dormant free one" in result.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_add_domain_never_changes_the_built_in_model():
     from expander.registry import user_registry_path
 

@@ -157,3 +157,15 @@ def test_a_run_whose_folder_no_entry_names_leaves_the_registry_alone(tmp_path):
     before = user_registry_path().read_bytes()
     assert refresh_user_entries(tmp_path / "other", model=None) == []
     assert user_registry_path().read_bytes() == before and not lock.exists()
+
+
+def test_a_broken_user_registry_entry_is_named_with_the_way_out(tmp_path):
+    from expander.registry import load_registries, user_registry_path
+
+    path = user_registry_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(json.dumps(VALID))
+    data["models"]["a"]["domains"]["zombie"]["method"] = "magic"
+    path.write_text(json.dumps(data))
+    with pytest.raises(RegistryError, match=r"method must be one of.*fix the file by hand, or remove the broken model entry"):
+        load_registries()
