@@ -32,7 +32,7 @@ from torch import nn
 from .domains import BASE_DOMAIN, Domain, is_valid_alpha, unknown_domain_error, validate_domains
 from .generators.stylegan2 import Discriminator, Generator, StyleGAN2Config
 from .subspace.basis import LatentBasis, sefa
-from .utils.io import atomic_path, read_json, read_safetensors
+from .utils.io import atomic_path, read_json, read_safetensors, state_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -542,23 +542,11 @@ def _check_training_run(run: Any, where: str) -> None:
 
 
 def _check_keys(expected: dict[str, Optional[tuple[int, ...]]], tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Key and shape mismatches against ``expected`` (key -> shape, None: any shape), a few of each
-    with a count: another model's weights file would otherwise be named tensor by tensor."""
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    reshaped = [k for k in sorted(set(expected) & set(tensors)) if expected[k] is not None and tuple(tensors[k].shape) != expected[k]]
-    parts = []
-    if missing:
-        parts.append(f"missing keys {_first_few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys {_first_few(unexpected)}")
-    if reshaped:
-        parts.append(f"tensors of another shape {_first_few([f'{k} {tuple(tensors[k].shape)}, expected {expected[k]}' for k in reshaped])}")
-    if parts:
-        raise CheckpointError(f"{source} does not match its config.json: {'; '.join(parts)}. The weights come from another model or config.json was edited: restore the folder (or download the model again)")
-
-
-def _first_few(items: list[str], few: int = 3) -> str:
-    return f"{items[:few]}{f' and {len(items) - few} more' if len(items) > few else ''}"
+    """Key and shape mismatches against ``expected`` (key -> shape, None: any shape), checked before
+    any load so that another model's weights file is named in one short message."""
+    problems = state_mismatches(expected, tensors, limit=3)
+    if problems:
+        raise CheckpointError(f"{source} does not match its config.json: {problems}. The weights come from another model or config.json was edited: restore the folder (or download the model again)")
 
 
 def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -83,6 +83,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..utils.io import mismatch_report, short_list, state_mismatches
 from .stylegan2 import Discriminator, Generator, StyleGAN2Config, make_kernel
 
 logger = logging.getLogger(__name__)
@@ -118,44 +119,18 @@ def _check_file(path: PathLike) -> Path:
     return path
 
 
-def _short_list(items: Sequence[str], limit: int = 20) -> str:
-    items = list(items)
-    if len(items) <= limit:
-        return ", ".join(items)
-    return ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)"
-
-
-def _mismatch_report(missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> str:
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {_short_list(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {_short_list(unexpected)}")
-    if mismatched:
-        parts.append(f"shape mismatches: {_short_list(mismatched)}")
-    return "; ".join(parts)
-
-
 def _load_strict(module: nn.Module, state_dict: dict, what: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names every missing/unexpected key.
 
     torch's own error is a RuntimeError; checking first gives one ValueError that lists keys and
     shapes together, which is what a user needs to tell a wrong file from a wrong config.
     """
-    expected = module.state_dict()
     not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
-        raise ValueError(f"{what}: entries that are not tensors: {_short_list(not_tensors)}")
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(
-        f"{k} (file {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(expected) & set(state_dict)
-        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        config = getattr(module, "config", None)
-        raise ValueError(f"{what} does not match the architecture {config}: {_mismatch_report(missing, unexpected, mismatched)}")
+        raise ValueError(f"{what}: entries that are not tensors: {short_list(not_tensors, 20)}")
+    problems = state_mismatches({k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict, limit=20)
+    if problems:
+        raise ValueError(f"{what} does not match the architecture {getattr(module, 'config', None)}: {problems}")
     module.load_state_dict(state_dict, strict=True)
 
 
@@ -779,7 +754,7 @@ def _apply_key_map(source: dict, key_map: _KeyMap, template: dict, what: str) ->
         used.add(src)
     unexpected = sorted(k for k in source if k not in used and not k.endswith("resample_filter"))
     if missing or unexpected or mismatched:
-        raise ValueError(f"{what} cannot be converted: {_mismatch_report(sorted(missing), unexpected, mismatched)}")
+        raise ValueError(f"{what} cannot be converted: {mismatch_report(sorted(missing), unexpected, mismatched, limit=20)}")
     return out
 
 

@@ -169,13 +169,41 @@ def read_network_config(folder: str | os.PathLike, format_name: str, what: str) 
     return config
 
 
+def short_list(items: Collection[str], limit: int) -> str:
+    """``a, b, ... (N more)``: a few names of a list that can run to hundreds (another model's keys)."""
+    items = list(items)
+    if len(items) <= limit:
+        return ", ".join(items)
+    return ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)"
+
+
+def mismatch_report(missing: Collection[str], unexpected: Collection[str], mismatched: Collection[str], limit: int = 5) -> str:
+    """One line naming what keeps a state dict from loading strictly; "" when nothing does."""
+    parts = []
+    for kind, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            parts.append(f"{kind}: {short_list(items, limit)}")
+    return "; ".join(parts)
+
+
+def state_mismatches(expected: dict[str, Optional[tuple[int, ...]]], state: dict[str, torch.Tensor], limit: int = 5) -> str:
+    """:func:`mismatch_report` of ``state`` against ``expected`` (key -> shape; None: any shape)."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k])})"
+        for k in sorted(set(expected) & set(state))
+        if expected[k] is not None and tuple(state[k].shape) != tuple(expected[k])
+    ]
+    return mismatch_report(missing, unexpected, mismatched, limit)
+
+
 def load_network_state(module: torch.nn.Module, folder: str | os.PathLike, what: str) -> torch.nn.Module:
-    """Load ``folder/model.safetensors`` into ``module`` strictly, naming any key mismatch."""
+    """Load ``folder/model.safetensors`` into ``module`` strictly, naming any key or shape mismatch."""
     path = Path(folder) / "model.safetensors"
     state = read_safetensors(path, what=what)
-    missing, unexpected = sorted(set(module.state_dict()) - set(state)), sorted(set(state) - set(module.state_dict()))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    problems = state_mismatches({k: tuple(v.shape) for k, v in module.state_dict().items()}, state)
+    if problems:
+        raise ValueError(f"{path} does not match its config: {problems}")
     module.load_state_dict(state, strict=True)
     return module
 
