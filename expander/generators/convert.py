@@ -120,7 +120,8 @@ def _check_file(path: PathLike) -> Path:
 
 
 def _load_strict(module: nn.Module, state_dict: dict, what: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names every missing/unexpected key.
+    """``load_state_dict(strict=True)`` with an error that names the missing, unexpected and
+    mis-shaped keys (up to 20 of each).
 
     torch's own error is a RuntimeError; checking first gives one ValueError that lists keys and
     shapes together, which is what a user needs to tell a wrong file from a wrong config.
