@@ -483,7 +483,7 @@ class ExpandedGenerator(
 
     def _load_weights(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
         # basis.dormancy may be of either of two sizes; _check_tensor_values checks it.
-        expected = {k: (None if k == "basis.dormancy" else tuple(v.shape)) for k, v in self.weights_dict().items()}
+        expected = {**self.weights_dict(), "basis.dormancy": None}
         _check_keys(expected, tensors, source)
         _check_tensor_values(tensors, self.generator.style_dim, source)
         basis_state = {k[len("basis.") :]: v for k, v in tensors.items() if k.startswith("basis.")}
@@ -541,8 +541,8 @@ def _check_training_run(run: Any, where: str) -> None:
         raise ValueError(f"{where}: fields of the wrong type: {', '.join(wrong)}")
 
 
-def _check_keys(expected: dict[str, Optional[tuple[int, ...]]], tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Key and shape mismatches against ``expected`` (key -> shape, None: any shape), checked before
+def _check_keys(expected: dict[str, Optional[torch.Tensor]], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Key and shape mismatches against ``expected`` (a state dict; None: any shape), checked before
     any load so that another model's weights file is named in one short message."""
     problems = state_mismatches(expected, tensors, limit=3)
     if problems:
@@ -550,7 +550,7 @@ def _check_keys(expected: dict[str, Optional[tuple[int, ...]]], tensors: dict[st
 
 
 def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    _check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, source)
+    _check_keys(module.state_dict(), state, source)
     _check_floating_point(state, source)
     try:
         module.load_state_dict(state, strict=True)

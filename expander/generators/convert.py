@@ -129,7 +129,7 @@ def _load_strict(module: nn.Module, state_dict: dict, what: str) -> None:
     not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise ValueError(f"{what}: entries that are not tensors: {short_list(not_tensors, 20)}")
-    problems = state_mismatches({k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict, limit=20)
+    problems = state_mismatches(module.state_dict(), state_dict, limit=20)
     if problems:
         raise ValueError(f"{what} does not match the architecture {getattr(module, 'config', None)}: {problems}")
     module.load_state_dict(state_dict, strict=True)

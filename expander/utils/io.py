@@ -186,13 +186,13 @@ def mismatch_report(missing: Collection[str], unexpected: Collection[str], misma
     return "; ".join(parts)
 
 
-def state_mismatches(expected: dict[str, Optional[tuple[int, ...]]], state: dict[str, torch.Tensor], limit: int = 5) -> str:
-    """:func:`mismatch_report` of ``state`` against ``expected`` (key -> shape; None: any shape)."""
+def state_mismatches(expected: dict[str, Optional[torch.Tensor]], state: dict[str, torch.Tensor], limit: int = 5) -> str:
+    """:func:`mismatch_report` of ``state`` against ``expected`` (a module's state dict; None: any shape)."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     mismatched = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k])})"
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
         for k in sorted(set(expected) & set(state))
-        if expected[k] is not None and tuple(state[k].shape) != tuple(expected[k])
+        if expected[k] is not None and state[k].shape != expected[k].shape
     ]
     return mismatch_report(missing, unexpected, mismatched, limit)
 
@@ -201,7 +201,7 @@ def load_network_state(module: torch.nn.Module, folder: str | os.PathLike, what:
     """Load ``folder/model.safetensors`` into ``module`` strictly, naming any key or shape mismatch."""
     path = Path(folder) / "model.safetensors"
     state = read_safetensors(path, what=what)
-    problems = state_mismatches({k: tuple(v.shape) for k, v in module.state_dict().items()}, state)
+    problems = state_mismatches(module.state_dict(), state)
     if problems:
         raise ValueError(f"{path} does not match its config: {problems}")
     module.load_state_dict(state, strict=True)
