@@ -18,9 +18,9 @@ is strict: every key must be present and no unknown key may appear.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -33,8 +33,6 @@ from .domains import BASE_DOMAIN, Domain, is_valid_alpha, unknown_domain_error, 
 from .generators.stylegan2 import Discriminator, Generator, StyleGAN2Config
 from .subspace.basis import LatentBasis, sefa
 from .utils.io import atomic_path, read_json, read_safetensors, state_mismatches
-
-logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "expander.expanded_generator"
 FORMAT_VERSION = 1
@@ -365,8 +363,24 @@ class ExpandedGenerator(
             tmp.mkdir()
             super().save_pretrained(tmp)
         if push_to_hub:
-            return self.push_to_hub(repo_id=repo_id or Path(save_directory).name, **push_kwargs)
+            from .hub import push
+
+            # Absolute: a relative folder could be mistaken for a registered model's name.
+            return push(os.path.abspath(save_directory), repo_id or Path(save_directory).name, **push_kwargs)
         return None
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload expanded generator", private: Optional[bool] = None, token: Optional[str] = None, **unsupported: Any) -> str:
+        """Upload this model to a Hub repo as ``expander push`` does (:func:`expander.hub.push`): saved to a
+        temporary folder and checked to load first, only the checkpoint's files, and never into an
+        existing public repo when ``private``. Returns the commit URL."""
+        if unsupported:
+            raise TypeError(f"ExpandedGenerator.push_to_hub got unsupported arguments {sorted(unsupported)}; it takes repo_id, commit_message, private and token")
+        from .hub import push
+
+        with tempfile.TemporaryDirectory(prefix="expander-push-") as tmp:
+            folder = Path(tmp) / "model"
+            self.save_pretrained(folder)
+            return push(str(folder), repo_id, private=bool(private), token=token, commit_message=commit_message)
 
     @classmethod
     def _from_pretrained(

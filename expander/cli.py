@@ -239,7 +239,7 @@ def traverse(domain, model, num, steps, max_strength, seed, device, out):
 @main.command()
 @click.argument("repo_id")
 @click.option("--revision", default=None, help="Branch, tag or commit (default: main). The registry pins the exact commit.")
-@click.option("--name", default=None, help="Name in the local registry (default: the repo name).")
+@click.option("--name", default=None, help="Name in the local registry (default: the repo name; a name another model has is refused).")
 def pull(repo_id, revision, name):
     """Download a model from the Hugging Face Hub and add it to the local registry.
 
@@ -270,6 +270,9 @@ def pull(repo_id, revision, name):
 @click.option("--message", default="Upload expanded generator", show_default=True)
 def push(model, repo_id, private, message):
     """Upload a model (name or folder) to a Hugging Face Hub repo (needs `hf auth login`, or HF_TOKEN).
+
+    Only the checkpoint's files are uploaded (your notes in the folder stay local), and an earlier
+    model's checkpoint files in the repo are removed in the same commit.
 
     \b
     Example:
@@ -319,7 +322,7 @@ def info(model):
     if runs:
         last = runs[-1]
         settings = last.get("settings") or {}
-        click.echo(f"training:     {len(runs)} run{'s' if len(runs) > 1 else ''}; last {last.get('date', '?')[:10]}: {len(last['trained'])} domains, {settings.get('steps', '?')} steps, seed {settings.get('seed', '?')} (all settings: {folder / TRAINING_FILE})")
+        click.echo(f"training:     {len(runs)} run{'s' if len(runs) > 1 else ''}; last {(last.get('date') or '?')[:10]}: {len(last['trained'])} domains, {settings.get('steps', '?')} steps, seed {settings.get('seed', '?')} (all settings: {folder / TRAINING_FILE})")
     else:
         click.echo("training:     not recorded (a parent model, or trained before expander kept training.json)")
 
@@ -341,7 +344,7 @@ def list_models():
         _fail(str(err))
 
     def where(entry) -> str:
-        missing = "path" in entry.source and not Path(entry.source["path"]).is_dir()
+        missing = "path" in entry.source and not Path(entry.source["path"]).expanduser().is_dir()
         return entry.location() + (" (missing: train or pull it again)" if missing else "")
 
     rows = [(("* " if name == registry.default_model else "  ") + name, str(len(entry.domains)), where(entry), entry.description)

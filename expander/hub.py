@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -12,43 +11,47 @@ from typing import Any, Optional
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import LocalEntryNotFoundError
 
-from .checkpoint import CONFIG_FILE, DISCRIMINATOR_FILE, DOMAINS_FILE, WEIGHTS_FILE, ExpandedGenerator
-from .registry import PACKAGE_ROOT, ModelEntry, Registry, RegistryError, entry_for_model, is_repo_id, load_registries, register_user_model, user_registry_path
+from .checkpoint import CHECKPOINT_FILES, CONFIG_FILE, DISCRIMINATOR_FILE, DOMAINS_FILE, WEIGHTS_FILE, ExpandedGenerator
+from .registry import PACKAGE_ROOT, ModelEntry, Registry, RegistryError, check_user_model_name, entry_for_model, is_repo_id, load_registries, register_user_model, user_registry_path
 
-logger = logging.getLogger(__name__)
+# What push uploads and pull downloads: a model folder's other files (notes, eval reports) are the
+# user's and stay local, and a repo's other files are not the model's and are not fetched.
+HUB_FILES = list(CHECKPOINT_FILES)
 
 
 class ModelNotFoundError(FileNotFoundError):
     pass
 
 
-def _entry_folder(entry: ModelEntry, local_files_only: bool = False) -> Path:
+def _entry_folder(entry: ModelEntry, **download: Any) -> Path:
+    """The folder of a registry entry; ``download``: ``snapshot_download`` arguments for a Hub entry."""
     source = entry.source
     if "package" in source:
         folder = PACKAGE_ROOT / source["package"]
     elif "path" in source:
         folder = Path(source["path"]).expanduser()
     else:
-        folder = _pinned_snapshot(source["repo_id"], source["revision"], local_files_only)
+        folder = _pinned_snapshot(source["repo_id"], source["revision"], **download)
     if not folder.is_dir():
         raise ModelNotFoundError(f"model {entry.name!r} points to {folder}, which does not exist; pull it again or fix the registry")
     return folder
 
 
-def _pinned_snapshot(repo_id: str, revision: str, local_files_only: bool = False) -> Path:
+def _pinned_snapshot(repo_id: str, revision: str, local_files_only: bool = False, force_download: bool = False, **download: Any) -> Path:
     """The snapshot a registry entry names. A pinned commit comes from the cache when it is there (a
     commit never changes, so loading a pulled model needs no network, and older huggingface_hub
-    releases in offline mode do not look in the cache for a commit first); else it is downloaded."""
-    if re.fullmatch(r"[0-9a-f]{40}", revision or ""):
+    releases in offline mode do not look in the cache for a commit first); else it is downloaded.
+    ``download``: further ``snapshot_download`` arguments (``cache_dir``, ``token``)."""
+    if re.fullmatch(r"[0-9a-f]{40}", revision or "") and not force_download:
         try:
-            cached = Path(snapshot_download(repo_id=repo_id, revision=revision, local_files_only=True))
+            cached = Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_FILES, local_files_only=True, **download))
             if _snapshot_complete(cached):
                 return cached
             # else a pull was interrupted: the download below completes the snapshot
         except LocalEntryNotFoundError:
             if local_files_only:
                 raise
-    return Path(snapshot_download(repo_id=repo_id, revision=revision, local_files_only=local_files_only))
+    return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_FILES, local_files_only=local_files_only, force_download=force_download, **download))
 
 
 def _snapshot_complete(snapshot: Path) -> bool:
@@ -71,9 +74,11 @@ def _snapshot_complete(snapshot: Path) -> bool:
 def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registry] = None, revision: Optional[str] = None, **download: Any) -> tuple[Path, str]:
     """Map ``model`` (None = default, a registry name, a folder, or a Hub repo id) to a local folder.
 
-    ``download``: further ``snapshot_download`` arguments for a Hub repo id (``cache_dir``, ``token``,
-    ``local_files_only``, ``force_download``). Returns (folder, display name): a local folder comes back
-    absolute, and the display name is a registry entry's name only when ``model`` was one.
+    ``download``: further ``snapshot_download`` arguments (``cache_dir``, ``token``, ``local_files_only``,
+    ``force_download``) for a Hub repo id and for a registered model pulled from the Hub. ``revision``
+    is for a Hub repo id only: a registered model is pinned to the commit it was pulled at.
+    Returns (folder, display name): a local folder comes back absolute; the display name is ``model``
+    as given, or the default model's name when ``model`` is None.
     """
     registry = registry or load_registries()
     if model is None:
@@ -81,7 +86,10 @@ def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registr
             raise ModelNotFoundError("no --model given and the registry has no default_model")
         model = registry.default_model
     if model in registry.models:
-        return _entry_folder(registry.models[model]), model
+        entry = registry.models[model]
+        if revision is not None:
+            raise ValueError(f"{model!r} is a registered model ({entry.location()}), so revision={revision!r} cannot apply to it; pass the Hub repo id with the revision instead, or leave revision out")
+        return _entry_folder(entry, **download), model
     path = Path(model).expanduser()
     if path.is_dir():
         # Absolute, so the folder passed on is never mistaken for a registered name ('./m' -> 'm').
@@ -91,7 +99,7 @@ def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registr
         raise ModelNotFoundError(f"model folder {model} not found (registered models: {known}); check the path, or train or pull the model first")
     if is_repo_id(model):
         try:
-            return Path(snapshot_download(repo_id=model, revision=revision, **download)), model
+            return Path(snapshot_download(repo_id=model, revision=revision, allow_patterns=HUB_FILES, **download)), model
         except Exception as err:  # huggingface_hub raises many network, auth, cache and not-found error types
             raise ModelNotFoundError(
                 f"model {model!r} is not a registered model ({known}) or a folder here, and the Hugging Face Hub did not give it "
@@ -115,15 +123,27 @@ def load_model(model: Optional[str] = None, device: str = "cpu", revision: Optio
     return ExpandedGenerator.load_folder(folder, map_location=device)
 
 
-def pull(repo_id: str, revision: Optional[str] = None, name: Optional[str] = None, cache_dir: Optional[str] = None) -> ModelEntry:
-    """Download a Hub repo (``snapshot_download``), validate it loads, and record it in the user registry.
+def pull(repo_id: str, revision: Optional[str] = None, name: Optional[str] = None, token: Optional[str] = None) -> ModelEntry:
+    """Download a Hub repo's checkpoint files (``snapshot_download`` into the default cache, where
+    later loads look), validate that it loads, and record it in the user registry under ``name``
+    (default: the repo's name).
 
-    The entry pins the exact commit that was downloaded, so later loads are reproducible.
+    The entry pins the exact commit that was downloaded, so later loads are reproducible. Pulling a
+    repo again updates its entry; a name that another model is registered under is refused before
+    anything is downloaded.
     """
-    folder = Path(snapshot_download(repo_id=repo_id, revision=revision, cache_dir=cache_dir))
+    name = check_user_model_name(name or repo_id.split("/")[-1], "pull --name")
+    registry_path = user_registry_path()
+    existing = Registry.load(registry_path).models.get(name) if registry_path.exists() else None
+    if existing is not None and existing.source.get("repo_id") != repo_id:
+        raise RegistryError(
+            f"{name!r} is already a registered model ({existing.location()}), so nothing was downloaded: pull under another name "
+            f"with --name, or remove the {name!r} entry from {registry_path} first (its files stay where they are)"
+        )
+    folder = Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_FILES, token=token))
     model = ExpandedGenerator.load_folder(folder)  # validates before anything is recorded
     commit = folder.name  # snapshot folders are named by commit hash
-    entry = entry_for_model(name or repo_id.split("/")[-1], {"repo_id": repo_id, "revision": commit}, model)
+    entry = entry_for_model(name, {"repo_id": repo_id, "revision": commit}, model)
     try:
         register_user_model(entry)
     except OSError as err:  # the download worked: say where the problem is
@@ -132,16 +152,22 @@ def pull(repo_id: str, revision: Optional[str] = None, name: Optional[str] = Non
 
 
 def push(model: Optional[str], repo_id: str, private: bool = False, token: Optional[str] = None, commit_message: str = "Upload expanded generator") -> str:
-    """Upload a model folder (resolved like :func:`resolve_model_folder`) to a Hub repo; returns the commit URL."""
+    """Upload a model (resolved like :func:`resolve_model_folder`) to a Hub repo; returns the commit URL.
+
+    Only the checkpoint's files are uploaded, and the repo's earlier checkpoint files that this model
+    does not have (a discriminator, a training log) are deleted in the same commit, so the repo holds
+    this model and nothing of an earlier one. A new repo is private only with ``private``; else it
+    gets the owner's default visibility.
+    """
     folder, _ = resolve_model_folder(model)
     ExpandedGenerator.load_folder(folder)  # never publish a checkpoint that does not load
     api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    api.create_repo(repo_id=repo_id, private=private or None, exist_ok=True, repo_type="model")  # None: the owner's default
     # create_repo leaves an existing repo's visibility as it is: --private must not publish to a public one.
     if private and not getattr(api.repo_info(repo_id=repo_id, repo_type="model"), "private", False):
         raise ValueError(
             f"{repo_id} already exists and is public, so nothing was uploaded: make it private first (its settings page on the Hub, "
             f"or HfApi().update_repo_settings({repo_id!r}, private=True)), or push without --private"
         )
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model")
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model", allow_patterns=HUB_FILES, delete_patterns=HUB_FILES)
     return str(getattr(info, "commit_url", info))

@@ -87,7 +87,7 @@ def _training_section(runs: list[dict[str, Any]]) -> list[str]:
         domain_weights = settings.pop("domain_weights", None) or {}
         steps, seed = settings.pop("steps", "?"), settings.pop("seed", "?")
         changed = [f"`{k}={_short(v)}`" for k, v in settings.items() if k not in defaults or defaults[k] != v]
-        head = f"{run.get('date', '?')[:10]}, expander {run.get('expander_version', '?')}"
+        head = f"{(run.get('date') or '?')[:10]}, expander {run.get('expander_version') or '?'}"  # null = not recorded
         text = f"- Run {index} ({head}): trained {', '.join(run['trained'])} for {steps} steps (seed {seed})"
         if run.get("replayed"):
             text += f", replaying {', '.join(run['replayed'])}"

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional
 
 from filelock import FileLock, Timeout
 
-from .domains import METHODS
+from .domains import METHODS, is_valid_alpha
 from .utils.io import read_json, write_json
 
 SCHEMA_VERSION = 1
@@ -146,7 +146,7 @@ def _validate_entry(name: str, data: Any, where: str) -> ModelEntry:
         raise RegistryError(f"{prefix}: domains must be an object name -> {{direction, alpha, method}}")
     directions: dict[int, str] = {}
     for domain_name, spec in domains.items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("direction"), int):
+        if not isinstance(spec, dict) or not isinstance(spec.get("direction"), int) or isinstance(spec["direction"], bool):
             raise RegistryError(f"{prefix}: domain {domain_name!r} needs an integer 'direction'")
         extra = sorted(set(spec) - {"direction", "alpha", "method"})
         if extra:
@@ -155,8 +155,8 @@ def _validate_entry(name: str, data: Any, where: str) -> ModelEntry:
             raise RegistryError(f"{prefix}: domain {domain_name!r} has a negative direction")
         if spec["direction"] in directions:
             raise RegistryError(f"{prefix}: domains {directions[spec['direction']]!r} and {domain_name!r} share direction {spec['direction']}")
-        if "alpha" in spec and not (isinstance(spec["alpha"], (int, float)) and spec["alpha"] > 0):
-            raise RegistryError(f"{prefix}: domain {domain_name!r} alpha must be a positive number")
+        if "alpha" in spec and not is_valid_alpha(spec["alpha"]):
+            raise RegistryError(f"{prefix}: domain {domain_name!r} alpha must be a positive finite number, got {spec['alpha']!r}")
         if "method" in spec and spec["method"] not in METHODS:
             raise RegistryError(f"{prefix}: domain {domain_name!r} method must be one of {list(METHODS)}")
         directions[spec["direction"]] = domain_name

@@ -376,6 +376,21 @@ def test_a_training_log_the_model_card_cannot_read_is_refused_on_load(expanded, 
         expanded.record_training({"trained": ["zombie"], "guidance": "world"})
 
 
+def test_a_training_log_with_null_fields_loads_and_reads_as_not_recorded(expanded, tmp_path):
+    from click.testing import CliRunner
+
+    from expander.cli import main
+
+    folder = _saved(expanded, tmp_path)
+    (folder / "training.json").write_text(json.dumps({"format": "expander.training_log", "runs": [{"trained": ["zombie"], "date": None, "expander_version": None, "settings": None}]}))
+    loaded = ExpandedGenerator.from_pretrained(folder)
+    loaded.save_pretrained(folder)  # writes the model card from the log
+    assert "Run 1 (?, expander ?)" in (folder / "README.md").read_text()
+    result = CliRunner().invoke(main, ["info", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "last ?: 1 domains" in result.output
+
+
 def test_from_pretrained_refuses_unknown_arguments_and_casts_to_torch_dtype(expanded, tmp_path):
     folder = _saved(expanded, tmp_path)
     with pytest.raises(TypeError, match=r"unknown arguments \['map_locaton', 'strict'\]"):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,3 +313,20 @@ def test_an_image_file_given_as_the_subject_folder_is_named_as_a_file(tmp_path):
     Image.new("RGB", (8, 8)).save(photo)
     with pytest.raises(ValueError, match="is a file, not an image folder"):
         image_files(photo)
+
+
+def test_an_image_grid_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from expander.utils.images import save_grid
+
+    grid = tmp_path / "grid.png"
+    save_grid(torch.zeros(2, 3, 8, 8), grid)
+    kept = grid.read_bytes()
+
+    def stopped_half_way(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", stopped_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_grid(torch.ones(2, 3, 8, 8), grid)
+    assert grid.read_bytes() == kept and sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]

@@ -1,6 +1,8 @@
 """Pulling and loading from a Hugging Face cache that the test builds itself (HF_HUB_OFFLINE=1)."""
 
 import json
+from fnmatch import fnmatch
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,38 +142,113 @@ class _FakeHubApi:
     """Stands in for huggingface_hub.HfApi: records what push asks for, uploads nothing."""
 
     existing: dict = {}
+    created: list = []
     uploads: list = []
 
     def __init__(self, token=None):
         pass
 
-    def create_repo(self, repo_id, private=False, exist_ok=False, repo_type="model"):
-        self.existing.setdefault(repo_id, private)  # like the Hub: an existing repo keeps its visibility
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type="model"):
+        self.created.append((repo_id, private))
+        self.existing.setdefault(repo_id, bool(private))  # like the Hub: an existing repo keeps its visibility
 
     def repo_info(self, repo_id, repo_type="model"):
         return type("RepoInfo", (), {"private": self.existing[repo_id]})()
 
-    def upload_folder(self, repo_id, folder_path, commit_message, repo_type="model"):
-        self.uploads.append((repo_id, folder_path))
+    def upload_folder(self, repo_id, folder_path, commit_message, repo_type="model", allow_patterns=None, delete_patterns=None):
+        files = sorted(p.name for p in Path(folder_path).iterdir() if allow_patterns is None or any(fnmatch(p.name, pattern) for pattern in allow_patterns))
+        self.uploads.append((repo_id, files, delete_patterns))
         return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/{COMMIT}"})()
 
 
-def test_push_uploads_a_checkpoint_and_never_publishes_a_private_push(hub_cache, tmp_path, monkeypatch):
+@pytest.fixture
+def fake_hub(monkeypatch):
     import expander.hub
+
+    monkeypatch.setattr(_FakeHubApi, "existing", {"me/public": False})
+    monkeypatch.setattr(_FakeHubApi, "created", [])
+    monkeypatch.setattr(_FakeHubApi, "uploads", [])
+    monkeypatch.setattr(expander.hub, "HfApi", _FakeHubApi)
+    return _FakeHubApi
+
+
+def test_push_uploads_a_checkpoint_and_never_publishes_a_private_push(hub_cache, tmp_path, fake_hub):
     from expander.hub import push
 
     _, model = hub_cache
     model.save_pretrained(tmp_path / "mine")
-    monkeypatch.setattr(_FakeHubApi, "existing", {"me/public": False})
-    monkeypatch.setattr(_FakeHubApi, "uploads", [])
-    monkeypatch.setattr(expander.hub, "HfApi", _FakeHubApi)
     assert push(str(tmp_path / "mine"), "me/new", private=True).endswith(COMMIT)
-    assert _FakeHubApi.existing["me/new"] is True and _FakeHubApi.uploads == [("me/new", str(tmp_path / "mine"))]
+    assert fake_hub.existing["me/new"] is True and [repo for repo, _, _ in fake_hub.uploads] == ["me/new"]
     with pytest.raises(ValueError, match="already exists and is public, so nothing was uploaded"):
         push(str(tmp_path / "mine"), "me/public", private=True)
-    assert len(_FakeHubApi.uploads) == 1
+    assert len(fake_hub.uploads) == 1
     push(str(tmp_path / "mine"), "me/public")  # without --private a public repo is what was asked for
-    assert len(_FakeHubApi.uploads) == 2
+    assert len(fake_hub.uploads) == 2
+
+
+def test_push_uploads_only_the_checkpoint_and_clears_an_earlier_ones_files(hub_cache, tmp_path, fake_hub):
+    from expander.hub import HUB_FILES, push
+
+    _, model = hub_cache
+    model.save_pretrained(tmp_path / "mine")
+    (tmp_path / "mine" / "notes.txt").write_text("my private notes")
+    push(str(tmp_path / "mine"), "me/new")
+    ((repo, files, delete_patterns),) = fake_hub.uploads
+    assert files == sorted(p.name for p in (tmp_path / "mine").iterdir() if p.name != "notes.txt") and "model.safetensors" in files
+    # an earlier model's discriminator or training log in the repo goes in the same commit
+    assert delete_patterns == HUB_FILES and "discriminator.safetensors" in HUB_FILES
+    # without --private a new repo gets the owner's default visibility, not an explicit "public"
+    assert fake_hub.created == [("me/new", None)]
+
+
+def test_model_push_to_hub_has_the_checks_of_expander_push(hub_cache, fake_hub):
+    _, model = hub_cache
+    assert model.push_to_hub("me/new", private=True).endswith(COMMIT)
+    ((repo, files, _),) = fake_hub.uploads
+    assert repo == "me/new" and fake_hub.existing["me/new"] is True and {"config.json", "model.safetensors", "domains.json"} <= set(files)
+    with pytest.raises(ValueError, match="already exists and is public"):
+        model.push_to_hub("me/public", private=True)
+    with pytest.raises(TypeError, match="unsupported arguments \\['create_pr'\\]"):
+        model.push_to_hub("me/new", create_pr=True)
+    assert len(fake_hub.uploads) == 1
+
+
+def test_pull_refuses_a_name_another_model_has_before_downloading(hub_cache, tmp_path, monkeypatch):
+    import expander.hub as hub
+    from expander.registry import RegistryError, entry_for_model, register_user_model
+
+    _, model = hub_cache
+    model.save_pretrained(tmp_path / "mine")
+    register_user_model(entry_for_model("tiny", {"path": str(tmp_path / "mine")}, model))
+    pull("org/tiny", name="tiny-hub")
+    pull("org/tiny", name="tiny-hub")  # the same repo again: its entry is updated
+
+    def no_download(**kwargs):
+        raise AssertionError("downloaded before the name was checked")
+
+    monkeypatch.setattr(hub, "snapshot_download", no_download)
+    with pytest.raises(RegistryError, match="'tiny' is already a registered model .*mine.*pull under another name with --name"):
+        pull("org/tiny")  # the default name is the repo's: taken by the local folder
+    with pytest.raises(RegistryError, match="built-in model"):
+        pull("org/tiny", name="world-portraits")
+    assert Registry.load(user_registry_path()).models["tiny"].source == {"path": str(tmp_path / "mine")}
+
+
+def test_a_registered_hub_model_takes_the_download_options_but_not_a_revision(hub_cache, monkeypatch):
+    import expander.hub as hub
+
+    pull("org/tiny")
+    real_download, calls = hub.snapshot_download, []
+
+    def recording(**kwargs):
+        calls.append(kwargs)
+        return real_download(**kwargs)
+
+    monkeypatch.setattr(hub, "snapshot_download", recording)
+    assert ExpandedGenerator.from_pretrained("tiny", token="hf_secret", local_files_only=True).get_domain("zombie") is not None
+    assert calls and all(call["token"] == "hf_secret" and call["local_files_only"] and call["allow_patterns"] == hub.HUB_FILES for call in calls)
+    with pytest.raises(ValueError, match="'tiny' is a registered model \\(org/tiny@aaaaaaaaaa\\), so revision='main' cannot apply"):
+        ExpandedGenerator.from_pretrained("tiny", revision="main")
 
 
 def test_a_pull_whose_registry_cannot_be_written_says_so(hub_cache, tmp_path, monkeypatch):

@@ -56,6 +56,9 @@ def test_round_trip():
         (lambda d: d["models"]["a"].update(resolution=48), "power of two"),
         (lambda d: d["models"]["a"].update(source={"path": 5}), "source path must be a non-empty text"),
         (lambda d: d["models"]["a"].update(source={"path": "  "}), "source path must be a non-empty text"),
+        (lambda d: d["models"]["a"]["domains"]["zombie"].update(alpha=float("inf")), "alpha must be a positive finite number"),
+        (lambda d: d["models"]["a"]["domains"]["zombie"].update(alpha=True), "alpha must be a positive finite number"),
+        (lambda d: d["models"]["a"]["domains"]["zombie"].update(direction=True), "needs an integer 'direction'"),
     ],
 )
 def test_invalid_registries_are_refused(mutate, message):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .io import atomic_path
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -41,13 +43,14 @@ def make_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 2
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None, upscale: Optional[int] = None) -> Path:
-    """Save a grid; small images (<= 64 px) are upscaled so they are visible."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save a grid, atomically (a stopped run leaves no truncated image); small images (<= 64 px) are
+    upscaled so they are visible."""
     if upscale is None:
         upscale = max(1, 128 // images.shape[-1])
-    make_grid(images, nrow=nrow, upscale=upscale).save(path)
-    return path
+    grid = make_grid(images, nrow=nrow, upscale=upscale)
+    with atomic_path(path) as tmp:  # same name in a folder beside it: the suffix still picks the format
+        grid.save(tmp)
+    return Path(path)
 
 
 def image_files(folder: str | Path, purpose: str = "add a few photos of the subject", recursive: bool = False) -> list[Path]:
