@@ -36,7 +36,8 @@ Report of :func:`evaluate` (a JSON-serialisable dict)::
                           hues on the circle), "per_factor": {factor: fraction} (all factors),
                           "reference_factors_preserved": the same measured on renders with and
                           without the attribute (what a perfectly aligned domain scores; some
-                          attributes hide factors, e.g. sunglasses hide eye colour), or null,
+                          attributes hide factors, e.g. sunglasses hide eye colour; at most 256
+                          renders, however many samples), or null,
                           "diversity": world-perceptual distance between the domain's samples of
                           consecutive latents, over the same for the base samples (1 = as varied
                           as the source domain; near 0 = one template whatever the latent)}}
@@ -44,8 +45,10 @@ Report of :func:`evaluate` (a JSON-serialisable dict)::
                           samples of w + a_i + a_j labelled with both, "first"/"second": with each,
                           "conflicting": true when the renderer cannot show both (renderer.CONFLICTS),
                           "reference_both": the same fraction on renders drawn with both attributes
-                          (what a perfect pair of domains scores: the classifier's ceiling)}}
-    summary              {"mean_success", "mean_leakage" (off-diagonal, domain rows),
+                          (what a perfect pair of domains scores: the classifier's ceiling; at
+                          most 256 renders, however many samples)}}
+    summary              {"mean_success", "mean_leakage" (off-diagonal, domain rows, without
+                          the cells of two domains that draw the same attribute),
                           "mean_base_false_positive", "mean_perceptual", "mean_factors_preserved",
                           "mean_composition", "mean_diversity"} (null when there is nothing to average)
     factor_tolerance     tolerance used for continuous factors
@@ -420,7 +423,8 @@ def format_report(report: dict[str, Any]) -> str:
         matrix = report["leakage"]["matrix"]
         for name in report["domains"]:
             success = report["domain_success"].get(name)
-            leaks = [v for col, v in matrix.get(name, {}).items() if col != name]
+            # as mean_leakage: a domain that draws the same attribute as this one is not leaked into
+            leaks = [v for col, v in matrix.get(name, {}).items() if col != name and report["attribute_of"].get(col) != report["attribute_of"].get(name)]
             align = report["alignment"][name]
             lines.append(
                 f"{name:<14}{'-' if success is None else f'{success:.3f}':>9}{max(leaks) if leaks else 0.0:>10.3f}"
