@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -420,6 +421,7 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
     from .distributed import is_main_process
     from .expansion import run_expansion, training_state_dir
     from .recipes import Recipe
+    from .registry import check_name_available
 
     try:
         plan = Recipe.load(recipe)
@@ -428,7 +430,11 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
         out = out or plan.out
         if not out:
             raise ValueError(f"recipe {recipe} has no 'out' folder; add `out: FOLDER` to it or pass --out FOLDER")
+        if name:  # before training: a run must not take over another model's name
+            check_name_available(name, {"path": os.path.abspath(out)}, "trained")
         overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
+        if "domain_weights" in overrides:  # it would replace every domain's weights of the recipe at once
+            raise ValueError("set a domain's loss weights in its recipe entry (weights: {lambda_nada: 2.0}), not with --set domain_weights=...")
         if overrides:  # validated like the recipe's own settings
             plan.training = plan.training.with_settings(overrides)
         model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=name, resume=resume, force=force, keep_state=keep_state, device=device, real_images=real_images or plan.real_images, description=plan.description)
@@ -440,7 +446,7 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
             click.echo(f"not registered as {plan.name}: that name stays with {plan.out}; sample this run with --model {_path_argument(out)}, or give it a name with --name")
         if keep_state:
             # Every option that shaped the run: a resume refuses another seed, settings or real images.
-            command = ["expander", "expand", recipe, "--out", out] + (["--name", name] if name and name != plan.name else [])
+            command = ["expander", "expand", recipe, "--out", out] + (["--name", name] if name else [])
             command += ["--seed", seed] if seed is not None else []
             for setting in settings:
                 command += ["--set", setting]
@@ -492,6 +498,8 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         _fail(f"a {method} domain needs a non-empty PROMPT, e.g. expander add-domain \"a portrait of a zombie\"")
     if method == "mystyle" and not images:
         _fail("a mystyle domain needs --images FOLDER")
+    if images and method != "mystyle":
+        _fail(f"--images is for a mystyle domain (a subject's photos); a {method} domain learns from its PROMPT: leave --images out, or use --method mystyle")
     name = name or _slug(prompt or Path(images).name)
     try:
         folder, model_name = resolve_model_folder(model)
@@ -505,6 +513,8 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         kind = "the built-in model" if model_name in builtin_model_names() else "a downloaded Hub snapshot"
         _fail(f"{model_name!r} is {kind}, which add-domain never changes: pass --out FOLDER for the expanded copy, e.g. --out runs/my-model")
     out = Path(out) if out else (expander_home() / "models" / model_name if registered else folder)
+    if images and not images.startswith("world:"):  # recorded absolute, as a recipe's: a resume from elsewhere reads the same photos
+        images = os.path.abspath(Path(images).expanduser())
     domain = Domain(name=name, direction=direction, method=method, prompt=prompt, images=images, alpha=alpha)
     try:
         config = ExpansionConfig.from_dict({"domains_per_step": 1, **_training_settings(settings), "steps": steps, "seed": seed})

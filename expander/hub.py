@@ -12,7 +12,7 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import LocalEntryNotFoundError
 
 from .checkpoint import CHECKPOINT_FILES, CONFIG_FILE, DISCRIMINATOR_FILE, DOMAINS_FILE, WEIGHTS_FILE, ExpandedGenerator
-from .registry import PACKAGE_ROOT, ModelEntry, Registry, RegistryError, check_user_model_name, entry_for_model, is_repo_id, load_registries, register_user_model, user_registry_path
+from .registry import PACKAGE_ROOT, ModelEntry, Registry, RegistryError, check_name_available, check_user_model_name, entry_for_model, is_repo_id, load_registries, register_user_model, user_registry_path
 
 # What push uploads and pull downloads: a model folder's other files (notes, eval reports) are the
 # user's and stay local, and a repo's other files are not the model's and are not fetched.
@@ -133,13 +133,7 @@ def pull(repo_id: str, revision: Optional[str] = None, name: Optional[str] = Non
     anything is downloaded.
     """
     name = check_user_model_name(name or repo_id.split("/")[-1], "pull --name")
-    registry_path = user_registry_path()
-    existing = Registry.load(registry_path).models.get(name) if registry_path.exists() else None
-    if existing is not None and existing.source.get("repo_id") != repo_id:
-        raise RegistryError(
-            f"{name!r} is already a registered model ({existing.location()}), so nothing was downloaded: pull under another name "
-            f"with --name, or remove the {name!r} entry from {registry_path} first (its files stay where they are)"
-        )
+    check_name_available(name, {"repo_id": repo_id}, "downloaded")
     folder = Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_FILES, token=token))
     model = ExpandedGenerator.load_folder(folder)  # validates before anything is recorded
     commit = folder.name  # snapshot folders are named by commit hash

@@ -54,7 +54,6 @@ class Recipe:
     name: Optional[str] = None
     description: str = ""
     guidance: dict[str, Any] = field(default_factory=dict)
-    path: Optional[Path] = None
     real_images: Optional[str] = None  # photos of the parent's domain for the GAN loss (a folder)
 
     @classmethod
@@ -72,7 +71,7 @@ class Recipe:
     def from_dict(cls, data: Any, where: str = "recipe", base_dir: Optional[Path] = None) -> "Recipe":
         if not isinstance(data, dict):
             raise RecipeError(f"{where} must be a mapping with keys {sorted(_TOP_KEYS)}")
-        unknown = sorted(set(data) - _TOP_KEYS)
+        unknown = sorted(set(data) - _TOP_KEYS, key=str)  # key=str: YAML reads `on:` or `no:` as a bool
         if unknown:
             raise RecipeError(f"{where} has unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
         for key, kind, usage in (("model", str, "a registered name, a folder or a Hub repo id (quote a name YAML reads as a number: model: \"2024\")"), ("training", dict, "a mapping of ExpansionConfig settings"), ("description", str, "one line of text")):
@@ -81,6 +80,8 @@ class Recipe:
         out = data.get("out")
         if out is not None and (not isinstance(out, str) or not out.strip()):
             raise RecipeError(f"{where}: 'out' must be a folder path, got {out!r}")
+        if out is not None:
+            out = str(Path(out).expanduser())  # relative stays relative to where the command runs
         guidance = {} if data.get("guidance") is None else data["guidance"]  # "" or [] are refused, not taken for {}
         try:
             check_guidance_spec(guidance)
@@ -128,7 +129,7 @@ class Recipe:
 def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
     if not isinstance(entry, dict):
         raise RecipeError(f"{where} must be a mapping")
-    unknown = sorted(set(entry) - _DOMAIN_KEYS)
+    unknown = sorted(set(entry) - _DOMAIN_KEYS, key=str)
     if unknown:
         raise RecipeError(f"{where} has unknown keys {unknown}; allowed: {sorted(_DOMAIN_KEYS)}")
     if not entry.get("name"):
@@ -144,6 +145,10 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
         raise RecipeError(f"{where}: method must be nada, sds or mystyle, got {method!r}")
     if method in ("nada", "sds") and not str(entry.get("prompt") or "").strip():
         raise RecipeError(f"{where}: a {method} domain needs a non-empty 'prompt'")
+    # Keys another method would read do nothing here: refused, as another method's loss weights are.
+    inert = [key for key, methods in (("images", ("mystyle",)), ("source_prompt", ("nada",))) if entry.get(key) is not None and method not in methods]
+    if inert:
+        raise RecipeError(f"{where}: {', '.join(inert)} would do nothing for a {method} domain (images are a mystyle domain's, source_prompt a nada domain's); remove it, or set the method")
     images = entry.get("images")
     if method == "mystyle":
         if not images:

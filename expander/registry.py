@@ -262,6 +262,26 @@ def _locked(path: Path) -> Iterator[None]:
         lock.release()
 
 
+def check_name_available(name: str, source: dict[str, str], not_done: str) -> None:
+    """Refuse to register ``name`` for ``source`` when the user registry has it for another model: the
+    same Hub repo (at any commit) or the same folder is that model's new version, and an entry whose
+    folder is gone is free. Call it before the long work; ``not_done`` says what was skipped
+    ("downloaded", "trained")."""
+    path = user_registry_path()
+    existing = Registry.load(path).models.get(name) if path.exists() else None
+    if existing is None:
+        return
+    old = existing.source
+    if "repo_id" in source and old.get("repo_id") == source["repo_id"]:
+        return
+    if "path" in old and ("path" in source and Path(old["path"]).expanduser().resolve() == Path(source["path"]).expanduser().resolve() or not Path(old["path"]).expanduser().is_dir()):
+        return
+    raise RegistryError(
+        f"{name!r} is already the registered name of another model ({existing.location()}), so nothing was {not_done}: choose another "
+        f"name with --name, or remove the {name!r} entry from {path} first (its files stay where they are)"
+    )
+
+
 def register_user_model(entry: ModelEntry) -> Path:
     """Add (or replace) a model in the user registry, atomically; built-in names are refused."""
     check_user_model_name(entry.name)

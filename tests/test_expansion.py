@@ -127,6 +127,10 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"training": {"sds_grad_clip": 0}}, "sds_grad_clip must be > 0"),
         ({"training": {"nada_image_exclusive_of": {"z": "y"}}}, "non-empty list"),
         ({"training": {"nada_image_exclusive_of": {"zombie": ["ghost"]}}}, r"names \['ghost'\], which this run does not train"),  # before any model is loaded
+        ({"domains": [{"name": "z", "method": "nada", "prompt": "x", "images": "photos/me"}]}, "images would do nothing for a nada domain"),
+        ({"domains": [{"name": "z", "method": "sds", "prompt": "x", "source_prompt": "a face"}]}, "source_prompt would do nothing for a sds domain"),
+        ({"domains": [{"name": "z", "prompt": "x", True: 1, "colour": 1}]}, r"unknown keys \[True, 'colour'\]"),  # YAML's `on:` is a bool key
+        ({True: 1, "colour": 1}, r"unknown keys \[True, 'colour'\]"),
     ],
 )
 def test_bad_recipes_are_refused_with_a_clear_message(change, message):
@@ -482,6 +486,36 @@ def test_expand_overrides_recipe_settings_from_the_command_line(parent_dir, tiny
     settings = logged["settings"]
     assert (settings["steps"], settings["seed"], settings["lambda_nada"], settings["betas"]) == (1, 3, 0.5, [0.0, 0.9])
     assert settings["domain_weights"] == {"zombie": {"lambda_nada": 3.0}}  # the recipe's per-domain weights are kept
+    refused = run("expand", tmp_path / "r.yaml", "--set", "domain_weights={zombie: {lambda_nada: 1.0}}", "--out", tmp_path / "other")
+    assert refused.exit_code != 0 and "set a domain's loss weights in its recipe entry" in refused.output and not (tmp_path / "other").exists()
+
+
+def test_expand_never_takes_over_another_models_name(parent_dir, tiny_clip_dir, tmp_path, home, monkeypatch):
+    from expander.registry import Registry, entry_for_model, register_user_model, user_registry_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))  # `out: ~/joint` below
+    monkeypatch.chdir(tmp_path)
+
+    pulled = ExpandedGenerator.from_pretrained(parent_dir)
+    register_user_model(entry_for_model("mine", {"repo_id": "me/mine", "revision": "a" * 40}, pulled))
+    recipe = {
+        "model": str(parent_dir),
+        "out": "~/joint",
+        "name": "mine",
+        "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"},
+        "training": {"steps": 1, "batch_size": 1, "base_batch_size": 1},
+        "domains": [{"name": "zombie", "prompt": "a zombie"}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    refused = run("expand", tmp_path / "r.yaml")
+    assert refused.exit_code != 0 and "'mine' is already the registered name of another model (me/mine@aaaaaaaaaa), so nothing was trained" in refused.output
+    assert Registry.load(user_registry_path()).models["mine"].source["repo_id"] == "me/mine"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**recipe, "name": "mine-2"}))
+    result = run("expand", tmp_path / "r.yaml")  # `out: ~/joint` is the home folder's, not a folder named '~'
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "user" / "joint" / "config.json").is_file() and not (tmp_path / "~").exists()
+    again = run("expand", tmp_path / "r.yaml", "--steps", 2)  # the same recipe again: its own name, a new version
+    assert again.exit_code == 0, again.output
 
 
 def _photos(folder: Path, n: int, size: int = 24) -> Path:
@@ -992,3 +1026,8 @@ def test_inversion_leaves_the_generators_trainable_flags_as_they_were(tiny_gener
     assert w.shape == (2, tiny_generator.config.style_dim) and not w.requires_grad
     assert {name: p.requires_grad for name, p in tiny_generator.named_parameters()} == before
     assert any(before.values()) and not all(before.values())
+
+
+def test_add_domain_refuses_photos_for_a_prompt_domain(parent_dir, tmp_path):
+    refused = run("add-domain", "a zombie", "--method", "nada", "--images", tmp_path, "--model", parent_dir, "--out", tmp_path / "out")
+    assert refused.exit_code != 0 and "--images is for a mystyle domain" in refused.output and not (tmp_path / "out").exists()

@@ -227,7 +227,7 @@ def test_pull_refuses_a_name_another_model_has_before_downloading(hub_cache, tmp
         raise AssertionError("downloaded before the name was checked")
 
     monkeypatch.setattr(hub, "snapshot_download", no_download)
-    with pytest.raises(RegistryError, match="'tiny' is already a registered model .*mine.*pull under another name with --name"):
+    with pytest.raises(RegistryError, match="'tiny' is already the registered name of another model .*mine.*choose another name with --name"):
         pull("org/tiny")  # the default name is the repo's: taken by the local folder
     with pytest.raises(RegistryError, match="built-in model"):
         pull("org/tiny", name="world-portraits")

@@ -37,7 +37,7 @@ def check_guidance_spec(spec: Any) -> dict[str, Any]:
 
     if not isinstance(spec, dict):
         raise ValueError(f"guidance must be a mapping of {list(GUIDANCE_KEYS)}, got {spec!r}")
-    unknown = sorted(set(spec) - set(GUIDANCE_KEYS))
+    unknown = sorted(set(spec) - set(GUIDANCE_KEYS), key=str)
     if unknown:
         raise ValueError(f"unknown guidance keys {unknown}; allowed: {sorted(GUIDANCE_KEYS)}")
     clip = spec.get("clip")
