@@ -6,6 +6,7 @@ atomically at the end, so a bad input or a crash never leaves a half-written che
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -16,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import CHECKPOINT_FILES, CONFIG_FILE, ExpandedGenerator
+from .checkpoint import CHECKPOINT_FILES, CONFIG_FILE, WEIGHTS_FILE, ExpandedGenerator
 from .domains import Domain
 from .hub import resolve_model_folder
 from .losses.mystyle import invert_images
@@ -105,9 +106,11 @@ def run_expansion(
     starting_folder = None  # where this run's parent was read from, when not from its kept copy
     if resume and (starting_copy / CONFIG_FILE).is_file():
         parent = ExpandedGenerator.load_folder(starting_copy)
+        parent_digest = _file_digest(starting_copy / WEIGHTS_FILE)
     else:
         starting_folder, _ = resolve_model_folder(model)
         parent = ExpandedGenerator.load_folder(starting_folder)
+        parent_digest = _file_digest(starting_folder / WEIGHTS_FILE)
     replayed = parent.domain_names  # the domains the model had before this run
     # Directions named explicitly are reserved first, so an 'auto' domain listed earlier cannot take them.
     requested = {d.direction for d in domains if d.direction >= 0}
@@ -134,7 +137,9 @@ def run_expansion(
 
             w = broadcast(w.contiguous())  # rank 0's inversion, so every rank reconstructs the same targets
         guidance.mystyle_targets[domain_name] = (images, w)
-    run_info = {"guidance": guidance_spec, **({"real_images": str(real_images)} if real_images else {})}
+    # The parent's weights are part of the run: resumed onto another parent with the same domains, the
+    # state's synthesis weights would meet that parent's basis, latent average and replay targets.
+    run_info = {"parent_weights_sha256": parent_digest, "guidance": guidance_spec, **({"real_images": str(real_images)} if real_images else {})}
     # After every check: a refused run neither keeps a copy nor deletes the one an earlier --keep-state run kept.
     if is_main and not resume:
         shutil.rmtree(starting_copy, ignore_errors=True)  # an earlier run's: a later --resume must not start from it
@@ -175,6 +180,14 @@ def training_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return resolved
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def keep_starting_model(folder: Path, copy: Path) -> None:

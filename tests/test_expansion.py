@@ -425,6 +425,13 @@ def test_expand_resume_continues_a_killed_run_and_refuses_a_changed_recipe(paren
     assert refused.exit_code != 0 and "guidance: {'clip': '" in refused.output and "now" in refused.output, refused.output
 
     recipe["guidance"]["clip"] = str(tiny_clip_dir)
+    other_parent = ExpandedGenerator.from_pretrained(parent_dir)  # same config and domains, other weights
+    with torch.no_grad():
+        next(other_parent.generator.parameters()).mul_(1.01)
+    other_parent.save_pretrained(tmp_path / "other-parent")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**recipe, "model": str(tmp_path / "other-parent")}))
+    refused = run("expand", tmp_path / "r.yaml", "--resume")
+    assert refused.exit_code != 0 and "parent_weights_sha256" in refused.output, refused.output
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = run("expand", tmp_path / "r.yaml", "--resume", "--steps", 3)  # and one step more than the killed run
     assert result.exit_code == 0, result.output
