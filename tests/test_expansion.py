@@ -505,14 +505,7 @@ def test_expand_never_takes_over_another_models_name(parent_dir, tiny_clip_dir, 
 
     pulled = ExpandedGenerator.from_pretrained(parent_dir)
     register_user_model(entry_for_model("mine", {"repo_id": "me/mine", "revision": "a" * 40}, pulled))
-    recipe = {
-        "model": str(parent_dir),
-        "out": "~/joint",
-        "name": "mine",
-        "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"},
-        "training": {"steps": 1, "batch_size": 1, "base_batch_size": 1},
-        "domains": [{"name": "zombie", "prompt": "a zombie"}],
-    }
+    recipe = _one_step_recipe(parent_dir, tiny_clip_dir, out="~/joint", name="mine")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     refused = run("expand", tmp_path / "r.yaml")
     assert refused.exit_code != 0 and "'mine' is already the registered name of another model (me/mine@aaaaaaaaaa), so nothing was trained" in refused.output
@@ -668,13 +661,19 @@ def test_expand_trains_on_the_gpu_and_resumes_there_from_a_cpu_state(parent_dir,
         torch.testing.assert_close(value, straight_model[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
-def test_expand_takes_the_output_folder_from_the_command_line_when_the_recipe_has_none(parent_dir, tiny_clip_dir, tmp_path, home):
-    recipe = {
+def _one_step_recipe(parent_dir, clip_dir, **top) -> dict:
+    """A recipe of one zombie domain trained for one step on the tiny parent, plus the ``top`` keys."""
+    return {
         "model": str(parent_dir),
-        "guidance": {"clip": str(tiny_clip_dir), "perceptual": "world"},
+        "guidance": {"clip": str(clip_dir), "perceptual": "world"},
         "training": {"steps": 1, "batch_size": 1, "base_batch_size": 1},
         "domains": [{"name": "zombie", "prompt": "a zombie"}],
+        **top,
     }
+
+
+def test_expand_takes_the_output_folder_from_the_command_line_when_the_recipe_has_none(parent_dir, tiny_clip_dir, tmp_path, home):
+    recipe = _one_step_recipe(parent_dir, tiny_clip_dir)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     refused = run("expand", tmp_path / "r.yaml")
     assert refused.exit_code != 0 and "pass --out FOLDER" in refused.output
