@@ -367,6 +367,47 @@ class _Group:
         return self.w_base if self.w_reference is None else self.w_reference
 
 
+def domain_signature(trained: Sequence[Domain], replayed: Sequence[Domain]) -> dict[str, list[dict]]:
+    """What a state's weights were trained for: the trained domains (what each learns) and the replayed ones (where they live)."""
+    return {
+        "trained": [{k: getattr(d, k) for k in ("name", "direction", "method", "prompt", "source_prompt", "images", "alpha")} for d in trained],
+        "replayed": [{k: getattr(d, k) for k in ("name", "direction", "alpha")} for d in replayed],
+    }
+
+
+def check_resumable(folder: str | Path, config: ExpansionConfig, domains: dict[str, list[dict]], run: dict[str, Any], processes: int = 1) -> None:
+    """Raise a ValueError naming every difference between the run that saved the training state in
+    ``folder`` and this one: its settings, ``domains`` (:func:`domain_signature`), ``run`` (what else
+    defines it: guidance, parent, real images, whether the GAN loss is on) and process count. Callers
+    check before loading guidance models, so a mismatch costs seconds; the trainer checks again."""
+    info = read_json(Path(folder) / "state.json", what="training state").get("info", {})
+    # JSON round trip, so tuples compare equal to the lists they were saved as
+    now = json.loads(json.dumps({"config": asdict(config), "domains": domains, "run": run}, default=str))
+    # domains and run: absent in states saved before this check
+    saved_config, saved_domains, saved_run = info.get("config", {}), info.get("domains"), info.get("run", now["run"])
+    differences = setting_differences(saved_config, now["config"], RESUMABLE_CHANGES)
+    differences += [f"{name}: {saved_run.get(name)!r} in the state, {now['run'].get(name)!r} now" for name in sorted(set(saved_run) | set(now["run"])) if saved_run.get(name) != now["run"].get(name)]
+    if saved_domains is not None:
+        for kind in ("trained", "replayed"):
+            saved_names, names = [e["name"] for e in saved_domains.get(kind, [])], [e["name"] for e in now["domains"][kind]]
+            if saved_names != names:
+                differences.append(f"{kind} domains: {', '.join(saved_names) or 'none'} in the state, {', '.join(names) or 'none'} now")
+            elif saved_domains.get(kind) != now["domains"][kind]:
+                differences.append(f"{kind} domains: their prompts, methods, directions or alphas differ")
+    saved_processes = info.get("num_processes", 1)
+    if saved_processes != processes:  # each rank draws its own latents: another count is another run
+        differences.append(f"processes: {saved_processes} in the state, {processes} now (resume with the same accelerate launch)")
+    if differences:
+        raise ValueError(
+            f"cannot resume from the training state in {folder}: it was saved by a run with other settings ("
+            + "; ".join(differences)
+            + "). Resume with the recipe that started it, or start over without --resume (the state is then replaced)"
+        )
+    saved_step = info.get("step", 0)
+    if saved_step > config.steps:
+        raise ValueError(f"cannot resume from the training state in {folder}: it is at step {saved_step}, past this run's {config.steps} steps; resume with at least {saved_step} steps, or start over without --resume")
+
+
 class Expander:
     """Holds what one expansion run needs: the model, its frozen parent, optimizers, RNG, guidance.
 
@@ -459,42 +500,15 @@ class Expander:
         self.step_index = load_training_state(folder, self.modules, self.optimizers, {"rng": self.rng})["step"]
 
     def _domain_signature(self) -> dict[str, list[dict]]:
-        """What a state's weights were trained for: the trained domains (what each learns) and the replayed ones (where they live)."""
-        trained = [{k: getattr(d, k) for k in ("name", "direction", "method", "prompt", "source_prompt", "images", "alpha")} for d in self.trained]
-        replayed = [{k: getattr(d, k) for k in ("name", "direction", "alpha")} for d in self.replayed]
-        return {"trained": trained, "replayed": replayed}
+        return domain_signature(self.trained, self.replayed)
 
     def _run_signature(self) -> dict[str, Any]:
         return {**self.run_info, "gan": self.D is not None}  # the GAN loss also needs real images, which no setting names
 
     def check_resumable(self, folder: str | Path) -> None:
         """Raise a ValueError naming every difference between the run that saved ``folder`` and this one."""
-        info = read_json(Path(folder) / "state.json", what="training state").get("info", {})
-        # JSON round trip, so tuples compare equal to the lists they were saved as
-        now = json.loads(json.dumps({"config": asdict(self.config), "domains": self._domain_signature(), "run": self._run_signature()}))
-        # domains and run: absent in states saved before this check
-        saved_config, saved_domains, saved_run = info.get("config", {}), info.get("domains"), info.get("run", now["run"])
-        differences = setting_differences(saved_config, now["config"], RESUMABLE_CHANGES)
-        differences += [f"{name}: {saved_run.get(name)!r} in the state, {now['run'].get(name)!r} now" for name in sorted(set(saved_run) | set(now["run"])) if saved_run.get(name) != now["run"].get(name)]
-        if saved_domains is not None:
-            for kind in ("trained", "replayed"):
-                saved_names, names = [e["name"] for e in saved_domains.get(kind, [])], [e["name"] for e in now["domains"][kind]]
-                if saved_names != names:
-                    differences.append(f"{kind} domains: {', '.join(saved_names) or 'none'} in the state, {', '.join(names) or 'none'} now")
-                elif saved_domains.get(kind) != now["domains"][kind]:
-                    differences.append(f"{kind} domains: their prompts, methods, directions or alphas differ")
-        saved_processes, processes = info.get("num_processes", 1), 1 if self.accelerator is None else self.accelerator.num_processes
-        if saved_processes != processes:  # each rank draws its own latents: another count is another run
-            differences.append(f"processes: {saved_processes} in the state, {processes} now (resume with the same accelerate launch)")
-        if differences:
-            raise ValueError(
-                f"cannot resume from the training state in {folder}: it was saved by a run with other settings ("
-                + "; ".join(differences)
-                + "). Resume with the recipe that started it, or start over without --resume (the state is then replaced)"
-            )
-        saved_step = info.get("step", 0)
-        if saved_step > self.config.steps:
-            raise ValueError(f"cannot resume from the training state in {folder}: it is at step {saved_step}, past this run's {self.config.steps} steps; resume with at least {saved_step} steps, or start over without --resume")
+        processes = 1 if self.accelerator is None else self.accelerator.num_processes
+        check_resumable(folder, self.config, self._domain_signature(), self._run_signature(), processes)
 
     # ---- one step ---------------------------------------------------------------------------------
 

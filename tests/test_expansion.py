@@ -414,7 +414,13 @@ def test_expand_resume_continues_a_killed_run_and_refuses_a_changed_recipe(paren
 
     recipe["training"]["lr"] = 0.01
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    refused = run("expand", tmp_path / "r.yaml", "--resume")
+
+    def no_guidance(*args, **kwargs):
+        raise AssertionError("guidance models loaded before the resume was checked")
+
+    with monkeypatch.context() as patch:  # refused before the (for real models, minutes of) guidance loading
+        patch.setattr("expander.guidance.build.build_guidance", no_guidance)  # imported by run_expansion when it runs
+        refused = run("expand", tmp_path / "r.yaml", "--resume")
     assert refused.exit_code != 0 and "lr: 0.002 in the state, 0.01 now" in refused.output, refused.output
     assert "Resume with the recipe that started it" in refused.output
     assert not (tmp_path / "joint").exists() and (state / "state.json").exists()
