@@ -22,7 +22,7 @@ from .domains import Domain
 from .hub import resolve_model_folder
 from .losses.mystyle import invert_images
 from .registry import check_user_model_name, entry_for_model, is_protected_model_folder, refresh_user_entries, register_user_model
-from .train import ExpansionConfig, check_resumable, check_run_domains, domain_signature, expand
+from .train import ExpansionConfig, check_resumable, check_run_domains, domain_signature, expand, gan_discriminator
 from .utils.io import atomic_path, check_replaceable
 
 logger = logging.getLogger(__name__)
@@ -131,9 +131,8 @@ def run_expansion(
     # state's synthesis weights would meet that parent's basis, latent average and replay targets.
     run_info = {"parent_weights_sha256": parent_digest, "guidance": guidance_spec, **({"real_images": str(real_images)} if real_images else {})}
     if resume and (state_dir / "state.json").is_file():  # a mismatch is refused here, before minutes of guidance loading
-        gan = real_sampler is not None and config.lambda_gan > 0 and parent.discriminator is not None
-        trained = [parent.get_domain(d.name) for d in domains]
-        signature = domain_signature(trained, [parent.get_domain(n) for n in replayed])
+        gan = gan_discriminator(parent, real_sampler, config) is not None
+        signature = domain_signature([parent.get_domain(d.name) for d in domains], [parent.get_domain(n) for n in replayed])
         check_resumable(state_dir, config, signature, {**run_info, "gan": gan}, 1 if accelerator is None else accelerator.num_processes)
     parent.to(run_device)
     guidance = place_guidance(build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config, device=str(run_device)), run_device)

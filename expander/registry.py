@@ -272,9 +272,11 @@ def check_name_available(name: str, source: dict[str, str], not_done: str) -> No
     if existing is None:
         return
     old = existing.source
-    if "repo_id" in source and old.get("repo_id") == source["repo_id"]:
-        return
-    if "path" in old and ("path" in source and Path(old["path"]).expanduser().resolve() == Path(source["path"]).expanduser().resolve() or not Path(old["path"]).expanduser().is_dir()):
+    old_folder = Path(old["path"]).expanduser() if "path" in old else None
+    same_repo = "repo_id" in source and old.get("repo_id") == source["repo_id"]
+    same_folder = old_folder is not None and "path" in source and old_folder.resolve() == Path(source["path"]).expanduser().resolve()
+    folder_gone = old_folder is not None and not old_folder.is_dir()
+    if same_repo or same_folder or folder_gone:
         return
     raise RegistryError(
         f"{name!r} is already the registered name of another model ({existing.location()}), so nothing was {not_done}: choose another "

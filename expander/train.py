@@ -367,6 +367,12 @@ class _Group:
         return self.w_base if self.w_reference is None else self.w_reference
 
 
+def gan_discriminator(model: ExpandedGenerator, real_sampler: Optional[RealSampler], config: ExpansionConfig) -> Optional[torch.nn.Module]:
+    """The discriminator a run's GAN loss trains, or None when the loss is off: it needs real images, a
+    weight and the model's discriminator (whether it is on is part of the run's resume signature)."""
+    return model.discriminator if (real_sampler is not None and config.lambda_gan > 0) else None
+
+
 def domain_signature(trained: Sequence[Domain], replayed: Sequence[Domain]) -> dict[str, list[dict]]:
     """What a state's weights were trained for: the trained domains (what each learns) and the replayed ones (where they live)."""
     return {
@@ -459,7 +465,7 @@ class Expander:
             p.requires_grad_(True)
         self.optimizers = {"G": torch.optim.Adam(self.params, lr=config.lr, betas=config.betas)}
         self.modules: dict[str, torch.nn.Module] = {"G": G}
-        self.D = model.discriminator if (real_sampler is not None and config.lambda_gan > 0) else None
+        self.D = gan_discriminator(model, real_sampler, config)
         if self.D is not None:
             # Lazy R1 rescales Adam's hyper-parameters (StyleGAN2 appendix B).
             ratio = config.r1_every / (config.r1_every + 1)
