@@ -21,7 +21,7 @@ from .checkpoint import CHECKPOINT_FILES, CONFIG_FILE, WEIGHTS_FILE, ExpandedGen
 from .domains import Domain
 from .hub import resolve_model_folder
 from .losses.mystyle import invert_images
-from .registry import check_user_model_name, entry_for_model, is_protected_model_folder, refresh_user_entries, register_user_model
+from .registry import check_user_model_name, entry_for_model, is_protected_model_folder, load_registries, refresh_user_entries, register_user_model
 from .train import ExpansionConfig, check_resumable, check_run_domains, domain_signature, expand, gan_discriminator
 from .utils.io import atomic_path, check_replaceable
 
@@ -129,7 +129,8 @@ def run_expansion(
         real_images = None  # the caller supplies no real data: nothing to record
     # The parent's weights are part of the run: resumed onto another parent with the same domains, the
     # state's synthesis weights would meet that parent's basis, latent average and replay targets.
-    run_info = {"parent_weights_sha256": parent_digest, "guidance": guidance_spec, **({"real_images": str(real_images)} if real_images else {})}
+    # The parent as named too: a resume that finds the kept copy of its starting model reads that copy, not `model`.
+    run_info = {"parent": parent_spec(model), "parent_weights_sha256": parent_digest, "guidance": guidance_spec, **({"real_images": str(real_images)} if real_images else {})}
     if resume and (state_dir / "state.json").is_file():  # a mismatch is refused here, before minutes of guidance loading
         gan = gan_discriminator(parent, real_sampler, config) is not None
         signature = domain_signature([parent.get_domain(d.name) for d in domains], [parent.get_domain(n) for n in replayed])
@@ -184,6 +185,18 @@ def training_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return resolved
+
+
+def parent_spec(model: Optional[str]) -> str:
+    """How a run names its parent, as a resume compares it: a registered name or a Hub id as given, the
+    default model by its name, a folder as its absolute path (the same run resumes from any directory)."""
+    registry = load_registries()
+    if model is None:
+        return registry.default_model or ""
+    path = Path(model).expanduser()
+    if model not in registry.models and path.is_dir():  # a registered name wins over a folder, as when loading
+        return str(path.resolve())
+    return model
 
 
 def _file_digest(path: Path) -> str:

@@ -896,6 +896,9 @@ def test_an_in_place_add_domain_kept_for_later_trains_longer_exactly(parent_dir,
     refused = run(*command, "--steps", 2)  # a fresh run, refused ('zombie' is taken): the kept copy must survive it
     assert refused.exit_code != 0 and "already has a domain named 'zombie'" in refused.output
     assert ExpandedGenerator.from_pretrained(kept).domain_names == []
+    # another --model (same weights) onto this state: the kept copy would be trained, not the model named
+    other = run("add-domain", "a zombie", "--model", parent_dir, "--out", mine, *exactly, "--steps", 3, "--resume")
+    assert other.exit_code != 0 and f"parent: '{mine.resolve()}' in the state, '{parent_dir.resolve()}' now" in other.output, other.output
     longer = run(*command, "--steps", 3, "--resume")  # starts from the model as it was, not from its own result
     assert longer.exit_code == 0, longer.output
     assert not (tmp_path / ".mine.state").exists()
