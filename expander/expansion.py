@@ -56,9 +56,7 @@ def run_expansion(
     resume: bool = False,
     force: bool = False,
     keep_state: bool = False,
-    real_data: bool = True,
     progress: bool = True,
-    inversion_steps: int = 200,
     device: str = "auto",
     real_images: Optional[str | Path] = None,
     description: str = "",
@@ -119,14 +117,10 @@ def run_expansion(
     check_run_domains(config, domains, parent.generator.resolution)  # per-domain settings, before any guidance model loads
     # Read every subject's photos before loading any guidance model: a bad folder fails in a second.
     subject_images = {d.name: load_domain_images(d.images, parent.generator.resolution) for d in domains if d.method == "mystyle"}
-    real_sampler = None
-    if real_data:
-        real_images = Path(real_images).expanduser().resolve() if real_images else None  # the same run from any folder
-        real_sampler = _real_sampler(parent, real_images, config)
-        if real_images and real_sampler is None:
-            real_images = None  # not used (lambda_gan is 0): neither recorded nor part of the run's signature
-    else:
-        real_images = None  # the caller supplies no real data: nothing to record
+    real_images = Path(real_images).expanduser().resolve() if real_images else None  # the same run from any folder
+    real_sampler = _real_sampler(parent, real_images, config)
+    if real_images and real_sampler is None:
+        real_images = None  # not used (lambda_gan is 0): neither recorded nor part of the run's signature
     # The parent's weights are part of the run: resumed onto another parent with the same domains, the
     # state's synthesis weights would meet that parent's basis, latent average and replay targets.
     # The parent as named too: a resume that finds the kept copy of its starting model reads that copy, not `model`.
@@ -139,7 +133,7 @@ def run_expansion(
     guidance = place_guidance(build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config, device=str(run_device)), run_device)
     subject_images = {k: v.to(run_device) for k, v in subject_images.items()}
     for domain_name, images in subject_images.items():
-        w = invert_images(parent.generator, images, guidance.perceptual, steps=inversion_steps, progress=progress and is_main)
+        w = invert_images(parent.generator, images, guidance.perceptual, steps=config.mystyle_inversion_steps, progress=progress and is_main)
         if accelerator is not None:
             from accelerate.utils import broadcast
 

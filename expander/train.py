@@ -106,6 +106,7 @@ class ExpansionConfig:
     nada_consistency_temperature: float = 0.1
     lambda_sds: float = 1.0
     lambda_mystyle: float = 1.0
+    mystyle_inversion_steps: int = 200  # optimizer steps that invert each of a MyStyle domain's photos into W, before training
     # Low-pass keep (0 = off; meant per domain, for NADA/SDS domains that add an object): the domain's
     # images, average-pooled to lowpass_size x lowpass_size, stay those its edit starts from at the same
     # latents (the base subspace's; a composition group's partner's), so an object edit does not also
@@ -137,7 +138,7 @@ class ExpansionConfig:
         """Check every value's type and range, so a bad recipe fails before anything is trained or written."""
         for name, kind in get_type_hints(type(self)).items():
             setattr(self, name, _checked_setting(name, getattr(self, name), kind))
-        at_least = {"lowpass_size": 1, "lr_decay_start": 0, "lr_decay_steps": 0, "steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "composed_pairs_per_step": 1, "r1_every": 1, "checkpoint_every": 1, "seed": 0}
+        at_least = {"lowpass_size": 1, "lr_decay_start": 0, "lr_decay_steps": 0, "steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "composed_pairs_per_step": 1, "r1_every": 1, "checkpoint_every": 1, "mystyle_inversion_steps": 1, "seed": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"training setting {name} must be at least {low}, got {getattr(self, name)}")

@@ -275,13 +275,24 @@ def test_add_domain_settings_are_parsed_like_a_recipe():
     assert parsed == {"replay_batch_size": 8, "nada_contrast": 0.5, "betas": [0.9, 0.99], "nada_contrast_x": True}
 
 
-def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lpips):
+def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lpips, monkeypatch):
+    import expander.expansion
+
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
         Image.fromarray((torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()).save(photos / f"{i}.png")
-    result = run("add-domain", "--images", photos, "--name", "me", "--model", parent_dir, "--out", tmp_path / "out", "--steps", 2, *GUIDE)
+    inversion_steps = []
+
+    def counted_inversion(*args, steps, **kwargs):
+        inversion_steps.append(steps)
+        return invert_images(*args, steps=steps, **kwargs)
+
+    monkeypatch.setattr(expander.expansion, "invert_images", counted_inversion)
+    settings = ("--set", "mystyle_inversion_steps=7")  # a training setting, like a recipe's
+    result = run("add-domain", "--images", photos, "--name", "me", "--model", parent_dir, "--out", tmp_path / "out", "--steps", 2, *settings, *GUIDE)
     assert result.exit_code == 0, result.output
+    assert inversion_steps == [7]
     model = ExpandedGenerator.from_pretrained(tmp_path / "out")
     assert model.get_domain("me").method == "mystyle" and model.get_domain("me").images == str(photos)
     # The subject's three inversions travel with the checkpoint and are what the domain samples from.
