@@ -77,7 +77,8 @@ class _Group(click.Group):
     """Turns the library's errors that reach the top into one clean line instead of a traceback.
 
     The library raises ValueError (bad input: names, settings, shapes, a wrong checkpoint) and OSError
-    (files, folders, the Hub) with messages that say what to do; ``expander -v`` keeps the traceback.
+    (files, folders, the Hub) with messages that say what to do, and FloatingPointError (a training loss
+    became NaN: what to change); ``expander -v`` keeps the traceback.
     """
 
     def invoke(self, ctx: click.Context):
@@ -85,7 +86,7 @@ class _Group(click.Group):
 
         try:
             return super().invoke(ctx)
-        except (UnknownDomainError, ValueError, OSError) as err:
+        except (UnknownDomainError, ValueError, OSError, FloatingPointError) as err:
             if logging.getLogger().isEnabledFor(logging.INFO):  # -v: the whole story
                 logging.getLogger("expander").exception("the command failed")
             raise click.ClickException(str(err) or type(err).__name__) from None

@@ -333,6 +333,10 @@ def _checked_setting(name: str, value: object, kind: object) -> object:
     return value
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or infinite; the step was not taken."""
+
+
 @dataclass
 class Guidance:
     """Frozen models, built once by the caller and passed in."""
@@ -452,6 +456,7 @@ class Expander:
         check_run_domains(config, self.trained, model.generator.resolution)
         for domain in self.trained:
             _check_guidance(domain, guidance)
+        _check_teacher_prompts(self.trained, model.domains, guidance, config)
         if config.lambda_composed_edits > 0 and guidance.clip is None:
             raise ValueError("training setting lambda_composed_edits compares composed images in CLIP space and needs CLIP guidance: train at least one NADA domain in the run, or set it to 0")
 
@@ -468,6 +473,7 @@ class Expander:
         self.modules: dict[str, torch.nn.Module] = {"G": G}
         self.D = gan_discriminator(model, real_sampler, config)
         if self.D is not None:
+            self.D.requires_grad_(False)  # frozen for the generator's GAN loss; the discriminator step unfreezes it
             # Lazy R1 rescales Adam's hyper-parameters (StyleGAN2 appendix B).
             ratio = config.r1_every / (config.r1_every + 1)
             self.optimizers["D"] = torch.optim.Adam(self.D.parameters(), lr=config.lr * ratio, betas=tuple(b**ratio for b in config.betas))
@@ -591,7 +597,11 @@ class Expander:
         return domain.method in ("nada", "sds") and _missing_guidance(domain, self.guidance) is None
 
     def losses(self) -> dict[str, torch.Tensor]:
-        """Sample latents, run ONE synthesis call, return the weighted losses of this step."""
+        """Sample latents, run ONE synthesis call, return the weighted losses of this step (no optimizer steps)."""
+        return self._losses_and_fakes()[0]
+
+    def _losses_and_fakes(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`losses`, and the base-subspace images the discriminator step takes as fakes (Nb, 3, R, R)."""
         config, guidance = self.config, self.guidance
         w_base = self.model.basis.project_base(self._sample_w(config.base_batch_size))  # (Nb, D)
         groups = self._groups()
@@ -666,8 +676,7 @@ class Expander:
 
         if self.D is not None:
             add("loss_gan", config.lambda_gan * loss_g_nonsaturating(self.D(base_images)))
-            self._discriminator_step(base_images.detach())
-        return weighted
+        return weighted, base_images
 
     def _discriminator_step(self, fake_images: torch.Tensor) -> None:
         D, config = self.discriminator, self.config
@@ -689,7 +698,17 @@ class Expander:
         for name, optimizer in self.optimizers.items():
             for group, base_lr in zip(optimizer.param_groups, self.base_lrs[name]):
                 group["lr"] = base_lr * scale
-        losses = self.losses()
+        losses, fakes = self._losses_and_fakes()
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        diverged = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if diverged:  # one NaN step would reach every synthesis weight, and the next saved state
+            raise NonFiniteLossError(
+                f"training stopped at step {self.step_index}: {', '.join(f'{k} = {v}' for k, v in diverged.items())}. Nothing was updated at this step "
+                f"and the training state saved last (every checkpoint_every = {self.config.checkpoint_every} steps) is intact; a resume would "
+                "reach the same step again, so start over with a lower lr (or, for SDS domains, an sds_grad_clip) or with lower loss weights"
+            )
+        if self.D is not None:
+            self._discriminator_step(fakes.detach())  # the generator's GAN loss above used D before this update
         optimizer = self.optimizers["G"]
         optimizer.zero_grad(set_to_none=True)
         if self.accelerator is None:
@@ -698,7 +717,7 @@ class Expander:
             self.accelerator.backward(sum(losses.values()))  # DDP averages the gradients over ranks
         optimizer.step()
         self.step_index += 1
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return values
 
     def finish(self) -> ExpandedGenerator:
         for domain in self.trained:
@@ -713,6 +732,31 @@ def _directions_by_domain(groups_and_directions: list[tuple[_Group, list[torch.T
     for group, per_clip in groups_and_directions:
         merged.setdefault(group.domain.name, []).append(per_clip)
     return {name: [torch.cat(parts) for parts in zip(*lists)] for name, lists in merged.items()}
+
+
+def _check_teacher_prompts(trained: list[Domain], domains: list[Domain], guidance: Guidance, config: ExpansionConfig) -> None:
+    """Ask the SDS teacher, before the first step, for every prompt the run will condition it on: the
+    SDS domains', and with composition groups their partners' too, which the first step drawing them
+    would otherwise find unknown (a closed-vocabulary teacher such as the world's; see check_prompt)."""
+    check_prompt = getattr(guidance.teacher, "check_prompt", None)
+    sds = [d for d in trained if d.method == "sds"]
+    if check_prompt is None or not sds:
+        return
+    for domain in sds:
+        try:
+            check_prompt(domain.prompt)
+        except ValueError as err:
+            raise ValueError(f"SDS domain {domain.name!r}: {err}") from None
+    if config.compositions_per_step == 0:
+        return
+    for partner in [d for d in domains if d.method in ("nada", "sds") and d.prompt and d not in sds]:
+        try:
+            check_prompt(partner.prompt)
+        except ValueError as err:
+            raise ValueError(
+                f"domain {partner.name!r} is composed with SDS domains (compositions_per_step {config.compositions_per_step}), which asks the SDS teacher for its prompt too: {err}; "
+                "set compositions_per_step: 0, or give it a prompt the teacher knows"
+            ) from None
 
 
 def _missing_guidance(domain: Domain, guidance: Guidance) -> Optional[str]:

@@ -275,6 +275,15 @@ def test_add_domain_settings_are_parsed_like_a_recipe():
     assert parsed == {"replay_batch_size": 8, "nada_contrast": 0.5, "betas": [0.9, 0.99], "nada_contrast_x": True}
 
 
+def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_writes_nothing(parent_dir, tiny_clip_dir, tmp_path, home, monkeypatch):
+    import expander.train
+
+    monkeypatch.setattr(expander.train, "loss_replay", lambda images, parent_images, perceptual: (images.mean() * float("nan"), images.mean() * 0))
+    result = run("add-domain", "a zombie", "--model", parent_dir, "--out", tmp_path / "out", "--steps", 2, "--clip", tiny_clip_dir, "--perceptual", "world")
+    assert result.exit_code != 0 and "training stopped at step 0: loss_replay_l2 = nan" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lpips, monkeypatch):
     import expander.expansion
 

@@ -349,3 +349,51 @@ def test_image_exclusive_targets_are_checked(model, guidance, targets, message):
     config = dict(SMALL, domain_weights={"zombie": {"lambda_nada_image_exclusive": 1.0}}, nada_image_exclusive_of=targets)
     with pytest.raises(ValueError, match=re.escape(message)):
         Expander(model, list(model.domains), guidance, ExpansionConfig(**config))
+
+
+def test_a_non_finite_loss_stops_training_before_the_step(model, guidance, monkeypatch):
+    import expander.train
+    from expander.train import NonFiniteLossError
+
+    def nan_replay(images, parent_images, perceptual):
+        return images.mean() * float("nan"), images.mean() * 0
+
+    monkeypatch.setattr(expander.train, "loss_replay", nan_replay)
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL), real_sampler=_real_renders)
+    synthesis = [p.detach().clone() for p in model.generator.synthesis_parameters()]
+    discriminator = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"training stopped at step 0: loss_replay_l2 = nan\. Nothing was updated"):
+        trainer.step()
+    assert all(torch.equal(a, b) for a, b in zip(synthesis, model.generator.synthesis_parameters()))
+    assert all(torch.equal(v, discriminator[k]) for k, v in model.discriminator.state_dict().items())
+    assert trainer.step_index == 0
+
+
+def test_losses_take_no_discriminator_step(model, guidance):
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL), real_sampler=_real_renders)
+    discriminator = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
+    assert "loss_gan" in trainer.losses()
+    assert all(torch.equal(v, discriminator[k]) for k, v in model.discriminator.state_dict().items())
+    assert all(not p.requires_grad for p in model.discriminator.parameters())  # frozen for the generator's GAN loss
+    trainer.step()
+    assert any(not torch.equal(v, discriminator[k]) for k, v in model.discriminator.state_dict().items())
+
+
+def test_sds_prompts_the_teacher_cannot_take_are_refused_before_training(model, guidance):
+    class Teacher:
+        def check_prompt(self, prompt):
+            if prompt != "a zombie":
+                raise ValueError(f"the teacher knows no attribute in {prompt!r}")
+
+        def loss(self, domain_images, base_images, prompt, rng):
+            return domain_images.mean() * 0
+
+    guidance.teacher = Teacher()
+    for domain in model.domains:
+        domain.method = "sds"
+    with pytest.raises(ValueError, match="SDS domain 'sketch': the teacher knows no attribute in 'a sketch'"):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL))
+    model.get_domain("sketch").method = "nada"  # a NADA partner's prompt reaches the teacher only in composition groups
+    Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL))
+    with pytest.raises(ValueError, match="domain 'sketch' is composed with SDS domains .*set compositions_per_step: 0"):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, compositions_per_step=1))

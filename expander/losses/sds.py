@@ -31,6 +31,9 @@ class DiffusionTeacher(Protocol):
     def predict_noise(self, latents_t: torch.Tensor, t: torch.Tensor, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise predictions (conditional on ``prompt``, unconditional) for noisy latents at steps t."""
 
+    # Optional, for teachers that cannot take any text (the world's knows a closed set of attributes):
+    # ``check_prompt(prompt)`` raises a ValueError saying what it knows; called before training starts.
+
 
 def sds_surrogate(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """A loss whose gradient w.r.t. x is exactly ``grad / B``: 0.5 ||x - (x - grad)||^2, batch mean.
@@ -79,6 +82,12 @@ class ScoreDistillation:
         for other in prompts[1:]:
             guidance = guidance + (self.teacher.predict_noise(latents_t, t, other)[0] - uncond)
         return uncond + self.config.guidance_scale * guidance
+
+    def check_prompt(self, prompt: str) -> None:
+        """Raise a ValueError when the teacher cannot be conditioned on ``prompt`` (see DiffusionTeacher)."""
+        check = getattr(self.teacher, "check_prompt", None)
+        if check is not None:
+            check(prompt)
 
     def loss(self, domain_images: torch.Tensor, base_images: torch.Tensor, prompt: Union[str, Sequence[str]], rng: torch.Generator) -> torch.Tensor:
         """SDS (+ directional regularizer) surrogate for a batch of domain images and their base images.

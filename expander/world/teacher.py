@@ -74,6 +74,10 @@ class WorldTeacher:
             self._masks[prompt] = mask
         return self._masks[prompt]
 
+    def check_prompt(self, prompt: str) -> None:
+        """Raise a ValueError unless the prompt names attributes the bank holds together."""
+        self.condition_mask(prompt)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images -> the teacher's pixel space (B, 3, 32, 32); differentiable.
 
