@@ -55,6 +55,25 @@ class CheckpointError(ValueError):
     """A checkpoint folder that is missing files, has the wrong format, or does not match its config."""
 
 
+def check_keeps_domains(folder: str | os.PathLike, kept: Iterable[str], overwrite: bool = False) -> None:
+    """Refuse to write a model into ``folder`` when the model already there has domains the new one
+    (with domains ``kept``) lacks: that would be another model, whose training is lost silently. The
+    same model written again (a re-run, an add-domain in place) keeps its domains and passes; so does
+    any model with ``overwrite``. Call it before long work."""
+    folder = Path(folder)
+    if overwrite or not (folder / CONFIG_FILE).is_file():
+        return
+    hint = "write to another folder (--out), or pass --overwrite to replace it"
+    try:
+        entries = read_json(folder / DOMAINS_FILE, what="domains registry").get("domains", []) if (folder / DOMAINS_FILE).exists() else []
+        names = [entry["name"] for entry in entries]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise ValueError(f"{folder} holds a model whose {DOMAINS_FILE} cannot be read, so writing there may lose its domains; {hint}") from None
+    lost = [name for name in names if name not in set(kept)]
+    if lost:
+        raise ValueError(f"{folder} holds another model, with domains {lost} that the one written there would not have; {hint}")
+
+
 class ExpandedGenerator(
     nn.Module,
     PyTorchModelHubMixin,

@@ -21,7 +21,7 @@ REAL_IMAGES_HELP = (
     "on the base subspace; needs the model's discriminator. World models use world renders without it."
 )
 
-
+OVERWRITE_HELP = "Replace a model in the output folder that has domains the result would not have (refused without it: that is another model)."
 DEVICE_HELP = "'cpu', 'cuda', 'cuda:N' or 'auto' (a CUDA GPU if there is one)."
 
 
@@ -35,6 +35,13 @@ def _image_path(ctx: click.Context, param: click.Parameter, value: Optional[str]
 
     if value is not None and Path(value).suffix.lower() not in IMAGE_SUFFIXES:
         raise click.BadParameter(f"{value!r} is not an image file name: end it in one of {', '.join(IMAGE_SUFFIXES)} (e.g. grid.png)", ctx=ctx, param=param)
+    return value
+
+
+def _json_path(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """An output report path ending in .json, checked before the (minutes of) evaluation it holds."""
+    if value is not None and Path(value).suffix.lower() != ".json":
+        raise click.BadParameter(f"{value!r} is not a JSON file name: end it in .json (e.g. report.json)", ctx=ctx, param=param)
     return value
 
 
@@ -220,7 +227,7 @@ def directions(model, out, recompute, save, samples, perceptual, device):
 @click.option("-n", "--num", "num", default=4, show_default=True, type=click.IntRange(1, 64), help="Number of identities (rows).")
 @click.option("--steps", default=7, show_default=True, type=click.IntRange(2, 33), help="Images per row.")
 @click.option("--max-strength", default=1.0, show_default=True, type=float, help="Strips run from -s to +s.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the identities' latents.")
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_image_path, help="Output image grid (.png, .jpg, ...).")
 def traverse(domain, model, num, steps, max_strength, seed, device, out):
@@ -269,7 +276,7 @@ def pull(repo_id, revision, name):
 @click.argument("model")
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private; an existing public repo is refused, not made private.")
-@click.option("--message", default="Upload expanded generator", show_default=True)
+@click.option("--message", default="Upload expanded generator", show_default=True, help="Commit message on the Hub.")
 def push(model, repo_id, private, message):
     """Upload a model (name or folder) to a Hugging Face Hub repo (needs `hf auth login`, or HF_TOKEN).
 
@@ -364,7 +371,8 @@ def list_models():
 @click.option("--allow-pickle", is_flag=True, help="Opt in to reading an NVIDIA .pkl (read with a restricted unpickler; no code is run).")
 @click.option("--alpha", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Default distance of repurposed subspaces.")
 @click.option("--num-dormant", default=None, type=click.IntRange(1), help="Directions reserved as dormant (default: half of W).")
-def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant, overwrite):
     """Turn a StyleGAN2 checkpoint (rosinality .pt or NVIDIA .pkl) into an expandable model.
 
     \b
@@ -372,7 +380,7 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
       expander import stylegan2-ffhq-config-f.pt --out ffhq-expandable
       expander import ffhq.pkl --allow-pickle --out ffhq-expandable
     """
-    from .checkpoint import ExpandedGenerator
+    from .checkpoint import ExpandedGenerator, check_keeps_domains
     from .generators.convert import load_nvidia_pickle, load_rosinality_checkpoint
     from .registry import is_protected_model_folder
     from .utils.io import check_replaceable
@@ -381,6 +389,7 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
         _fail(f"--out {out} is inside a built-in or downloaded model (the package's weights or the Hugging Face cache); write the imported model to a folder of your own")
     try:
         check_replaceable(out)  # before the conversion, which is long for a 1024 px model
+        check_keeps_domains(out, [], overwrite)  # an imported model has no domains yet
     except ValueError as err:
         _fail(str(err))
     try:
@@ -392,7 +401,7 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
     except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:  # TypeError: values of the wrong kind in a file
         _fail(str(err))
     model.save_pretrained(out)
-    click.echo(f"wrote {out}; run `expander directions --model {out} --recompute --save --out curve.png` (add --device cuda on a GPU) to measure and store its dormancy curve")
+    click.echo(f"wrote {out}; run `expander directions --model {shlex.quote(_path_argument(out))} --recompute --save --out curve.png` (add --device cuda on a GPU) to measure and store its dormancy curve")
 
 
 @main.command()
@@ -407,7 +416,8 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant):
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override any other training setting of the recipe (an ExpansionConfig field), e.g. --set lambda_composed_edits=4.0; repeatable.")
 @click.option("--device", "device", default="auto", show_default=True, help=TRAIN_DEVICE_HELP)
 @click.option("--real-images", default=None, type=click.Path(file_okay=False), help=REAL_IMAGES_HELP)
-def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, device, real_images):
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, device, real_images, overwrite):
     """Joint expansion of a model with every domain of a recipe file (see recipes/).
 
     \b
@@ -438,7 +448,7 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
             raise ValueError("set a domain's loss weights in its recipe entry (weights: {lambda_nada: 2.0}), not with --set domain_weights=...")
         if overrides:  # validated like the recipe's own settings
             plan.training = plan.training.with_settings(overrides)
-        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=name, resume=resume, force=force, keep_state=keep_state, device=device, real_images=real_images or plan.real_images, description=plan.description)
+        model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=name, resume=resume, force=force, keep_state=keep_state, overwrite=overwrite, device=device, real_images=real_images or plan.real_images, description=plan.description)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
     if is_main_process():  # once per run, not once per rank under accelerate/torchrun
@@ -465,10 +475,10 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
 @click.option("--name", default=None, help="Domain name (default: derived from the prompt or the folder).")
 @click.option("--direction", default=-1, show_default=True, type=int, callback=_direction_index, help="Direction to repurpose; -1 = the most dormant free one.")
 @click.option("--alpha", default=None, type=float, help="Distance of the new subspace (default: the model's alpha).")
-@click.option("--steps", default=150, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=150, show_default=True, type=click.IntRange(1), help="Training steps.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder (default: the model folder, or $EXPANDER_HOME/models/NAME for registered models).")
 @click.option("--force", is_flag=True, help="Allow a non-dormant direction.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the training latents (and of the guidance's random views).")
 @click.option("--clip", "clip_models", multiple=True, help="CLIP for nada: 'world', 'world-b', 'world-c' or a transformers id/folder; repeat for an ensemble (default: world + world-b for world models, ViT-B/32 + ViT-B/16 otherwise).")
 @click.option("--perceptual", default="auto", show_default=True, type=click.Choice(["auto", "world", "lpips-vgg", "lpips-alex"]), help="Distance for replay and mystyle.")
 @click.option("--diffusion", default=None, help="Teacher for sds: 'world' or a diffusers Stable Diffusion id/folder.")
@@ -477,7 +487,8 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
 @click.option("--real-images", default=None, type=click.Path(file_okay=False), help=REAL_IMAGES_HELP)
 @click.option("--resume", is_flag=True, help="Continue a killed run (or one finished with --keep-state) of the same command from its last saved step.")
 @click.option("--keep-state", is_flag=True, help="Keep the training state (next to the output folder) after the run, to continue it later with --resume --steps N.")
-def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings, device, real_images, resume, keep_state):
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings, device, real_images, resume, keep_state, overwrite):
     """Add one domain to an existing expanded model; existing domains are replayed, not forgotten.
 
     The built-in model and models in the Hugging Face cache are never changed: give --out for them.
@@ -488,7 +499,7 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
       expander add-domain --images photos/me --name me --steps 300 --model runs/my-model
     """
     from .distributed import is_main_process
-    from .domains import Domain
+    from .domains import Domain, check_domain_name
     from .expansion import run_expansion, training_state_dir
     from .hub import resolve_model_folder
     from .registry import builtin_model_names, expander_home, is_protected_model_folder, load_registries
@@ -501,7 +512,14 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         _fail("a mystyle domain needs --images FOLDER")
     if images and method != "mystyle":
         _fail(f"--images is for a mystyle domain (a subject's photos); a {method} domain learns from its PROMPT: leave --images out, or use --method mystyle")
-    name = name or _slug(prompt or Path(images).name)
+    if method == "mystyle" and prompt:
+        _fail(f"a mystyle domain learns from its --images, not from a PROMPT ({prompt!r} would be ignored): leave it out, and name the domain with --name")
+    if name is None:
+        name = _slug(prompt or Path(images).name)
+        try:
+            check_domain_name(name)
+        except ValueError as err:
+            _fail(f"{err} (the name was derived from the {'prompt' if prompt else 'folder name'}); pass --name NAME")
     try:
         folder, model_name = resolve_model_folder(model)
     except (FileNotFoundError, ValueError) as err:
@@ -528,7 +546,7 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         guidance_spec["diffusion"] = diffusion
     try:
         result = run_expansion(
-            str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, resume=resume, force=force, keep_state=keep_state, device=device, real_images=real_images
+            str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, resume=resume, force=force, keep_state=keep_state, overwrite=overwrite, device=device, real_images=real_images
         )
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))
@@ -580,9 +598,9 @@ def world():
 
 @world.command()
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_image_path, help="Output image grid (.png, .jpg, ...).")
-@click.option("-n", "--num", "num", default=16, show_default=True, type=click.IntRange(1))
+@click.option("-n", "--num", "num", default=16, show_default=True, type=click.IntRange(1), help="Portraits to render.")
 @click.option("--attributes", default="", help="Comma-separated target attributes to add, e.g. 'glasses,hat'.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the portraits' factors.")
 def preview(out, num, attributes, seed):
     """Render portraits of the world (the ground truth the world's models learn from).
 
@@ -636,9 +654,9 @@ def build(what, steps, runs, no_resume):
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--parent", default=None, help="Parent model to compare source preservation with (default: the world parent).")
 @click.option("-n", "--num", "num", default=256, show_default=True, type=click.IntRange(2), help="Samples per domain.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the evaluation latents (the same seed, the same samples for every model).")
 @click.option("--attribute", "attributes", multiple=True, metavar="DOMAIN=ATTRIBUTE", help="The world attribute a domain draws, when its name is not one (e.g. --attribute specs=glasses); repeatable.")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the full JSON report here (a summary is always printed).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), callback=_json_path, help="Write the full JSON report here (a summary is always printed).")
 @click.option("--grid", default=None, type=click.Path(dir_okay=False), callback=_image_path, help="Image grid (.png, .jpg, ...): one row per domain.")
 @click.option("--classifier-samples", default=2000, show_default=True, type=click.IntRange(0), help="Held-out renders to re-measure the evaluation classifier's accuracy on (0: skip).")
 def evaluate(model, parent, num, seed, attributes, out, grid, classifier_samples):

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import CHECKPOINT_FILES, CONFIG_FILE, WEIGHTS_FILE, ExpandedGenerator
+from .checkpoint import CHECKPOINT_FILES, CONFIG_FILE, WEIGHTS_FILE, ExpandedGenerator, check_keeps_domains
 from .domains import Domain
 from .hub import resolve_model_folder
 from .losses.mystyle import invert_images
@@ -56,6 +56,7 @@ def run_expansion(
     resume: bool = False,
     force: bool = False,
     keep_state: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     device: str = "auto",
     real_images: Optional[str | Path] = None,
@@ -76,6 +77,9 @@ def run_expansion(
     ``real_images``: a folder of real photos of the parent's own domain (e.g. faces for an FFHQ model)
     for the GAN loss on the base subspace, which needs the model's discriminator; without it, world
     models use world renders and other models train without the GAN loss.
+
+    ``overwrite``: replace a model in ``out`` that has domains the result would not have (refused
+    otherwise, before training: it is another model); the same model written again needs no overwrite.
 
     ``device``: where a single-process run trains ("auto": the first CUDA GPU when there is one, else
     the CPU); under ``accelerate launch`` each rank takes the device accelerate gives it. Latents are
@@ -100,6 +104,8 @@ def run_expansion(
     # this rank's device (accelerate's), or the one asked for: checked before anything is loaded
     run_device = accelerator.device if accelerator is not None else training_device(device)
     state_dir = training_state_dir(out)
+    if resume and not (state_dir / "state.json").is_file():  # else a finished run would train again from step 0, over its result
+        raise ValueError(f"--resume: there is no training state in {state_dir} to continue (a run deletes it once its checkpoint is written, unless --keep-state); run without --resume to start from step 0")
     starting_copy = state_dir / STARTING_MODEL
     starting_folder = None  # where this run's parent was read from, when not from its kept copy
     if resume and (starting_copy / CONFIG_FILE).is_file():
@@ -115,6 +121,7 @@ def run_expansion(
     for domain in domains:
         parent.add_domain(domain, force=force, reserved=requested)  # validates names and directions before any work
     check_run_domains(config, domains, parent.generator.resolution)  # per-domain settings, before any guidance model loads
+    check_keeps_domains(out, parent.domain_names, overwrite)
     # Read every subject's photos before loading any guidance model: a bad folder fails in a second.
     subject_images = {d.name: load_domain_images(d.images, parent.generator.resolution) for d in domains if d.method == "mystyle"}
     real_images = Path(real_images).expanduser().resolve() if real_images else None  # the same run from any folder

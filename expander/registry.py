@@ -221,7 +221,7 @@ def load_registries() -> Registry:
         try:
             user_registry = Registry.load(user)
         except RegistryError as err:
-            raise RegistryError(f"{err}. This is your registry of models (written by expand, add-domain, pull and import): fix the file by hand, or remove the broken model entry to forget that model (its files stay where they are)") from None
+            raise RegistryError(f"{err}. This is your registry of models (written by expand, add-domain and pull): fix the file by hand, or remove the broken model entry to forget that model (its files stay where they are)") from None
         registry = registry.merged(user_registry)
     return registry
 

@@ -196,7 +196,7 @@ class ExpansionConfig:
         if unknown:
             close = {name: difflib.get_close_matches(name, cls.__dataclass_fields__, n=1) for name in unknown}
             hints = "; ".join(f"{name}: did you mean {match[0]}?" for name, match in close.items() if match)
-            raise ValueError(f"unknown training settings {unknown}{' (' + hints + ')' if hints else ''}; allowed: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(f"unknown training settings {unknown}{' (' + hints + ')' if hints else ''}; allowed: {sorted(set(cls.__dataclass_fields__) - {'domain_weights'})} (a domain's loss weights go in its own `weights:`)")
         return cls(**data)
 
     def with_settings(self, overrides: dict) -> "ExpansionConfig":
@@ -811,7 +811,7 @@ def expand(
             restore_rank_rng(state_dir, accelerator.process_index, accelerator.num_processes, trainer.rng)
         logger.info("resumed expansion at step %d", trainer.step_index)
     elif resume:
-        logger.warning("--resume: no training state in %s, starting from step 0", state_dir)
+        raise ValueError(f"resume=True, but there is no training state in {state_dir} to continue; start without resume")
     is_main = accelerator is None or accelerator.is_main_process
     bar = tqdm(total=config.steps, initial=trainer.step_index, disable=not (progress and is_main), desc="expand")
     while trainer.step_index < config.steps:

@@ -295,6 +295,22 @@ def test_import_refuses_a_shipped_model_folder_and_the_current_folder_before_rea
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ffhq.pt"]
 
 
+def test_import_never_replaces_a_model_with_domains_unless_told(model_dir, tmp_path):
+    checkpoint = tmp_path / "ffhq.pt"
+    checkpoint.write_bytes(b"never read: the output is checked first")
+    before = {p.name: p.read_bytes() for p in Path(model_dir).iterdir()}
+    result = run("import", checkpoint, "--out", model_dir)
+    assert result.exit_code != 0 and "holds another model, with domains ['zombie', 'glasses']" in result.output and "--overwrite" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in Path(model_dir).iterdir()} == before
+    result = run("import", checkpoint, "--out", model_dir, "--overwrite")  # past the check: the checkpoint is read
+    assert result.exit_code != 0 and "is not a readable PyTorch checkpoint" in result.output, result.output
+
+
+def test_eval_report_path_must_be_json(tmp_path):
+    result = run("eval", "--out", tmp_path / "report.txt")
+    assert result.exit_code == 2 and "end it in .json" in result.output and not (tmp_path / "report.txt").exists()
+
+
 @pytest.mark.parametrize("command", [("sample", "--domain", "zombie"), ("traverse", "--domain", "zombie"), ("world", "preview"), ("eval", "--grid")])
 def test_an_image_path_without_an_image_suffix_is_refused_before_any_work(command, model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

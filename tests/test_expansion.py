@@ -284,6 +284,30 @@ def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_writes_nothing(pare
     assert not (tmp_path / "out").exists()
 
 
+def test_add_domain_refuses_what_it_would_lose_or_ignore(parent_dir, tiny_clip_dir, tmp_path, home):
+    other = ExpandedGenerator.from_pretrained(parent_dir)
+    other.add_domain(Domain("sketch", direction=-1, prompt="a sketch"))
+    other.save_pretrained(tmp_path / "other")
+    before = _snapshot(tmp_path / "other")
+    guide = ("--clip", tiny_clip_dir, "--perceptual", "world", "--steps", 1)
+    refused = run("add-domain", "a zombie", "--model", parent_dir, "--out", tmp_path / "other", *guide)
+    assert refused.exit_code != 0 and "holds another model, with domains ['sketch']" in refused.output, refused.output
+    assert _snapshot(tmp_path / "other") == before
+    replaced = run("add-domain", "a zombie", "--model", parent_dir, "--out", tmp_path / "other", "--overwrite", *guide)
+    assert replaced.exit_code == 0 and ExpandedGenerator.from_pretrained(tmp_path / "other").domain_names == ["zombie"], replaced.output
+    again = run("add-domain", "a zombie", "--model", parent_dir, "--out", tmp_path / "other", *guide)  # the same model again: no --overwrite needed
+    assert again.exit_code == 0, again.output
+
+    resumed = run("add-domain", "a ghost", "--model", parent_dir, "--out", tmp_path / "new", "--resume", *guide)  # nothing to resume
+    assert resumed.exit_code != 0 and "no training state in" in resumed.output and "run without --resume" in resumed.output, resumed.output
+    assert not (tmp_path / "new").exists()
+    photos = run("add-domain", "a zombie", "--images", "world:subject:1", "--model", parent_dir, "--out", tmp_path / "new")
+    assert photos.exit_code != 0 and "not from a PROMPT ('a zombie' would be ignored)" in photos.output, photos.output
+    unnamed = run("add-domain", "ein Porträt mit Hut", "--model", parent_dir, "--out", tmp_path / "new")
+    assert unnamed.exit_code != 0 and "(the name was derived from the prompt); pass --name NAME" in unnamed.output, unnamed.output
+    assert not (tmp_path / "new").exists()
+
+
 def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lpips, monkeypatch):
     import expander.expansion
 
