@@ -546,7 +546,8 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         guidance_spec["diffusion"] = diffusion
     try:
         result = run_expansion(
-            str(folder), [domain], out, config, guidance_spec, name=model_name if registered else None, resume=resume, force=force, keep_state=keep_state, overwrite=overwrite, device=device, real_images=real_images
+            model_name if registered else str(folder),  # by name: a resume finds the name's new folder after an in-place run
+            [domain], out, config, guidance_spec, name=model_name if registered else None, resume=resume, force=force, keep_state=keep_state, overwrite=overwrite, device=device, real_images=real_images
         )
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))

@@ -22,7 +22,7 @@ from .domains import Domain
 from .hub import resolve_model_folder
 from .losses.mystyle import invert_images
 from .registry import check_user_model_name, entry_for_model, is_protected_model_folder, load_registries, refresh_user_entries, register_user_model
-from .train import ExpansionConfig, check_resumable, check_run_domains, domain_signature, expand, gan_discriminator
+from .train import ExpansionConfig, check_resumable, check_run_domains, check_teacher_prompts, domain_signature, expand, gan_discriminator
 from .utils.io import atomic_path, check_replaceable
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def run_expansion(
     run_device = accelerator.device if accelerator is not None else training_device(device)
     state_dir = training_state_dir(out)
     if resume and not (state_dir / "state.json").is_file():  # else a finished run would train again from step 0, over its result
-        raise ValueError(f"--resume: there is no training state in {state_dir} to continue (a run deletes it once its checkpoint is written, unless --keep-state); run without --resume to start from step 0")
+        raise ValueError(f"--resume: there is no training state in {state_dir} to continue (a run saves one every checkpoint_every steps and deletes it once its checkpoint is written, unless --keep-state); run without --resume to start from step 0")
     starting_copy = state_dir / STARTING_MODEL
     starting_folder = None  # where this run's parent was read from, when not from its kept copy
     if resume and (starting_copy / CONFIG_FILE).is_file():
@@ -138,6 +138,7 @@ def run_expansion(
         check_resumable(state_dir, config, signature, {**run_info, "gan": gan}, 1 if accelerator is None else accelerator.num_processes)
     parent.to(run_device)
     guidance = place_guidance(build_guidance(parent, sorted({d.method for d in domains}), guidance_spec, config, device=str(run_device)), run_device)
+    check_teacher_prompts([parent.get_domain(d.name) for d in domains], parent.domains, guidance, config)  # before the inversions and any kept copy
     subject_images = {k: v.to(run_device) for k, v in subject_images.items()}
     for domain_name, images in subject_images.items():
         w = invert_images(parent.generator, images, guidance.perceptual, steps=config.mystyle_inversion_steps, progress=progress and is_main)

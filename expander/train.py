@@ -456,7 +456,7 @@ class Expander:
         check_run_domains(config, self.trained, model.generator.resolution)
         for domain in self.trained:
             _check_guidance(domain, guidance)
-        _check_teacher_prompts(self.trained, model.domains, guidance, config)
+        check_teacher_prompts(self.trained, model.domains, guidance, config)
         if config.lambda_composed_edits > 0 and guidance.clip is None:
             raise ValueError("training setting lambda_composed_edits compares composed images in CLIP space and needs CLIP guidance: train at least one NADA domain in the run, or set it to 0")
 
@@ -678,6 +678,13 @@ class Expander:
             add("loss_gan", config.lambda_gan * loss_g_nonsaturating(self.D(base_images)))
         return weighted, base_images
 
+    def _stop_diverged(self, what: str) -> None:
+        raise NonFiniteLossError(
+            f"training stopped at step {self.step_index}: {what}. Nothing was updated at this step "
+            f"and the training state saved last (every checkpoint_every = {self.config.checkpoint_every} steps) is intact; a resume would "
+            "reach the same step again, so start over with a lower lr (or, for SDS domains, an sds_grad_clip) or with lower loss weights"
+        )
+
     def _discriminator_step(self, fake_images: torch.Tensor) -> None:
         D, config = self.discriminator, self.config
         real = self.real_sampler(len(fake_images), self.rng).to(fake_images.device)
@@ -685,6 +692,12 @@ class Expander:
         loss = loss_d_logistic(D(real), D(fake_images))
         if self.step_index % config.r1_every == 0:
             loss = loss + config.r1_gamma / 2 * config.r1_every * loss_r1(D, real)
+        value = float(loss.detach())
+        if self.accelerator is not None:
+            value = float(self.accelerator.gather(loss.detach().reshape(1)).sum())  # NaN on any rank: NaN on every rank
+        if not math.isfinite(value):  # before the discriminator's weights (and a saved state) take it
+            D.requires_grad_(False)
+            self._stop_diverged(f"the discriminator's loss = {value}")
         self.optimizers["D"].zero_grad(set_to_none=True)
         if self.accelerator is None:
             loss.backward()
@@ -701,12 +714,12 @@ class Expander:
         losses, fakes = self._losses_and_fakes()
         values = {k: float(v.detach()) for k, v in losses.items()}
         diverged = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if self.accelerator is not None:  # every rank stops together: one alone would leave the others waiting in DDP
+            flags = self.accelerator.gather(torch.tensor([float(bool(diverged))], device=self.accelerator.device))  # (ranks,)
+            if flags.sum() > 0 and not diverged:
+                diverged = {"another process's losses": math.nan}
         if diverged:  # one NaN step would reach every synthesis weight, and the next saved state
-            raise NonFiniteLossError(
-                f"training stopped at step {self.step_index}: {', '.join(f'{k} = {v}' for k, v in diverged.items())}. Nothing was updated at this step "
-                f"and the training state saved last (every checkpoint_every = {self.config.checkpoint_every} steps) is intact; a resume would "
-                "reach the same step again, so start over with a lower lr (or, for SDS domains, an sds_grad_clip) or with lower loss weights"
-            )
+            self._stop_diverged(", ".join(f"{k} = {v}" for k, v in diverged.items()))
         if self.D is not None:
             self._discriminator_step(fakes.detach())  # the generator's GAN loss above used D before this update
         optimizer = self.optimizers["G"]
@@ -734,7 +747,7 @@ def _directions_by_domain(groups_and_directions: list[tuple[_Group, list[torch.T
     return {name: [torch.cat(parts) for parts in zip(*lists)] for name, lists in merged.items()}
 
 
-def _check_teacher_prompts(trained: list[Domain], domains: list[Domain], guidance: Guidance, config: ExpansionConfig) -> None:
+def check_teacher_prompts(trained: list[Domain], domains: list[Domain], guidance: Guidance, config: ExpansionConfig) -> None:
     """Ask the SDS teacher, before the first step, for every prompt the run will condition it on: the
     SDS domains', and with composition groups their partners' too, which the first step drawing them
     would otherwise find unknown (a closed-vocabulary teacher such as the world's; see check_prompt)."""

@@ -281,7 +281,7 @@ def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_writes_nothing(pare
     monkeypatch.setattr(expander.train, "loss_replay", lambda images, parent_images, perceptual: (images.mean() * float("nan"), images.mean() * 0))
     result = run("add-domain", "a zombie", "--model", parent_dir, "--out", tmp_path / "out", "--steps", 2, "--clip", tiny_clip_dir, "--perceptual", "world")
     assert result.exit_code != 0 and "training stopped at step 0: loss_replay_l2 = nan" in result.output, result.output
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.state").exists()
 
 
 def test_add_domain_refuses_what_it_would_lose_or_ignore(parent_dir, tiny_clip_dir, tmp_path, home):
@@ -1013,6 +1013,31 @@ def test_add_domain_on_a_registered_model_updates_it_only_without_out(parent_dir
     assert entry.source == {"path": str((home / "models" / "tiny").resolve())}
     assert list(entry.domains) == ["sketch"]
     assert ExpandedGenerator.from_pretrained(parent_dir).domain_names == []  # the original folder is untouched
+
+
+def test_a_registered_model_kept_for_later_resumes_under_its_name(parent_dir, tiny_clip_dir, tmp_path, home):
+    from expander.registry import entry_for_model, register_user_model
+
+    register_user_model(entry_for_model("tiny", {"path": str(parent_dir)}, ExpandedGenerator.from_pretrained(parent_dir)))
+    command = ("add-domain", "a zombie", "--model", "tiny", "--clip", tiny_clip_dir, "--perceptual", "world", "--device", "cpu")
+    short = run(*command, "--steps", 2, "--keep-state")  # in place: the name now points at $EXPANDER_HOME/models/tiny
+    assert short.exit_code == 0, short.output
+    longer = run(*command, "--steps", 3, "--resume")  # the same command: the same parent, though its folder moved
+    assert longer.exit_code == 0, longer.output
+    assert ExpandedGenerator.from_pretrained(home / "models" / "tiny").get_domain("zombie").steps == 3
+
+
+def test_a_prompt_the_world_teacher_lacks_is_refused_before_a_kept_copy_is_touched(parent_dir, tiny_clip_dir, tmp_path, home):
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(parent_dir, mine)
+    short = run("add-domain", "a zombie", "--model", mine, "--clip", tiny_clip_dir, "--perceptual", "world", "--steps", 1, "--keep-state")
+    assert short.exit_code == 0, short.output
+    kept = _snapshot(tmp_path / ".mine.state")
+    refused = run("add-domain", "a sketchy thing", "--method", "sds", "--diffusion", "world", "--model", mine, "--perceptual", "world", "--steps", 1)
+    assert refused.exit_code != 0 and "SDS domain 'sketchy_thing': the world teacher knows no attribute" in refused.output, refused.output
+    assert _snapshot(tmp_path / ".mine.state") == kept
 
 
 def test_augmented_views_are_paired_deterministic_and_reach_the_loss():

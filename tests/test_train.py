@@ -369,6 +369,20 @@ def test_a_non_finite_loss_stops_training_before_the_step(model, guidance, monke
     assert trainer.step_index == 0
 
 
+def test_a_non_finite_discriminator_loss_stops_training_before_either_step(model, guidance, monkeypatch):
+    import expander.train
+    from expander.train import NonFiniteLossError
+
+    monkeypatch.setattr(expander.train, "loss_d_logistic", lambda real, fake: real.mean() * float("inf"))
+    trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL), real_sampler=_real_renders)
+    synthesis = [p.detach().clone() for p in model.generator.synthesis_parameters()]
+    discriminator = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match="training stopped at step 0: the discriminator's loss = (nan|inf)"):
+        trainer.step()
+    assert all(torch.equal(a, b) for a, b in zip(synthesis, model.generator.synthesis_parameters()))
+    assert all(torch.equal(v, discriminator[k]) for k, v in model.discriminator.state_dict().items())
+
+
 def test_losses_take_no_discriminator_step(model, guidance):
     trainer = Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL), real_sampler=_real_renders)
     discriminator = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
