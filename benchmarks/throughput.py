@@ -121,7 +121,7 @@ def training_step(model: ExpandedGenerator, n_domains: int, steps: int, warmup: 
     timer = _PartTimer()
     # Wrapping what the trainer calls times the product's own step (Expander.step), not a copy of it.
     forward = "forward: the rest (sampling, projection, losses)"
-    trainer.losses = timer.wrap(forward, trainer.losses)
+    trainer._losses_and_fakes = timer.wrap(forward, trainer._losses_and_fakes)  # what Expander.step calls: losses() and the fakes
     trainer.synthesis = timer.wrap("synthesis (one batched call)", trainer.synthesis)
     trainer.parent = types.SimpleNamespace(synthesis=timer.wrap("replay: frozen parent synthesis", trainer.parent.synthesis))
     guidance.perceptual = timer.wrap("replay: perceptual distance", guidance.perceptual)
