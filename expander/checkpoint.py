@@ -55,6 +55,18 @@ class CheckpointError(ValueError):
     """A checkpoint folder that is missing files, has the wrong format, or does not match its config."""
 
 
+def read_domains(folder: str | os.PathLike) -> list[Domain]:
+    """The domains a checkpoint folder's domains.json lists, each entry checked (a CheckpointError if not)."""
+    path = Path(folder) / DOMAINS_FILE
+    registry = read_json(path, what="domains registry")
+    if not isinstance(registry, dict) or not isinstance(registry.get("domains"), list):
+        raise CheckpointError(f"invalid domains registry {path}: expected {{\"domains\": [...]}}, got {str(registry)[:80]}; restore the file or download the model again")
+    try:
+        return [Domain.from_dict(entry) for entry in registry["domains"]]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # AttributeError: an entry that is not an object
+        raise CheckpointError(f"invalid domains registry {path}: {err}") from None
+
+
 def check_keeps_domains(folder: str | os.PathLike, kept: Iterable[str], overwrite: bool = False) -> None:
     """Refuse to write a model into ``folder`` when the model already there has domains the new one
     (with domains ``kept``) lacks: that would be another model, whose training is lost silently. The
@@ -65,9 +77,8 @@ def check_keeps_domains(folder: str | os.PathLike, kept: Iterable[str], overwrit
         return
     hint = "write to another folder (--out), or pass --overwrite to replace it"
     try:
-        entries = read_json(folder / DOMAINS_FILE, what="domains registry").get("domains", []) if (folder / DOMAINS_FILE).exists() else []
-        names = [entry["name"] for entry in entries]
-    except (ValueError, AttributeError, KeyError, TypeError):
+        names = [domain.name for domain in read_domains(folder)] if (folder / DOMAINS_FILE).exists() else []
+    except ValueError:
         raise ValueError(f"{folder} holds a model whose {DOMAINS_FILE} cannot be read, so writing there may lose its domains; {hint}") from None
     lost = [name for name in names if name not in set(kept)]
     if lost:
@@ -479,13 +490,10 @@ class ExpandedGenerator(
             d_state = read_safetensors(folder / DISCRIMINATOR_FILE, what="discriminator weights")
             _strict_load(model.discriminator, d_state, folder / DISCRIMINATOR_FILE)
 
-        registry = read_json(folder / DOMAINS_FILE, what="domains registry")
-        if not isinstance(registry, dict) or not isinstance(registry.get("domains"), list):
-            raise CheckpointError(f"invalid domains registry {folder / DOMAINS_FILE}: expected {{\"domains\": [...]}}, got {str(registry)[:80]}; restore the file or download the model again")
+        domains = read_domains(folder)
         try:
-            domains = [Domain.from_dict(entry) for entry in registry["domains"]]
             model.set_domains(domains)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # AttributeError: an entry that is not an object
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise CheckpointError(f"invalid domains registry {folder / DOMAINS_FILE}: {err}") from None
         model._load_anchors(anchors, source=folder / WEIGHTS_FILE)
         if (folder / TRAINING_FILE).exists():  # optional: parents and checkpoints of older versions have none

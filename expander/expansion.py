@@ -132,7 +132,7 @@ def run_expansion(
     # state's synthesis weights would meet that parent's basis, latent average and replay targets.
     # The parent as named too: a resume that finds the kept copy of its starting model reads that copy, not `model`.
     run_info = {"parent": parent_spec(model), "parent_weights_sha256": parent_digest, "guidance": guidance_spec, **({"real_images": str(real_images)} if real_images else {})}
-    if resume and (state_dir / "state.json").is_file():  # a mismatch is refused here, before minutes of guidance loading
+    if resume:  # a mismatch is refused here, before minutes of guidance loading (the state exists: checked above)
         gan = gan_discriminator(parent, real_sampler, config) is not None
         signature = domain_signature([parent.get_domain(d.name) for d in domains], [parent.get_domain(n) for n in replayed])
         check_resumable(state_dir, config, signature, {**run_info, "gan": gan}, 1 if accelerator is None else accelerator.num_processes)
