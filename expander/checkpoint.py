@@ -49,6 +49,9 @@ SAMPLES_FILE = "samples.png"
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, DOMAINS_FILE, DISCRIMINATOR_FILE, TRAINING_FILE, SAMPLES_FILE, "README.md")
 ANCHORS_PREFIX = "anchors."  # + the domain's direction: directions are unique and stable, names may change
 ANCHORS_PER_SAMPLE = 3  # anchors mixed per sample of an anchored domain (see ExpandedGenerator.sampling_latents)
+# Largest |strength| a sample or traversal accepts: 1 is the trained domain; far beyond a few the images
+# are noise, and near float32's range alpha * strength overflows into all-NaN images with no error.
+MAX_STRENGTH = 100.0
 
 
 class CheckpointError(ValueError):
@@ -67,15 +70,31 @@ def read_domains(folder: str | os.PathLike) -> list[Domain]:
         raise CheckpointError(f"invalid domains registry {path}: {err}") from None
 
 
+def check_strength(strength: Any, what: str = "strength") -> float:
+    """``strength`` as a float, or a ValueError saying the range (finite, at most MAX_STRENGTH either way)."""
+    value = float(strength)
+    if not math.isfinite(value) or abs(value) > MAX_STRENGTH:
+        raise ValueError(f"{what} must be a number from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g} (0 = base, 1 = the domain), got {strength!r}")
+    return value
+
+
 def check_keeps_domains(folder: str | os.PathLike, kept: Iterable[str], overwrite: bool = False) -> None:
     """Refuse to write a model into ``folder`` when the model already there has domains the new one
     (with domains ``kept``) lacks: that would be another model, whose training is lost silently. The
     same model written again (a re-run, an add-domain in place) keeps its domains and passes; so does
-    any model with ``overwrite``. Call it before long work."""
+    any model with ``overwrite``. A folder whose config.json is not an expander model's (a transformers
+    or diffusers model, a broken file) is refused likewise. Call it before long work."""
     folder = Path(folder)
     if overwrite or not (folder / CONFIG_FILE).is_file():
         return
     hint = "write to another folder (--out), or pass --overwrite to replace it"
+    try:
+        config = read_json(folder / CONFIG_FILE, what="model config")
+    except ValueError:
+        config = None
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:  # a transformers or diffusers folder, or a broken one
+        kind = f"format {config.get('format')!r}" if isinstance(config, dict) and config.get("format") else "a config.json that is not an expander model's"
+        raise ValueError(f"{folder} holds something other than an expander model ({kind}), which writing there would replace; {hint}")
     try:
         names = [domain.name for domain in read_domains(folder)] if (folder / DOMAINS_FILE).exists() else []
     except ValueError:
@@ -232,8 +251,7 @@ class ExpandedGenerator(
             if name == BASE_DOMAIN:
                 continue
             domain = self.get_domain(name)
-            if not math.isfinite(float(strength)):
-                raise ValueError(f"strength of {name!r} must be a finite number (0 = base, 1 = the domain), got {strength!r}")
+            check_strength(strength, f"strength of {name!r}")
             shifts[domain.direction] = self.domain_alpha(domain) * float(strength)
         return shifts
 
@@ -285,9 +303,15 @@ class ExpandedGenerator(
         strengths = {domain: strength}
         for extra in compose:
             strengths[extra] = 1.0
-        if domain != BASE_DOMAIN:
-            self.get_domain(domain)  # fail before any work on an unknown name
-        w = self.domain_latents(self.sampling_latents(domain, n, seed, truncation_psi), strengths)
+        named = [name for name in strengths if name != BASE_DOMAIN]
+        for name in named:
+            self.get_domain(name)  # fail before any work on an unknown name
+        # A subject (MyStyle anchors) is who is drawn, wherever it is listed: "glasses + me" is me with
+        # glasses, sampled between my photos, not random people moved along my direction.
+        subjects = [name for name in named if self.anchors(name) is not None]
+        if len(subjects) > 1:
+            raise ValueError(f"domains {subjects} are each one subject (sampled between their photos); compose at most one of them with other domains")
+        w = self.domain_latents(self.sampling_latents(subjects[0] if subjects else domain, n, seed, truncation_psi), strengths)
         if noise_mode != "random":
             return torch.cat([self.generator.synthesis(chunk, noise_mode=noise_mode) for chunk in w.split(batch_size)]).clamp(-1, 1)
         # Fresh noise per image, drawn from the seed (as the latents are) image after image, so a seed
@@ -309,8 +333,7 @@ class ExpandedGenerator(
         if domain == BASE_DOMAIN:
             raise ValueError(f"the source domain {BASE_DOMAIN!r} has no direction to traverse; traverse one of: {', '.join(self.domain_names) or 'none yet (add a domain first)'}")
         direction = self.get_domain(domain)
-        if not math.isfinite(float(max_strength)):
-            raise ValueError(f"max_strength must be a finite number (strips run from -s to +s), got {max_strength!r}")
+        check_strength(max_strength, "max_strength (strips run from -s to +s)")
         amounts = torch.linspace(-max_strength, max_strength, steps) * self.domain_alpha(direction)
         w = self.basis.traverse(self.sampling_latents(domain, n, seed, truncation_psi), direction.direction, amounts)  # (n, S, D)
         images = torch.cat([self.generator.synthesis(chunk) for chunk in w.flatten(0, 1).split(batch_size)]).clamp(-1, 1)  # (n*S, 3, R, R)
@@ -580,6 +603,9 @@ def _check_training_run(run: Any, where: str) -> None:
     wrong = [f"{key} ({type(run[key]).__name__}, expected {kind.__name__})" for key, kind in kinds.items() if run.get(key) is not None and not isinstance(run[key], kind)]
     if wrong:
         raise ValueError(f"{where}: fields of the wrong type: {', '.join(wrong)}")
+    domain_weights = (run.get("settings") or {}).get("domain_weights")
+    if domain_weights is not None and not (isinstance(domain_weights, dict) and all(isinstance(w, dict) for w in domain_weights.values())):
+        raise ValueError(f"{where}: settings.domain_weights must map domain names to {{loss weight: value}}, got {str(domain_weights)[:200]}")
 
 
 def _check_keys(expected: dict[str, Optional[torch.Tensor]], tensors: dict[str, torch.Tensor], source: Path) -> None:

@@ -23,6 +23,8 @@ REAL_IMAGES_HELP = (
 
 OVERWRITE_HELP = "Replace a model in the output folder that has domains the result would not have (refused without it: that is another model)."
 DEVICE_HELP = "'cpu', 'cuda', 'cuda:N' or 'auto' (a CUDA GPU if there is one)."
+# Seeds a torch.Generator takes, with room for the seed + 1 that random noise and later ranks draw from.
+SEED = click.IntRange(0, 2**63 - 2)
 
 
 def _fail(message: str) -> None:
@@ -118,7 +120,7 @@ def main(verbose: bool) -> None:
 @click.option("--domain", default=BASE_DOMAIN, show_default=True, help="Domain name; 'base' is the source domain.")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("-n", "--num", "num", default=16, show_default=True, type=click.IntRange(1, 1024), help="Number of images.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the latents (same seed = same identities in every domain).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the latents (same seed = same identities in every domain).")
 @click.option("--strength", default=1.0, show_default=True, type=float, help="Position along the domain direction: 0 = base, 1 = domain.")
 @click.option("--compose", default="", help="Comma-separated extra domains added at full strength, e.g. 'glasses,hat'.")
 @click.option("--truncation", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Truncation psi towards the mean w.")
@@ -139,7 +141,8 @@ def sample(domain, model, num, seed, strength, compose, truncation, nrow, device
     extras = [name.strip() for name in compose.split(",") if name.strip()]
     images = generator.sample(domain, n=num, seed=seed, strength=strength, compose=extras, truncation_psi=truncation)
     save_grid(images, out, nrow=nrow)
-    click.echo(f"wrote {num} images of {domain!r} to {out}")
+    drawn = "+".join(([domain] if domain != BASE_DOMAIN or not extras else []) + extras)  # "base" composed with hat draws hat
+    click.echo(f"wrote {num} images of {drawn!r} to {out}")
 
 
 @main.command()
@@ -227,7 +230,7 @@ def directions(model, out, recompute, save, samples, perceptual, device):
 @click.option("-n", "--num", "num", default=4, show_default=True, type=click.IntRange(1, 64), help="Number of identities (rows).")
 @click.option("--steps", default=7, show_default=True, type=click.IntRange(2, 33), help="Images per row.")
 @click.option("--max-strength", default=1.0, show_default=True, type=float, help="Strips run from -s to +s.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the identities' latents.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the identities' latents.")
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_image_path, help="Output image grid (.png, .jpg, ...).")
 def traverse(domain, model, num, steps, max_strength, seed, device, out):
@@ -412,7 +415,7 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant, overwri
 @click.option("--resume", is_flag=True, help="Continue a killed run (or one finished with --keep-state) from its last saved step; with a larger --steps, train it longer.")
 @click.option("--keep-state", is_flag=True, help="Keep the training state (next to the output folder) after the run, so it can be continued later with --resume --steps N.")
 @click.option("--force", is_flag=True, help="Allow non-dormant directions named in the recipe.")
-@click.option("--seed", default=None, type=int, help="Override the recipe's seed.")
+@click.option("--seed", default=None, type=SEED, help="Override the recipe's seed.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override any other training setting of the recipe (an ExpansionConfig field), e.g. --set lambda_composed_edits=4.0; repeatable.")
 @click.option("--device", "device", default="auto", show_default=True, help=TRAIN_DEVICE_HELP)
 @click.option("--real-images", default=None, type=click.Path(file_okay=False), help=REAL_IMAGES_HELP)
@@ -478,7 +481,7 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(1), help="Training steps.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder (default: the model folder, or $EXPANDER_HOME/models/NAME for registered models).")
 @click.option("--force", is_flag=True, help="Allow a non-dormant direction.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the training latents (and of the guidance's random views).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the training latents (and of the guidance's random views).")
 @click.option("--clip", "clip_models", multiple=True, help="CLIP for nada: 'world', 'world-b', 'world-c' or a transformers id/folder; repeat for an ensemble (default: world + world-b for world models, ViT-B/32 + ViT-B/16 otherwise).")
 @click.option("--perceptual", default="auto", show_default=True, type=click.Choice(["auto", "world", "lpips-vgg", "lpips-alex"]), help="Distance for replay and mystyle.")
 @click.option("--diffusion", default=None, help="Teacher for sds: 'world' or a diffusers Stable Diffusion id/folder.")
@@ -601,7 +604,7 @@ def world():
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_image_path, help="Output image grid (.png, .jpg, ...).")
 @click.option("-n", "--num", "num", default=16, show_default=True, type=click.IntRange(1), help="Portraits to render.")
 @click.option("--attributes", default="", help="Comma-separated target attributes to add, e.g. 'glasses,hat'.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the portraits' factors.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the portraits' factors.")
 def preview(out, num, attributes, seed):
     """Render portraits of the world (the ground truth the world's models learn from).
 
@@ -655,7 +658,7 @@ def build(what, steps, runs, no_resume):
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--parent", default=None, help="Parent model to compare source preservation with (default: the world parent).")
 @click.option("-n", "--num", "num", default=256, show_default=True, type=click.IntRange(2), help="Samples per domain.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the evaluation latents (the same seed, the same samples for every model).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the evaluation latents (the same seed, the same samples for every model).")
 @click.option("--attribute", "attributes", multiple=True, metavar="DOMAIN=ATTRIBUTE", help="The world attribute a domain draws, when its name is not one (e.g. --attribute specs=glasses); repeatable.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), callback=_json_path, help="Write the full JSON report here (a summary is always printed).")
 @click.option("--grid", default=None, type=click.Path(dir_okay=False), callback=_image_path, help="Image grid (.png, .jpg, ...): one row per domain.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,7 +32,16 @@ def _entry_folder(entry: ModelEntry, **download: Any) -> Path:
     elif "path" in source:
         folder = Path(source["path"]).expanduser()
     else:
-        folder = _pinned_snapshot(source["repo_id"], source["revision"], **download)
+        try:
+            folder = _pinned_snapshot(source["repo_id"], source["revision"], **download)
+        except Exception as err:  # huggingface_hub raises many network, auth, cache and not-found error types
+            # Typically the Hugging Face cache was cleared and the Hub cannot be reached (offline): the
+            # raw error speaks of snapshot folders and HF_HUB_OFFLINE, not of the model or how to get it back.
+            raise ModelNotFoundError(
+                f"model {entry.name!r} is registered as {source['repo_id']} at commit {source['revision']}, but that snapshot is not in the "
+                f"Hugging Face cache and could not be downloaded ({type(err).__name__}: {err}); fetch it again while online with "
+                f"`expander pull {source['repo_id']} --revision {source['revision']} --name {entry.name}`"
+            ) from err
     if not folder.is_dir():
         raise ModelNotFoundError(f"model {entry.name!r} points to {folder}, which does not exist; pull it again or fix the registry")
     return folder
@@ -92,8 +102,12 @@ def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registr
         return _entry_folder(entry, **download), model
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision is not None:  # else the folder would load as it is, and the caller believe it got that revision
+            raise ValueError(f"{model!r} is a local folder ({os.path.abspath(path)}), so revision={revision!r} cannot apply to it: a revision pins a commit of a Hub repo, and a folder has none; leave revision out, or pass the Hub repo id with the revision instead")
         # Absolute, so the folder passed on is never mistaken for a registered name ('./m' -> 'm').
         return Path(os.path.abspath(path)), model
+    if path.is_file():
+        raise ModelNotFoundError(_file_instead_of_model_folder(model, path))
     known = ", ".join(sorted(registry.models)) or "none"
     if _looks_like_local_path(model):
         raise ModelNotFoundError(f"model folder {model} not found (registered models: {known}); check the path, or train or pull the model first")
@@ -109,6 +123,22 @@ def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registr
         f"model {model!r} not found: it is not a registered model ({known}), not a folder, and not a Hub repo id (org/name). "
         "Run `expander pull ORG/NAME` to fetch one from the Hub."
     )
+
+
+# Files `expander import` converts into a model folder: rosinality .pt/.pth, NVIDIA .pkl, a bare state dict.
+IMPORTABLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".safetensors")
+
+
+def _file_instead_of_model_folder(model: str, path: Path) -> str:
+    """What to pass instead of a file given as the model: its model folder, or the folder that
+    `expander import` makes of a checkpoint file; a model is always a folder of several files."""
+    folder = os.path.dirname(model.rstrip("/\\")) or "."
+    if (path.parent / CONFIG_FILE).is_file() and (path.parent / WEIGHTS_FILE).is_file():
+        return f"model {model!r} is a file of the model folder {folder}: pass the folder itself (--model {shlex.quote(folder)})"
+    if path.suffix.lower() in IMPORTABLE_SUFFIXES:
+        pickle = " --allow-pickle" if path.suffix.lower() in (".pkl", ".pickle") else ""
+        return f"model {model!r} is a checkpoint file, not an expander model folder: convert it first with `expander import {shlex.quote(model)} --out DIR{pickle}`, then pass --model DIR"
+    return f"model {model!r} is a file, not a model folder: pass a model folder, a registered name (`expander list`) or a Hub repo id (org/name)"
 
 
 def _looks_like_local_path(text: str) -> bool:
@@ -130,7 +160,7 @@ def pull(repo_id: str, revision: Optional[str] = None, name: Optional[str] = Non
 
     The entry pins the exact commit that was downloaded, so later loads are reproducible. Pulling a
     repo again updates its entry; a name that another model is registered under is refused before
-    anything is downloaded.
+    anything is downloaded, and again when the entry is written (another run may take it meanwhile).
     """
     name = check_user_model_name(name or repo_id.split("/")[-1], "pull --name")
     check_name_available(name, {"repo_id": repo_id}, "downloaded")

@@ -70,7 +70,7 @@ def write_model_card(model: "ExpandedGenerator", folder: Path) -> None:
         "```",
         "",
     ]
-    (folder / "README.md").write_text("\n".join(lines))
+    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")  # prompts may be any language, whatever the locale
 
 
 def _training_section(runs: list[dict[str, Any]]) -> list[str]:

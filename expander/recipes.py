@@ -62,7 +62,7 @@ class Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"recipe not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
         return cls.from_dict(data, where=str(path), base_dir=path.parent)

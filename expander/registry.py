@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,21 +263,29 @@ def _locked(path: Path) -> Iterator[None]:
         lock.release()
 
 
+def _is_that_models_new_version(name: str, registered: ModelEntry, source: dict[str, str]) -> bool:
+    """Whether registering ``source`` under ``name`` updates the model ``registered`` there rather than
+    taking its name: the same Hub repo (at any commit), the same folder, the name's own folder
+    ``$EXPANDER_HOME/models/NAME`` (where add-domain puts a registered model's new version, whatever
+    the name pointed to before), or an entry whose folder is gone (nothing left to lose)."""
+    old = registered.source
+    old_folder = Path(old["path"]).expanduser() if "path" in old else None
+    new_folder = Path(source["path"]).expanduser().resolve() if "path" in source else None
+    same_repo = "repo_id" in source and old.get("repo_id") == source["repo_id"]
+    same_folder = old_folder is not None and new_folder is not None and old_folder.resolve() == new_folder
+    names_own_folder = new_folder is not None and new_folder == (expander_home() / "models" / name).resolve()
+    folder_gone = old_folder is not None and not old_folder.is_dir()
+    return same_repo or same_folder or names_own_folder or folder_gone
+
+
 def check_name_available(name: str, source: dict[str, str], not_done: str) -> None:
-    """Refuse to register ``name`` for ``source`` when the user registry has it for another model: the
-    same Hub repo (at any commit) or the same folder is that model's new version, and an entry whose
-    folder is gone is free. Call it before the long work; ``not_done`` says what was skipped
-    ("downloaded", "trained")."""
+    """Refuse to register ``name`` for ``source`` when the user registry has it for another model (see
+    ``_is_that_models_new_version`` for what is the same model). Call it before the long work, so a
+    taken name costs nothing; ``not_done`` says what was skipped ("downloaded", "trained").
+    :func:`register_user_model` checks again when it registers, as the name may be taken meanwhile."""
     path = user_registry_path()
     existing = Registry.load(path).models.get(name) if path.exists() else None
-    if existing is None:
-        return
-    old = existing.source
-    old_folder = Path(old["path"]).expanduser() if "path" in old else None
-    same_repo = "repo_id" in source and old.get("repo_id") == source["repo_id"]
-    same_folder = old_folder is not None and "path" in source and old_folder.resolve() == Path(source["path"]).expanduser().resolve()
-    folder_gone = old_folder is not None and not old_folder.is_dir()
-    if same_repo or same_folder or folder_gone:
+    if existing is None or _is_that_models_new_version(name, existing, source):
         return
     raise RegistryError(
         f"{name!r} is already the registered name of another model ({existing.location()}), so nothing was {not_done}: choose another "
@@ -284,12 +293,42 @@ def check_name_available(name: str, source: dict[str, str], not_done: str) -> No
     )
 
 
+def _name_taken_meanwhile(entry: ModelEntry, registered: ModelEntry, path: Path) -> RegistryError:
+    """The error for a model finished after another one took its name: the model exists, so say where
+    and how to reach it, and how to register it under another name."""
+    source = entry.source
+    # Typically taken by another run or pull after this one's check_name_available, before its long work.
+    taken = f"{entry.name!r} is already the registered name of another model ({registered.location()})"
+    if "repo_id" in source:
+        return RegistryError(
+            f"downloaded {source['repo_id']}@{source['revision'][:10]} into the Hugging Face cache but did not register it: {taken}. "
+            f"Register it under another name with `expander pull {source['repo_id']} --revision {source['revision']} --name OTHER_NAME` "
+            "(its files are cached, so nothing is downloaded again)"
+        )
+    if "path" in source:
+        # No command registers a finished folder: the folder itself works everywhere a name does.
+        return RegistryError(
+            f"saved the model in {source['path']} but did not register it: {taken}. Use it by its folder (--model {shlex.quote(source['path'])}), "
+            f"or register it under another name by running again with --name OTHER_NAME; or remove the {entry.name!r} entry from {path} and run again"
+        )
+    return RegistryError(f"did not register {entry.location()}: {taken}; register it under another name")
+
+
 def register_user_model(entry: ModelEntry) -> Path:
-    """Add (or replace) a model in the user registry, atomically; built-in names are refused."""
+    """Add a model to the user registry, or update its entry, atomically.
+
+    Built-in names are refused, and so is a name another model has (the check of
+    :func:`check_name_available`, repeated under the lock: two runs with the same name, or a pull
+    racing a training run, each passed that check before their long work, and the later one must not
+    silently replace the other's entry).
+    """
     check_user_model_name(entry.name)
     path = user_registry_path()
     with _locked(path):
         registry = Registry.load(path) if path.exists() else Registry()
+        registered = registry.models.get(entry.name)
+        if registered is not None and not _is_that_models_new_version(entry.name, registered, entry.source):
+            raise _name_taken_meanwhile(entry, registered, path)
         registry.models[entry.name] = entry
         registry.save(path)
     return path

@@ -142,6 +142,8 @@ class ExpansionConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"training setting {name} must be at least {low}, got {getattr(self, name)}")
+        if self.seed > 2**63 - 2:  # torch.Generator seeds are 64-bit, and ranks draw from seed + rank
+            raise ValueError(f"training setting seed must be at most {2**63 - 2}, got {self.seed}")
         if self.replay_batch_size is not None and self.replay_batch_size < 1:
             raise ValueError(f"training setting replay_batch_size must be at least 1 (or null: the batch_size), got {self.replay_batch_size}")
         for name in [n for n in self.__dataclass_fields__ if n.startswith("lambda_")] + ["r1_gamma", "sds_guidance_scale"]:

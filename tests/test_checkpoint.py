@@ -111,6 +111,27 @@ def test_anchored_domain_samples_between_its_anchors_and_round_trips(expanded, t
         expanded.set_anchors("me", torch.full((2, D), float("nan")))
 
 
+def test_a_composed_subject_is_drawn_whichever_domain_lists_it(expanded):
+    expanded.add_domain(Domain("me", direction=-1, method="mystyle", images="photos/"))
+    expanded.add_domain(Domain("you", direction=-1, method="mystyle", images="others/"))
+    expanded.set_anchors("me", expanded.random_latents(5, seed=7))
+    # zombie on me and me on zombie are one image: both start from my latents
+    torch.testing.assert_close(expanded.sample("zombie", n=3, seed=1, compose=["me"]), expanded.sample("me", n=3, seed=1, compose=["zombie"]))
+    assert not torch.allclose(expanded.sample("zombie", n=3, seed=1, compose=["me"]), expanded.sample("zombie", n=3, seed=1, compose=["sketch"]))
+    expanded.set_anchors("you", expanded.random_latents(4, seed=8))
+    with pytest.raises(ValueError, match=re.escape("domains ['me', 'you'] are each one subject")):
+        expanded.sample("me", n=1, compose=["you"])
+
+
+def test_strengths_far_past_the_domain_are_refused(expanded):
+    for strength in (1e300, -101.0, float("inf")):
+        with pytest.raises(ValueError, match="must be a number from -100 to 100"):
+            expanded.sample("zombie", n=1, strength=strength)
+    with pytest.raises(ValueError, match="max_strength"):
+        expanded.traverse("zombie", n=1, max_strength=1e30)
+    assert torch.isfinite(expanded.sample("zombie", n=1, strength=-100.0)).all()
+
+
 def test_anchors_of_no_domain_are_refused(expanded, tmp_path):
     folder = _saved(expanded, tmp_path)
     tensors = load_file(str(folder / "model.safetensors"))
@@ -374,6 +395,39 @@ def test_a_training_log_the_model_card_cannot_read_is_refused_on_load(expanded, 
         ExpandedGenerator.from_pretrained(folder)
     with pytest.raises(ValueError, match="wrong type"):
         expanded.record_training({"trained": ["zombie"], "guidance": "world"})
+
+
+def test_a_training_log_whose_per_domain_weights_the_model_card_cannot_read_is_refused_on_load(expanded, tmp_path):
+    folder = _saved(expanded, tmp_path)
+    (folder / "training.json").write_text(json.dumps({"format": "expander.training_log", "runs": [{"trained": ["zombie"], "settings": {"domain_weights": {"zombie": 5}}}]}))
+    with pytest.raises(CheckpointError, match=re.escape("settings.domain_weights must map domain names to {loss weight: value}")):
+        ExpandedGenerator.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "generator, message",
+    [
+        ({"channels": {str(2**i): 0 for i in range(2, 5)}}, "channels widths must be from 1 to 4096"),
+        ({"style_dim": 100000}, "style_dim must be at most 4096"),
+        ({"blur_kernel": [0, 0]}, "blur_kernel must be non-negative integers with a positive sum"),
+    ],
+)
+def test_generator_configs_no_stylegan2_has_are_refused_before_anything_is_allocated(expanded, tmp_path, generator, message):
+    folder = _saved(expanded, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["generator"].update(generator)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        ExpandedGenerator.from_pretrained(folder)
+
+
+def test_saving_through_a_symlink_writes_into_the_folder_it_names(expanded, tmp_path):
+    expanded.save_pretrained(tmp_path / "v3")
+    (tmp_path / "v3" / "notes.txt").write_text("mine")
+    (tmp_path / "latest").symlink_to("v3")
+    expanded.save_pretrained(tmp_path / "latest")
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "v3" / "notes.txt").read_text() == "mine"
+    assert ExpandedGenerator.from_pretrained(tmp_path / "v3").domain_names == expanded.domain_names
 
 
 def test_a_training_log_with_null_fields_loads_and_reads_as_not_recorded(expanded, tmp_path):

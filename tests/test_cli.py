@@ -241,7 +241,9 @@ def test_eval_writes_its_report(tmp_path):
     [
         (("--domain", "zombie", "--compose", "glasses,zombie"), "both the domain and in compose"),
         (("--domain", "base", "--strength", 0.5), "has none"),
-        (("--domain", "zombie", "--strength", "nan"), "must be a finite number"),
+        (("--domain", "zombie", "--strength", "nan"), "must be a number from -100 to 100"),
+        (("--domain", "zombie", "--strength", "1e300"), "must be a number from -100 to 100"),  # finite, but NaN images once scaled by alpha
+        (("--domain", "zombie", "--seed", 2**64), "Invalid value for '--seed'"),
     ],
 )
 def test_sample_options_that_would_be_ignored_are_refused(model_dir, tmp_path, args, message):
@@ -304,6 +306,25 @@ def test_import_never_replaces_a_model_with_domains_unless_told(model_dir, tmp_p
     assert {p.name: p.read_bytes() for p in Path(model_dir).iterdir()} == before
     result = run("import", checkpoint, "--out", model_dir, "--overwrite")  # past the check: the checkpoint is read
     assert result.exit_code != 0 and "is not a readable PyTorch checkpoint" in result.output, result.output
+
+
+def test_sample_says_which_domains_it_drew(model_dir, tmp_path):
+    result = run("sample", "--model", model_dir, "--compose", "zombie", "-n", 1, "--out", tmp_path / "z.png")
+    assert result.exit_code == 0 and "wrote 1 images of 'zombie'" in result.output, result.output
+    result = run("sample", "--model", model_dir, "--domain", "glasses", "--compose", "zombie", "-n", 1, "--out", tmp_path / "gz.png")
+    assert result.exit_code == 0 and "wrote 1 images of 'glasses+zombie'" in result.output, result.output
+
+
+def test_import_never_replaces_a_folder_of_another_kind(tmp_path):
+    foreign = tmp_path / "clip"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model_type": "clip"}')
+    (foreign / "model.safetensors").write_bytes(b"someone else's weights")
+    checkpoint = tmp_path / "ffhq.pt"
+    checkpoint.write_bytes(b"never read: the output is checked first")
+    result = run("import", checkpoint, "--out", foreign)
+    assert result.exit_code != 0 and "holds something other than an expander model" in result.output and "--overwrite" in result.output, result.output
+    assert (foreign / "model.safetensors").read_bytes() == b"someone else's weights"
 
 
 def test_eval_report_path_must_be_json(tmp_path):

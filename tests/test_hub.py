@@ -256,3 +256,66 @@ def test_a_pull_whose_registry_cannot_be_written_says_so(hub_cache, tmp_path, mo
     monkeypatch.setenv("EXPANDER_HOME", str(tmp_path / "file" / "home"))
     with pytest.raises(ValueError, match="downloaded org/tiny but could not record it in the user registry"):
         pull("org/tiny")
+
+
+def test_a_pull_whose_name_was_taken_while_downloading_keeps_the_other_model(hub_cache, tmp_path, monkeypatch):
+    """The name is free when the pull starts, but a training run registers it before the download ends:
+    the pull must not replace that run's entry, and says how to register its snapshot under another name."""
+    import expander.hub as hub
+    from expander.registry import RegistryError, entry_for_model, register_user_model
+
+    _, model = hub_cache
+    model.save_pretrained(tmp_path / "trained")
+    real_download = hub.snapshot_download
+
+    def download_while_a_run_finishes(**kwargs):
+        register_user_model(entry_for_model("tiny", {"path": str(tmp_path / "trained")}, model))
+        return real_download(**kwargs)
+
+    monkeypatch.setattr(hub, "snapshot_download", download_while_a_run_finishes)
+    with pytest.raises(RegistryError, match=f"downloaded org/tiny@aaaaaaaaaa .* but did not register it: 'tiny' is already the registered name of another model .*trained.*`expander pull org/tiny --revision {COMMIT} --name OTHER_NAME`"):
+        pull("org/tiny")
+    assert Registry.load(user_registry_path()).models["tiny"].source == {"path": str(tmp_path / "trained")}
+    monkeypatch.setattr(hub, "snapshot_download", real_download)
+    assert pull("org/tiny", revision=COMMIT, name="tiny-hub").source == {"repo_id": "org/tiny", "revision": COMMIT}  # as the error says
+
+
+def test_a_file_given_as_the_model_says_what_to_pass_instead(hub_cache, tmp_path, monkeypatch):
+    _, model = hub_cache
+    model.save_pretrained(tmp_path / "c")
+    torch.save({"g_ema": {}}, tmp_path / "dict.pt")
+    (tmp_path / "ffhq.pkl").write_bytes(b"not read")
+    (tmp_path / "notes.txt").write_text("not a model")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"'\./c/model\.safetensors' is a file of the model folder \./c: pass the folder itself \(--model \./c\)"):
+        resolve_model_folder("./c/model.safetensors")
+    with pytest.raises(ModelNotFoundError, match=r"'dict\.pt' is a checkpoint file, not an expander model folder: convert it first with `expander import dict\.pt --out DIR`"):
+        resolve_model_folder("dict.pt")
+    with pytest.raises(ModelNotFoundError, match=r"`expander import .*ffhq\.pkl --out DIR --allow-pickle`"):
+        ExpandedGenerator.from_pretrained(str(tmp_path / "ffhq.pkl"))
+    with pytest.raises(ModelNotFoundError, match=r"'notes\.txt' is a file, not a model folder"):
+        resolve_model_folder("notes.txt")
+    assert resolve_model_folder("./c")[0] == tmp_path / "c"  # the folder, as the error says
+
+
+def test_a_pulled_model_whose_cache_was_deleted_says_how_to_fetch_it_again(hub_cache):
+    import shutil
+
+    from expander.hub import load_model
+
+    cache, _ = hub_cache
+    pull("org/tiny", revision="main", name="mine")
+    shutil.rmtree(cache / "models--org--tiny")  # e.g. `hf cache delete`, then offline
+    with pytest.raises(ModelNotFoundError, match=f"model 'mine' is registered as org/tiny at commit {COMMIT}, but that snapshot is not in the Hugging Face cache") as caught:
+        load_model("mine")
+    assert f"`expander pull org/tiny --revision {COMMIT} --name mine`" in str(caught.value)
+
+
+def test_a_revision_for_a_local_folder_is_refused(hub_cache, tmp_path):
+    _, model = hub_cache
+    model.save_pretrained(tmp_path / "mine")
+    with pytest.raises(ValueError, match=r"is a local folder \(.*mine\), so revision='v2' cannot apply to it: a revision pins a commit of a Hub repo"):
+        ExpandedGenerator.from_pretrained(str(tmp_path / "mine"), revision="v2")
+    with pytest.raises(ValueError, match="so revision='v2' cannot apply"):
+        resolve_model_folder(str(tmp_path / "mine"), revision="v2")
+    assert ExpandedGenerator.from_pretrained(str(tmp_path / "mine")).get_domain("zombie") is not None

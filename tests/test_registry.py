@@ -172,3 +172,32 @@ def test_a_broken_user_registry_entry_is_named_with_the_way_out(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(RegistryError, match=r"method must be one of.*fix the file by hand, or remove the broken model entry"):
         load_registries()
+
+
+def test_a_name_taken_while_a_model_was_made_is_not_taken_over(tmp_path):
+    """Runs check that their name is free before training, outside the lock; a run that registers the
+    name in the meantime keeps it, and the later one says where its model is and how to name it."""
+    from expander.registry import ModelEntry, check_name_available, expander_home, load_registries, register_user_model
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    check_name_available("mine", {"path": str(ours)}, "trained")  # free when our run starts
+    register_user_model(ModelEntry("mine", {"path": str(theirs)}))  # another run with the same name finishes first
+    with pytest.raises(RegistryError, match=rf"saved the model in {ours} but did not register it: 'mine' is already the registered name of another model \({theirs}\)\. Use it by its folder \(--model {ours}\), or register it under another name by running again with --name OTHER_NAME"):
+        register_user_model(ModelEntry("mine", {"path": str(ours)}))
+    assert load_registries().models["mine"].source == {"path": str(theirs)}
+    with pytest.raises(RegistryError, match=r"downloaded org/b@cccccccccc into the Hugging Face cache but did not register it.*`expander pull org/b --revision c{40} --name OTHER_NAME`"):
+        register_user_model(ModelEntry("mine", {"repo_id": "org/b", "revision": "c" * 40}))  # a pull racing the run
+
+    # The model's own new versions are no takeover: its folder again (a re-run), and add-domain in place,
+    # which writes a registered model's new version to $EXPANDER_HOME/models/NAME and points the name there.
+    register_user_model(ModelEntry("mine", {"path": str(theirs)}, description="re-run"))
+    register_user_model(ModelEntry("mine", {"path": str(expander_home() / "models" / "mine")}, description="in place"))
+    assert load_registries().models["mine"].description == "in place"
+    register_user_model(ModelEntry("hub", {"repo_id": "org/a", "revision": "a" * 40}))
+    register_user_model(ModelEntry("hub", {"repo_id": "org/a", "revision": "b" * 40}))  # a later pull of the same repo
+    register_user_model(ModelEntry("hub", {"path": str(expander_home() / "models" / "hub")}))  # add-domain in place on a pulled model
+    register_user_model(ModelEntry("gone", {"path": str(tmp_path / "deleted")}))
+    register_user_model(ModelEntry("gone", {"path": str(ours)}))  # an entry whose folder is gone is free
+    assert load_registries().models["gone"].source == {"path": str(ours)}

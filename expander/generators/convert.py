@@ -76,7 +76,6 @@ import math
 import os
 import pickle
 import re
-import struct
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -103,6 +102,14 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
 
 class PickleNotAllowedError(ValueError):
     """An NVIDIA ``.pkl`` was given without the explicit ``allow_pickle=True`` opt-in."""
+
+
+class TensorFlowPickleError(ValueError):
+    """An official NVIDIA TensorFlow StyleGAN2 pickle (``dnnlib.tflib``): readable only after conversion.
+
+    Not an :class:`UnsafePickleError`: nothing was refused for safety; the networks in such a file are
+    TensorFlow graphs plus variables, which no PyTorch loader reads directly.
+    """
 
 
 # ==================================================================================================
@@ -132,7 +139,29 @@ def _load_strict(module: nn.Module, state_dict: dict, what: str) -> None:
     problems = state_mismatches(module.state_dict(), state_dict, limit=20)
     if problems:
         raise ValueError(f"{what} does not match the architecture {getattr(module, 'config', None)}: {problems}")
+    for key, value in state_dict.items():
+        _check_weight_values(value, f"{what}: {key}")
     module.load_state_dict(state_dict, strict=True)
+
+
+def _check_weight_values(value: torch.Tensor, what: str) -> None:
+    """Refuse integer/boolean tensors and NaN/Inf before anything is built from them.
+
+    ``load_state_dict`` casts integers to float without a word and copies NaN as it is; the import
+    would then write a model whose every image is NaN, and the load check after saving would blame
+    the expander checkpoint rather than the file that was imported.
+    """
+    if not value.is_floating_point():
+        raise ValueError(
+            f"{what} is a {str(value.dtype).removeprefix('torch.')} tensor; StyleGAN2 weights are floating point, so this "
+            f"file holds something else (a quantised or otherwise re-encoded model?): import the original float checkpoint"
+        )
+    if not bool(torch.isfinite(value).all()):
+        bad = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+        raise ValueError(
+            f"{what} contains {bad} values, so the model could never generate an image and nothing was written; the "
+            f"training run that saved it had diverged or the file is damaged: import an earlier checkpoint or download it again"
+        )
 
 
 def _set_w_avg(G: Generator, latent_avg: Optional[torch.Tensor], source: str) -> None:
@@ -146,6 +175,7 @@ def _set_w_avg(G: Generator, latent_avg: Optional[torch.Tensor], source: str) ->
     if not isinstance(latent_avg, torch.Tensor) or latent_avg.numel() != G.style_dim:
         shape = tuple(latent_avg.shape) if isinstance(latent_avg, torch.Tensor) else type(latent_avg).__name__
         raise ValueError(f"{source}: mean w has shape {shape}, expected ({G.style_dim},)")
+    _check_weight_values(latent_avg, f"{source}: the mean w (latent_avg)")
     G.style.w_avg.copy_(latent_avg.detach().reshape(-1).to(G.style.w_avg))
 
 
@@ -200,6 +230,20 @@ def infer_config(state_dict: dict, lr_mlp: float = 0.01, channel_multiplier: int
 _CODE_OPCODES = {ord(op): name for op, name in ((pickle.INST, "INST"), (pickle.OBJ, "OBJ"), (pickle.GLOBAL, "GLOBAL"), (pickle.STACK_GLOBAL, "STACK_GLOBAL"), (pickle.REDUCE, "REDUCE"), (pickle.NEWOBJ, "NEWOBJ"), (pickle.NEWOBJ_EX, "NEWOBJ_EX"))}
 
 
+def _is_tensorflow_global(qualified: str) -> bool:
+    return qualified.startswith("dnnlib.tflib.")
+
+
+def _tensorflow_pickle_message(qualified: str) -> str:
+    return (
+        f"this is an official NVIDIA TensorFlow StyleGAN2 pickle (it names {qualified}), which expander cannot read. Convert it "
+        f"to PyTorch first, then import the result: either with rosinality's stylegan2-pytorch (python convert_weight.py "
+        f"--repo PATH/TO/NVlabs/stylegan2 FILE.pkl writes FILE.pt; then expander import FILE.pt), or with NVIDIA's "
+        f"stylegan2-ada-pytorch, whose legacy.py loads TensorFlow pickles and saves PyTorch ones (python legacy.py "
+        f"--source=FILE.pkl --dest=FILE-pytorch.pkl; then expander import FILE-pytorch.pkl --allow-pickle)"
+    )
+
+
 def _weights_unpickler_detail(err: Exception) -> str:
     """The WeightsUnpickler's own reason (e.g. "Unsupported operand 60") out of torch's long message."""
     found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(err), re.S)
@@ -224,6 +268,8 @@ def _torch_load_weights_only(path: Path) -> Any:
             refused = f"the {_CODE_OPCODES[int(operand.group(1))]} opcode"
         else:
             refused = None
+        if refused is not None and _is_tensorflow_global(refused):
+            raise TensorFlowPickleError(f"{path}: {_tensorflow_pickle_message(refused)}") from None
         if refused is None:
             raise ValueError(
                 f"{path} is not a readable PyTorch checkpoint: it is corrupt, truncated, or another kind of file (a saved web page "
@@ -234,9 +280,56 @@ def _torch_load_weights_only(path: Path) -> Any:
             f"code (torch.load(weights_only=True) refused it). If it is an NVIDIA StyleGAN pickle, give it a .pkl name and use "
             f"load_nvidia_pickle(..., allow_pickle=True) (CLI: expander import FILE.pkl --allow-pickle), which rebuilds only tensors and module state"
         ) from None
-    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, struct.error) as err:
-        # a corrupt or truncated file fails deep inside the unpickler with whatever it tripped on
-        raise ValueError(f"{path}: could not read it as a PyTorch checkpoint ({type(err).__name__}: {err}); check the file is a complete torch.save checkpoint (re-download it)") from err
+    except Exception as err:
+        # A corrupt or truncated file fails deep inside the reader with whatever it tripped on: KeyError,
+        # struct.error, ... from the unpickler, and safetensors' own SafetensorError (not a ValueError or
+        # OSError) for .safetensors names, which torch.load hands to the safetensors reader.
+        detail = f"{type(err).__name__}: {_first_line(err)}"
+        if path.suffix.lower() == ".safetensors":
+            raise ValueError(
+                f"{path}: could not read it as a safetensors file ({detail}); it is truncated or corrupt, or not a safetensors "
+                f"file at all (a torch.save checkpoint needs a .pt name): download it again"
+            ) from err
+        raise ValueError(f"{path}: could not read it as a PyTorch checkpoint ({detail}); check the file is a complete torch.save checkpoint (re-download it)") from err
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of an error's message: some readers append pages of advice that do not apply here."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else repr(err)
+
+
+# Keys that only a rosinality Generator's own state dict has at its top level (the mapping network's
+# first layer and the 4x4 styled conv); a checkpoint nests them under g_ema.
+_GENERATOR_STATE_KEYS = ("style.1.weight", "conv1.conv.weight")
+
+
+def _is_bare_generator_state(data: dict) -> bool:
+    return all(key in data for key in _GENERATOR_STATE_KEYS)
+
+
+def _found_keys(data: Any, limit: int = 8) -> str:
+    """What a file holds instead of the expected keys: a few of them (a state dict has hundreds), or its type."""
+    if not isinstance(data, dict):
+        return f"a {type(data).__name__}"
+    return f"[{short_list([repr(key) for key in sorted(map(str, data))], limit)}]"
+
+
+def _bare_generator_state_message(path: Path, state: dict) -> str:
+    """A generator's state dict saved on its own (``torch.save(g_ema.state_dict())``, safetensors'
+    ``save_file``): the weights are all there, only the checkpoint's ``g_ema`` level is missing."""
+    if path.suffix.lower() == ".safetensors":
+        # safetensors holds one flat dict of tensors, so it can never hold the nested checkpoint: the fix is a .pt.
+        modules, read = "torch, safetensors.torch", f"safetensors.torch.load_file({str(path)!r})"
+    else:
+        modules, read = "torch", f"torch.load({str(path)!r}, weights_only=True)"
+    wrapped = path.with_name(f"{path.stem}-g_ema.pt")
+    return (
+        f"{path}: this holds a bare generator state dict ({_found_keys(state, 5)}), not a rosinality StyleGAN2 checkpoint, "
+        f"which keeps the generator under the key g_ema. If these are the EMA generator's weights, save them as one and "
+        f"import that: python -c \"import {modules}; torch.save({{'g_ema': {read}}}, {str(wrapped)!r})\" then expander "
+        f"import {wrapped} (add 'latent_avg': the mean w to the dict if you have it; otherwise it is estimated)"
+    )
 
 
 def _args_value(args: Any, name: str) -> Any:
@@ -257,9 +350,10 @@ def load_rosinality_checkpoint(path: PathLike, config: Optional[StyleGAN2Config]
     path = _check_file(path)
     ckpt = _torch_load_weights_only(path)
     if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
-        found = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        if isinstance(ckpt, dict) and _is_bare_generator_state(ckpt):
+            raise ValueError(_bare_generator_state_message(path, ckpt))
         raise ValueError(
-            f"{path}: this is not a rosinality StyleGAN2 checkpoint: expected keys g_ema (and optionally g, d, latent_avg, args), found {found}"
+            f"{path}: this is not a rosinality StyleGAN2 checkpoint: expected keys g_ema (and optionally g, d, latent_avg, args), found {_found_keys(ckpt)}"
         )
     g_state = ckpt["g_ema"]
     if not isinstance(g_state, dict):
@@ -595,6 +689,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
             return _SAFE_GLOBALS[qualified]
         if (module == "torch.nn.modules" or module.startswith("torch.nn.modules.")) and name.isidentifier():
             return _torch_module_stand_in(module, name)
+        if _is_tensorflow_global(qualified):
+            # Refused like any other global, but the user needs a conversion step, not a security warning.
+            raise TensorFlowPickleError(_tensorflow_pickle_message(qualified))
         raise UnsafePickleError(
             f"refused to unpickle the global {qualified}: expander reads NVIDIA pickles with a restricted unpickler "
             f"that only rebuilds tensors and module state, and never imports or runs code named by the file"
@@ -633,8 +730,8 @@ def read_nvidia_pickle(path: PathLike, allow_pickle: bool = False) -> Any:
     try:
         with open(path, "rb") as handle:
             return _RestrictedUnpickler(handle).load()
-    except UnsafePickleError as err:
-        raise UnsafePickleError(f"{path}: {err}") from err
+    except (UnsafePickleError, TensorFlowPickleError) as err:
+        raise type(err)(f"{path}: {err}") from err
     except Exception as err:  # a truncated or garbled pickle fails in many ways; all mean "not readable"
         raise ValueError(f"{path}: could not read it as a pickle: {type(err).__name__}: {err}") from err
 
@@ -882,8 +979,7 @@ def load_nvidia_pickle(path: PathLike, allow_pickle: bool = False) -> tuple[Gene
     data = read_nvidia_pickle(path, allow_pickle=allow_pickle)
     path = Path(path)
     if not isinstance(data, dict) or "G_ema" not in data:
-        found = sorted(map(str, data)) if isinstance(data, dict) else f"a {type(data).__name__}"
-        raise ValueError(f"{path}: this is not an NVIDIA StyleGAN2 pickle: expected keys G_ema (and optionally G, D), found {found}")
+        raise ValueError(f"{path}: this is not an NVIDIA StyleGAN2 pickle: expected keys G_ema (and optionally G, D), found {_found_keys(data)}")
     g_root = data["G_ema"]
     if not isinstance(g_root, PickledModule):
         raise ValueError(f"{path}: G_ema is a {type(g_root).__name__}, expected a pickled generator module")

@@ -34,6 +34,10 @@ from torch import nn
 _ROSINALITY_BASE_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
 
 
+# Upper bounds of a config's sizes, far beyond every released StyleGAN2 (widths 512, style_dim 512, 8 layers).
+MAX_SIZES = {"resolution": 1024, "style_dim": 4096, "n_mlp": 64, "channel_multiplier": 8, "channels": 4096}
+
+
 @dataclass
 class StyleGAN2Config:
     """Architecture of a StyleGAN2 generator (and its discriminator).
@@ -55,6 +59,8 @@ class StyleGAN2Config:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            if value > MAX_SIZES[key]:  # a corrupt config would otherwise allocate tens of GB before any check
+                raise ValueError(f"{key} must be at most {MAX_SIZES[key]} (beyond any StyleGAN2), got {value}")
         if isinstance(self.lr_mlp, bool) or not isinstance(self.lr_mlp, (int, float)) or not 0 < self.lr_mlp < math.inf:
             raise ValueError(f"lr_mlp must be a positive number, got {self.lr_mlp!r}")
         if self.channels is not None and not isinstance(self.channels, dict):
@@ -71,9 +77,14 @@ class StyleGAN2Config:
             missing = [2**i for i in range(2, self.log_size + 1) if 2**i not in self.channels]
             if missing:
                 raise ValueError(f"channels has no width for resolutions {missing}")
+            bad = {k: v for k, v in self.channels.items() if not 1 <= v <= MAX_SIZES["channels"]}
+            if bad:
+                raise ValueError(f"channels widths must be from 1 to {MAX_SIZES['channels']}, got {bad}")
         if not all(isinstance(k, (int, float)) and not isinstance(k, bool) and float(k).is_integer() for k in self.blur_kernel):
             raise ValueError(f"blur_kernel must be a list of integers, got {self.blur_kernel!r}")
         self.blur_kernel = [int(k) for k in self.blur_kernel]
+        if not self.blur_kernel or min(self.blur_kernel) < 0 or sum(self.blur_kernel) == 0:  # the kernel is divided by its sum
+            raise ValueError(f"blur_kernel must be non-negative integers with a positive sum, got {self.blur_kernel}")
 
     @property
     def log_size(self) -> int:

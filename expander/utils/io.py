@@ -23,8 +23,8 @@ def check_replaceable(path: str | os.PathLike) -> Path:
     one that contains it): ``--out .`` would swap the folder the process runs in from under it. Call it
     before long work (training), so the mistake costs a second, not the run."""
     path = Path(os.path.abspath(path))
-    cwd = Path.cwd()
-    if path == cwd or path in cwd.parents:
+    cwd, real = Path.cwd(), Path(os.path.realpath(path))
+    if real == cwd or real in cwd.parents:
         raise ValueError(f"cannot write {path}: it is the current folder or contains it, and a checkpoint replaces its folder whole; write to a new folder (e.g. --out {path.name}-v2) or run from outside it")
     return path
 
@@ -38,7 +38,9 @@ def atomic_path(path: str | os.PathLike, owned: Optional[Collection[str]] = None
     checkpoint's files); every other entry of the old folder (a ``.git``, a user's notes) moves into
     the new one instead of being deleted. None: the new folder replaces the old one whole.
     """
-    path = check_replaceable(path)  # absolute: '.' or 'a/..' have no usable name
+    # Absolute ('.' or 'a/..' have no usable name), and through symlinks: a `runs/latest` link stays a
+    # link to the folder it names, which gets the new files, instead of being replaced by a copy.
+    path = Path(os.path.realpath(check_replaceable(path)))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
@@ -111,7 +113,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
     except IsADirectoryError:

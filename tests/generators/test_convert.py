@@ -18,18 +18,22 @@ import logging
 import math
 import os
 import pickle
+import re
 import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 
 from expander.generators.convert import (
     PickledModule,
     PickleNotAllowedError,
+    TensorFlowPickleError,
     UnsafePickleError,
     convert_nvidia_discriminator_state_dict,
     convert_nvidia_state_dict,
@@ -121,6 +125,90 @@ def test_corrupt_checkpoint_files_get_one_clear_error(tmp_path, content):
     (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:60])
     with pytest.raises(ValueError, match="could not read it as a PyTorch checkpoint"):
         load_rosinality_checkpoint(tmp_path / "truncated.pt")
+
+
+def test_truncated_safetensors_file_gets_one_clear_error(tmp_path):
+    # torch.load hands *.safetensors to the safetensors reader, whose SafetensorError is neither a ValueError nor an OSError
+    G, _, _ = _rosinality_models()
+    safetensors.torch.save_file(G.state_dict(), tmp_path / "whole.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "whole.safetensors").read_bytes()[:-100])
+    (tmp_path / "tiny.safetensors").write_bytes(b"\x08\x00")
+    for name in ("cut.safetensors", "tiny.safetensors"):
+        with pytest.raises(ValueError, match=rf"{name}: could not read it as a safetensors file \(SafetensorError: .*download it again") as caught:
+            load_rosinality_checkpoint(tmp_path / name)
+        assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_bare_generator_state_dict_is_named_with_the_fix(tmp_path, suffix):
+    G, _, w_avg = _rosinality_models()
+    path = tmp_path / f"g_ema{suffix}"
+    if suffix == ".safetensors":
+        safetensors.torch.save_file(G.state_dict(), path)
+    else:
+        torch.save(G.state_dict(), path)
+    with pytest.raises(ValueError, match=r"bare generator state dict .*under the key g_ema.*torch\.save\(\{'g_ema': ") as caught:
+        load_rosinality_checkpoint(path)
+    message = str(caught.value)
+    assert f"({len(G.state_dict()) - 5} more)" in message and "to_rgbs.1.conv.weight" not in message  # a few keys, not all of them
+    # the advice works: the wrapped file imports
+    wrapped = tmp_path / "g_ema-g_ema.pt"
+    assert str(wrapped) in message
+    read = safetensors.torch.load_file(path) if suffix == ".safetensors" else torch.load(path, weights_only=True)
+    torch.save({"g_ema": read, "latent_avg": w_avg}, wrapped)
+    G2, _ = load_rosinality_checkpoint(wrapped)
+    assert all(torch.equal(value, G2.state_dict()[key]) for key, value in G.state_dict().items())
+
+
+def test_a_file_of_other_tensors_names_only_a_few_of_its_keys(tmp_path):
+    safetensors.torch.save_file({f"layer{i:03d}.weight": torch.zeros(1) for i in range(300)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"not a rosinality StyleGAN2 checkpoint: expected keys g_ema.*found \['layer000\.weight', .*\(292 more\)\]$") as caught:
+        load_rosinality_checkpoint(tmp_path / "other.safetensors")
+    assert "layer299" not in str(caught.value) and "bare generator" not in str(caught.value)
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("convs.0.conv.weight", float("nan"), "NaN"),
+    ("style.2.bias", float("inf"), "infinite"),
+])
+def test_non_finite_weights_are_refused_naming_file_and_key(tmp_path, key, value, problem):
+    G, D, w_avg = _rosinality_models()
+    state = G.state_dict()
+    state[key] = state[key].clone().view(-1).index_fill(0, torch.tensor([1]), value).view_as(state[key])
+    torch.save({"g_ema": state, "d": D.state_dict(), "latent_avg": w_avg}, tmp_path / "diverged.pt")
+    with pytest.raises(ValueError, match=rf"diverged\.pt: g_ema: {re.escape(key)} contains {problem} values.*nothing was written"):
+        load_rosinality_checkpoint(tmp_path / "diverged.pt")
+
+    d_state = D.state_dict()
+    d_state["final_linear.1.bias"] = torch.full_like(d_state["final_linear.1.bias"], float("nan"))
+    torch.save({"g_ema": G.state_dict(), "d": d_state, "latent_avg": w_avg}, tmp_path / "bad-d.pt")
+    with pytest.raises(ValueError, match=r"bad-d\.pt: d \(discriminator\): final_linear\.1\.bias contains NaN"):
+        load_rosinality_checkpoint(tmp_path / "bad-d.pt")
+
+    torch.save({"g_ema": G.state_dict(), "latent_avg": torch.full_like(w_avg, float("nan"))}, tmp_path / "bad-avg.pt")
+    with pytest.raises(ValueError, match=r"bad-avg\.pt: the mean w \(latent_avg\) contains NaN"):
+        load_rosinality_checkpoint(tmp_path / "bad-avg.pt")
+
+
+def test_integer_weights_are_refused_naming_file_and_key(tmp_path):
+    G, _, w_avg = _rosinality_models()
+    state = G.state_dict()
+    state["to_rgb1.bias"] = torch.zeros_like(state["to_rgb1.bias"], dtype=torch.int8)
+    torch.save({"g_ema": state, "latent_avg": w_avg}, tmp_path / "quantised.pt")
+    with pytest.raises(ValueError, match=r"quantised\.pt: g_ema: to_rgb1\.bias is a int8 tensor; StyleGAN2 weights are floating point"):
+        load_rosinality_checkpoint(tmp_path / "quantised.pt")
+
+
+def test_import_of_nan_weights_fails_before_writing_anything(tmp_path):
+    from expander.cli import main
+
+    G, _, w_avg = _rosinality_models()
+    state = G.state_dict()
+    state["conv1.conv.weight"] = torch.full_like(state["conv1.conv.weight"], float("nan"))
+    torch.save({"g_ema": state, "latent_avg": w_avg}, tmp_path / "diverged.pt")
+    result = CliRunner().invoke(main, ["import", str(tmp_path / "diverged.pt"), "--out", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code != 0 and "diverged.pt: g_ema: conv1.conv.weight contains NaN" in result.output, result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_infer_config_reads_any_widths():
@@ -624,6 +712,42 @@ def test_nvidia_pickle_without_g_ema(tmp_path):
     (tmp_path / "truncated.pkl").write_bytes(pickle.dumps({"G_ema": torch.zeros(2)})[:20])
     with pytest.raises(ValueError, match="could not read it as a pickle"):
         load_nvidia_pickle(tmp_path / "truncated.pkl", allow_pickle=True)
+
+
+def _tensorflow_stylegan2_pickle(protocol: int) -> bytes:
+    """Pickles like the official NVlabs/stylegan2 networks: (G, D, Gs), each a dnnlib.tflib.network.Network."""
+    network = _module("dnnlib.tflib.network", "class Network:\n    def __getstate__(self):\n        return {'version': 4, 'name': self.name, 'build_module_src': 'import os'}\n")
+    tflib, dnnlib = types.ModuleType("dnnlib.tflib"), types.ModuleType("dnnlib")
+    dnnlib.tflib, tflib.network = tflib, network
+    assert not any(name in sys.modules for name in ("dnnlib", "dnnlib.tflib", "dnnlib.tflib.network"))
+    sys.modules.update({"dnnlib": dnnlib, "dnnlib.tflib": tflib, "dnnlib.tflib.network": network})
+    try:
+        nets = []
+        for name in ("G", "D", "Gs"):
+            nets.append(network.Network())
+            nets[-1].name = name
+        return pickle.dumps(tuple(nets), protocol=protocol)
+    finally:
+        for name in ("dnnlib.tflib.network", "dnnlib.tflib", "dnnlib"):
+            sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, pickle.HIGHEST_PROTOCOL])  # the released files are protocol 3 (Python 3.6)
+def test_tensorflow_stylegan2_pickle_says_how_to_convert_it(tmp_path, protocol):
+    """Unreadable, but not a security matter: the error must say how to convert the file, not warn about code."""
+    (tmp_path / "stylegan2-ffhq-config-f.pkl").write_bytes(_tensorflow_stylegan2_pickle(protocol))
+    with pytest.raises(TensorFlowPickleError, match=r"stylegan2-ffhq-config-f\.pkl: this is an official NVIDIA TensorFlow StyleGAN2 pickle \(it names dnnlib\.tflib\.network\.Network\)") as caught:
+        load_nvidia_pickle(tmp_path / "stylegan2-ffhq-config-f.pkl", allow_pickle=True)
+    message = str(caught.value)
+    assert "convert_weight.py" in message and "legacy.py" in message and "never imports or runs code" not in message
+    assert not isinstance(caught.value, UnsafePickleError) and isinstance(caught.value, ValueError)  # the CLI reports ValueErrors cleanly
+
+
+def test_tensorflow_stylegan2_pickle_under_a_pt_name_gets_the_same_advice(tmp_path):
+    # read with torch.load(weights_only=True), which refuses the global: say what the file is, not "code in the file"
+    (tmp_path / "stylegan2-ffhq-config-f.pt").write_bytes(_tensorflow_stylegan2_pickle(3))
+    with pytest.raises(TensorFlowPickleError, match="pt: this is an official NVIDIA TensorFlow StyleGAN2 pickle.*convert_weight.py"):
+        load_rosinality_checkpoint(tmp_path / "stylegan2-ffhq-config-f.pt")
 
 
 class _DtypeWithState:
