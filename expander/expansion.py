@@ -161,11 +161,11 @@ def run_expansion(
     try:
         if is_main:
             parent.save_pretrained(out)
-            if name:
-                register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent))
             refresh_user_entries(out, parent)  # other names of this folder list its new domains too
             if not keep_state:
                 shutil.rmtree(state_dir, ignore_errors=True)
+            if name:  # last: a name taken meanwhile is refused, and the saved model is then finished all the same
+                register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent))
     finally:
         if accelerator is not None:
             accelerator.wait_for_everyone()  # the other ranks return once the checkpoint is in place, or the main one failed

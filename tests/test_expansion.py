@@ -387,7 +387,7 @@ def test_add_domain_into_the_current_folder_is_refused_before_training(parent_di
     assert _snapshot(parent_dir) == before
 
 
-def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip_dir, tmp_path, home, offline_lpips):
+def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip_dir, tmp_path, home, offline_lpips, monkeypatch):
     recipe = {
         "model": str(parent_dir),
         "out": str(tmp_path / "joint"),
@@ -426,6 +426,13 @@ def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip
     assert named.exit_code == 0 and "registered as tiny-variant" in named.output, named.output
     assert load_registries().models["tiny-variant"].source == {"path": str((tmp_path / "named").resolve())}
     assert load_registries().models["tiny-joint"].source == {"path": str((tmp_path / "joint").resolve())}
+    # A name another run took while this one trained (the CLI's early check passed): the model is saved
+    # and finished (no training state left), the other model keeps its name, and the error says where.
+    monkeypatch.setattr("expander.registry.check_name_available", lambda *args: None)
+    raced = run("expand", tmp_path / "r.yaml", "--steps", 1, "--out", tmp_path / "raced", "--name", "tiny-variant")
+    assert raced.exit_code != 0 and f"saved the model in {(tmp_path / 'raced').resolve()} but did not register it" in raced.output, raced.output
+    assert ExpandedGenerator.from_pretrained(tmp_path / "raced").domain_names == ["zombie", "sketch"] and not (tmp_path / ".raced.state").exists()
+    assert load_registries().models["tiny-variant"].source == {"path": str((tmp_path / "named").resolve())}
 
 
 def test_expand_recipe_with_a_duplicate_domain_writes_nothing(parent_dir, tmp_path, home):
