@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -95,7 +96,8 @@ def history_row(report: dict, label: str) -> str:
         return "-" if value is None else f"{value:.2f}"
 
     success, summary = report["domain_success"], report["summary"]
-    below = ", ".join(f"{name.replace('_', ' ')} {100 * value:.0f}" for name, value in sorted(success.items(), key=lambda item: item[1]) if value < 0.9)
+    # floor, not round: a domain listed below 90% must not print as 90 (0.896)
+    below = ", ".join(f"{name.replace('_', ' ')} {math.floor(100 * value)}" for name, value in sorted(success.items(), key=lambda item: item[1]) if value < 0.9)
     cells = leak_cells(report)
     worst = max(cells, default=None)
     worst_text = "-" if worst is None else f"{100 * worst[0]:.0f}% ({worst[1].replace('_', ' ')} -> {worst[2].replace('_', ' ')})"

@@ -675,18 +675,20 @@ def evaluate(model, parent, num, seed, attributes, out, grid, classifier_samples
     from .utils.io import write_json
     from .world import metrics
 
+    attribute_of = {}
+    for pair in attributes:
+        domain, sep, attribute = pair.partition("=")
+        if not sep or not domain.strip() or not attribute.strip():
+            _fail(f"--attribute needs DOMAIN=ATTRIBUTE, got {pair!r} (e.g. --attribute specs=glasses)")
+        if domain.strip() in attribute_of:
+            _fail(f"--attribute names domain {domain.strip()!r} twice ({attribute_of[domain.strip()]} and {attribute.strip()}); give each domain one attribute")
+        attribute_of[domain.strip()] = attribute.strip()
     generator = _load(model)
     if not is_world_model(generator):
         _fail("`expander eval` measures models of the portraits world (base_model expander/world); this model is not one")
     from .hub import resolve_model_folder
     from .registry import BUILTIN_REGISTRY, Registry
 
-    attribute_of = {}
-    for pair in attributes:
-        domain, sep, attribute = pair.partition("=")
-        if not sep or not domain.strip() or not attribute.strip():
-            _fail(f"--attribute needs DOMAIN=ATTRIBUTE, got {pair!r} (e.g. --attribute specs=glasses)")
-        attribute_of[domain.strip()] = attribute.strip()
     # The world parent from the built-in zoo, not the merged registry: a user entry may reuse a name.
     reference = _load(parent) if parent else _load(str(resolve_model_folder(None, registry=Registry.load(BUILTIN_REGISTRY))[0]))
     report = metrics.evaluate(generator, n_samples=num, seed=seed, parent=reference, attribute_of=attribute_of)

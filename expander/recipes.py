@@ -26,6 +26,8 @@ A domain's ``weights`` override the ``training`` loss weights for that domain's 
 
 from __future__ import annotations
 
+import collections.abc
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -45,6 +47,25 @@ class RecipeError(ValueError):
     pass
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key written twice in one mapping: plain YAML keeps the last copy
+    silently, so a pasted second `training:` block or a domain's second `prompt:` would change the run
+    without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden, as YAML means
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # SafeLoader's own error names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 @dataclass
 class Recipe:
     model: Optional[str]
@@ -62,7 +83,7 @@ class Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"recipe not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
         return cls.from_dict(data, where=str(path), base_dir=path.parent)
@@ -77,6 +98,8 @@ class Recipe:
         for key, kind, usage in (("model", str, "a registered name, a folder or a Hub repo id (quote a name YAML reads as a number: model: \"2024\")"), ("training", dict, "a mapping of ExpansionConfig settings"), ("description", str, "one line of text")):
             if data.get(key) is not None and not isinstance(data[key], kind):
                 raise RecipeError(f"{where}: '{key}' must be {usage}, got {data[key]!r}")
+        if isinstance(data.get("model"), str) and not data["model"].strip():  # '' would resolve to the current folder
+            raise RecipeError(f"{where}: 'model' is empty; name the model to expand (a registered name, a folder or a Hub repo id), or leave the key out for the default model")
         out = data.get("out")
         if out is not None and (not isinstance(out, str) or not out.strip()):
             raise RecipeError(f"{where}: 'out' must be a folder path, got {out!r}")
@@ -146,9 +169,9 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
     if method in ("nada", "sds") and not str(entry.get("prompt") or "").strip():
         raise RecipeError(f"{where}: a {method} domain needs a non-empty 'prompt'")
     # Keys another method would read do nothing here: refused, as another method's loss weights are.
-    inert = [key for key, methods in (("images", ("mystyle",)), ("source_prompt", ("nada",))) if entry.get(key) is not None and method not in methods]
+    inert = [key for key, methods in (("images", ("mystyle",)), ("source_prompt", ("nada",)), ("prompt", ("nada", "sds"))) if entry.get(key) is not None and method not in methods]
     if inert:
-        raise RecipeError(f"{where}: {', '.join(inert)} would do nothing for a {method} domain (images are a mystyle domain's, source_prompt a nada domain's); remove it, or set the method")
+        raise RecipeError(f"{where}: {', '.join(inert)} would do nothing for a {method} domain (images are a mystyle domain's, source_prompt a nada domain's, a prompt a nada or sds domain's); remove it, or set the method")
     images = entry.get("images")
     if method == "mystyle":
         if not images:

@@ -327,6 +327,11 @@ def test_import_never_replaces_a_folder_of_another_kind(tmp_path):
     assert (foreign / "model.safetensors").read_bytes() == b"someone else's weights"
 
 
+def test_eval_refuses_a_domain_given_two_attributes(model_dir):
+    result = run("eval", "--model", model_dir, "--attribute", "zombie=zombie", "--attribute", "zombie=fangs")
+    assert result.exit_code != 0 and "names domain 'zombie' twice (zombie and fangs)" in result.output, result.output
+
+
 def test_eval_report_path_must_be_json(tmp_path):
     result = run("eval", "--out", tmp_path / "report.txt")
     assert result.exit_code == 2 and "end it in .json" in result.output and not (tmp_path / "report.txt").exists()

@@ -131,6 +131,8 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"domains": [{"name": "z", "method": "sds", "prompt": "x", "source_prompt": "a face"}]}, "source_prompt would do nothing for a sds domain"),
         ({"domains": [{"name": "z", "prompt": "x", True: 1, "colour": 1}]}, r"unknown keys \[True, 'colour'\]"),  # YAML's `on:` is a bool key
         ({True: 1, "colour": 1}, r"unknown keys \[True, 'colour'\]"),
+        ({"domains": [{"name": "me", "method": "mystyle", "images": "photos/me", "prompt": "a zombie"}]}, "prompt would do nothing for a mystyle domain"),
+        ({"model": "  "}, "'model' is empty"),  # '' would resolve to the current folder
     ],
 )
 def test_bad_recipes_are_refused_with_a_clear_message(change, message):
@@ -167,6 +169,21 @@ def test_compose_recipe_differs_from_the_nada_recipe_only_in_consistency_weights
     tuned = {"lambda_nada_consistency": None, "domain_weights": None, "lambda_composed_edits": None}
     assert asdict(compose.training) | tuned == asdict(base.training) | tuned
     assert compose.training.lambda_composed_edits == 2.0 and base.training.lambda_composed_edits == 0.0
+
+
+def test_a_key_written_twice_in_a_recipe_is_refused(tmp_path):
+    # Plain YAML keeps the last copy: the first block's settings, or the first prompt, would vanish.
+    twice = {
+        "training": "model: world-portraits\ntraining:\n  steps: 1200\ntraining:\n  seed: 3\ndomains:\n  - {name: z, prompt: x}\n",
+        "prompt": "model: world-portraits\ndomains:\n  - name: glasses\n    prompt: a portrait of a person with glasses\n    prompt: a portrait of a zombie\n",
+    }
+    for key, text in twice.items():
+        (tmp_path / "r.yaml").write_text(text)
+        with pytest.raises(RecipeError, match=f"key '{key}' appears twice in one mapping"):
+            Recipe.load(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("model: world-portraits\nbase: &b {name: z, prompt: x}\ndomains:\n  - {<<: *b, prompt: y}\n")
+    with pytest.raises(RecipeError, match=r"unknown keys \['base'\]"):  # a merge that overrides a key is not a duplicate
+        Recipe.load(tmp_path / "r.yaml")
 
 
 def test_recipe_that_is_not_yaml(tmp_path):

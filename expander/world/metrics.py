@@ -140,9 +140,13 @@ def frechet_distance(feats_a: Union[torch.Tensor, np.ndarray], feats_b: Union[to
 def resolve_attributes(domain_names: Sequence[str], attribute_of: Optional[dict[str, str]] = None) -> dict[str, Optional[str]]:
     """{domain: attribute or None}: the explicit mapping first, then the name itself if it is an attribute.
 
-    A name matches with '-' or ' ' read as '_' (the domain ``blue-skin`` is the attribute ``blue_skin``).
+    A name matches with '-' or ' ' read as '_' (the domain ``blue-skin`` is the attribute ``blue_skin``),
+    and so does an attribute the mapping names.
     """
-    attribute_of = dict(attribute_of or {})
+    def canonical(name: str) -> str:
+        return name.lower().replace("-", "_").replace(" ", "_")
+
+    attribute_of = {domain: canonical(attribute) for domain, attribute in (attribute_of or {}).items()}
     unknown_domains = sorted(set(attribute_of) - set(domain_names))
     if unknown_domains:
         raise ValueError(f"attribute_of names domains the model does not have: {unknown_domains}; its domains: {list(domain_names)}")
@@ -150,10 +154,14 @@ def resolve_attributes(domain_names: Sequence[str], attribute_of: Optional[dict[
     if bad:
         raise ValueError(f"attribute_of maps to unknown attributes {bad}; known: {list(ATTRIBUTES)}")
     def by_name(name: str) -> Optional[str]:
-        canonical = name.lower().replace("-", "_").replace(" ", "_")
-        return canonical if canonical in ATTRIBUTES else None
+        return canonical(name) if canonical(name) in ATTRIBUTES else None
 
     return {name: attribute_of.get(name, by_name(name)) for name in domain_names}
+
+
+def _or_dash(value: Optional[float]) -> str:
+    """A report value for a table: 3 decimals, or '-' where nothing was measured (null)."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _round(value: Optional[float], digits: int = 5) -> Optional[float]:
@@ -428,7 +436,7 @@ def format_report(report: dict[str, Any]) -> str:
             align = report["alignment"][name]
             lines.append(
                 f"{name:<14}{'-' if success is None else f'{success:.3f}':>9}{max(leaks) if leaks else 0.0:>10.3f}"
-                f"{align['perceptual']:>12.4f}{align['factors_preserved']:>14.3f}{'-' if align.get('diversity') is None else format(align['diversity'], '.3f'):>11}"
+                f"{align['perceptual']:>12.4f}{_or_dash(align.get('factors_preserved')):>14}{_or_dash(align.get('diversity')):>11}"
             )
         unmapped = [d for d in report.get("unmapped_domains", []) if d not in report.get("subjects", {})]
         if unmapped:

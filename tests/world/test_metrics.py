@@ -221,6 +221,17 @@ def test_format_report_summarises_every_domain(world_like):
     assert "min accuracy 0.970 (glasses)" in text
 
 
+def test_format_report_shows_a_dash_where_nothing_was_measured(world_like):
+    report, _ = _report(world_like)
+    report["alignment"]["glasses"]["factors_preserved"] = None  # a classifier with no reliable factors
+    (line,) = [row for row in metrics.format_report(report).splitlines() if row.startswith("glasses ")]
+    assert line.split()[4] == "-", line
+
+
+def test_attributes_are_named_as_loosely_as_domains():
+    assert metrics.resolve_attributes(["specs", "blue-skin"], {"specs": "Blue-Skin"}) == {"specs": "blue_skin", "blue-skin": "blue_skin"}
+
+
 def test_subject_match_reports_domain_base_and_ceiling(world_like):
     from expander.world.renderer import render, subject_factors
 
