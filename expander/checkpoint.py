@@ -94,7 +94,10 @@ def check_keeps_domains(folder: str | os.PathLike, kept: Iterable[str], overwrit
         config = None
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:  # a transformers or diffusers folder, or a broken one
         kind = f"format {config.get('format')!r}" if isinstance(config, dict) and config.get("format") else "a config.json that is not an expander model's"
-        raise ValueError(f"{folder} holds something other than an expander model ({kind}), which writing there would replace; {hint}")
+        raise ValueError(
+            f"{folder} holds something other than an expander model ({kind}), whose files writing there would replace; write to a new or empty folder (--out), "
+            "or pass --overwrite to write the model's files over that folder's config.json and model.safetensors (its other files stay, beside the model)"
+        )
     try:
         names = [domain.name for domain in read_domains(folder)] if (folder / DOMAINS_FILE).exists() else []
     except ValueError:

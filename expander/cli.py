@@ -682,6 +682,8 @@ def evaluate(model, parent, num, seed, attributes, out, grid, classifier_samples
             _fail(f"--attribute needs DOMAIN=ATTRIBUTE, got {pair!r} (e.g. --attribute specs=glasses)")
         if domain.strip() in attribute_of:
             _fail(f"--attribute names domain {domain.strip()!r} twice ({attribute_of[domain.strip()]} and {attribute.strip()}); give each domain one attribute")
+        if metrics.canonical_attribute(attribute) not in metrics.ATTRIBUTES:  # before minutes of loading and sampling
+            _fail(f"--attribute {pair!r}: {attribute.strip()!r} is not a world attribute; use one of {', '.join(metrics.ATTRIBUTES)}")
         attribute_of[domain.strip()] = attribute.strip()
     generator = _load(model)
     if not is_world_model(generator):

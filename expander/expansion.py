@@ -165,7 +165,8 @@ def run_expansion(
             if not keep_state:
                 shutil.rmtree(state_dir, ignore_errors=True)
             if name:  # last: a name taken meanwhile is refused, and the saved model is then finished all the same
-                register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent))
+                # Expanded from the model registered under this very name (add-domain in place): its new version.
+                register_user_model(entry_for_model(name, {"path": str(out.resolve())}, parent), new_version=model == name)
     finally:
         if accelerator is not None:
             accelerator.wait_for_everyone()  # the other ranks return once the checkpoint is in place, or the main one failed

@@ -125,8 +125,9 @@ def resolve_model_folder(model: Optional[str] = None, registry: Optional[Registr
     )
 
 
-# Files `expander import` converts into a model folder: rosinality .pt/.pth, NVIDIA .pkl, a bare state dict.
-IMPORTABLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".safetensors")
+# Files `expander import` converts into a model folder: rosinality .pt/.pth, NVIDIA .pkl (a .safetensors
+# file holds one flat dict, never a checkpoint's g_ema; import says how to wrap one).
+IMPORTABLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle")
 
 
 def _file_instead_of_model_folder(model: str, path: Path) -> str:

@@ -50,20 +50,24 @@ class RecipeError(ValueError):
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that refuses a key written twice in one mapping: plain YAML keeps the last copy
     silently, so a pasted second `training:` block or a domain's second `prompt:` would change the run
-    without a word."""
+    without a word. Checked where merges (`<<: *defaults`) are flattened, before them: a key a merge
+    brings in may be overridden, as YAML means."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden, as YAML means
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, collections.abc.Hashable):
-                continue  # SafeLoader's own error names it
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping; keep one", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        checked = self.__dict__.setdefault("_checked_mappings", set())
+        if id(node) not in checked:  # a merged mapping is flattened again for each mapping that merges it
+            checked.add(id(node))
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, collections.abc.Hashable):
+                    continue  # SafeLoader's own error names it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping; keep one", key_node.start_mark)
+                seen.add(key)
+        super().flatten_mapping(node)
 
 
 @dataclass

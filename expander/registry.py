@@ -265,17 +265,15 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _is_that_models_new_version(name: str, registered: ModelEntry, source: dict[str, str]) -> bool:
     """Whether registering ``source`` under ``name`` updates the model ``registered`` there rather than
-    taking its name: the same Hub repo (at any commit), the same folder, the name's own folder
-    ``$EXPANDER_HOME/models/NAME`` (where add-domain puts a registered model's new version, whatever
-    the name pointed to before), or an entry whose folder is gone (nothing left to lose)."""
+    taking its name: the same Hub repo (at any commit), the same folder, or an entry whose folder is
+    gone (nothing left to lose)."""
     old = registered.source
     old_folder = Path(old["path"]).expanduser() if "path" in old else None
     new_folder = Path(source["path"]).expanduser().resolve() if "path" in source else None
     same_repo = "repo_id" in source and old.get("repo_id") == source["repo_id"]
     same_folder = old_folder is not None and new_folder is not None and old_folder.resolve() == new_folder
-    names_own_folder = new_folder is not None and new_folder == (expander_home() / "models" / name).resolve()
     folder_gone = old_folder is not None and not old_folder.is_dir()
-    return same_repo or same_folder or names_own_folder or folder_gone
+    return same_repo or same_folder or folder_gone
 
 
 def check_name_available(name: str, source: dict[str, str], not_done: str) -> None:
@@ -309,25 +307,27 @@ def _name_taken_meanwhile(entry: ModelEntry, registered: ModelEntry, path: Path)
         # No command registers a finished folder: the folder itself works everywhere a name does.
         return RegistryError(
             f"saved the model in {source['path']} but did not register it: {taken}. Use it by its folder (--model {shlex.quote(source['path'])}), "
-            f"or register it under another name by running again with --name OTHER_NAME; or remove the {entry.name!r} entry from {path} and run again"
+            f"or train it again with --name OTHER_NAME (its training state is gone; the folder already works without a name)"
         )
     return RegistryError(f"did not register {entry.location()}: {taken}; register it under another name")
 
 
-def register_user_model(entry: ModelEntry) -> Path:
+def register_user_model(entry: ModelEntry, new_version: bool = False) -> Path:
     """Add a model to the user registry, or update its entry, atomically.
 
     Built-in names are refused, and so is a name another model has (the check of
     :func:`check_name_available`, repeated under the lock: two runs with the same name, or a pull
     racing a training run, each passed that check before their long work, and the later one must not
-    silently replace the other's entry).
+    silently replace the other's entry). ``new_version``: the caller made this entry from the model
+    registered under its name (add-domain in place, which writes it to ``$EXPANDER_HOME/models/NAME``),
+    so it replaces that entry whatever it pointed to.
     """
     check_user_model_name(entry.name)
     path = user_registry_path()
     with _locked(path):
         registry = Registry.load(path) if path.exists() else Registry()
         registered = registry.models.get(entry.name)
-        if registered is not None and not _is_that_models_new_version(entry.name, registered, entry.source):
+        if registered is not None and not new_version and not _is_that_models_new_version(entry.name, registered, entry.source):
             raise _name_taken_meanwhile(entry, registered, path)
         registry.models[entry.name] = entry
         registry.save(path)

@@ -330,6 +330,8 @@ def test_import_never_replaces_a_folder_of_another_kind(tmp_path):
 def test_eval_refuses_a_domain_given_two_attributes(model_dir):
     result = run("eval", "--model", model_dir, "--attribute", "zombie=zombie", "--attribute", "zombie=fangs")
     assert result.exit_code != 0 and "names domain 'zombie' twice (zombie and fangs)" in result.output, result.output
+    result = run("eval", "--model", model_dir, "--attribute", "specs=glases")
+    assert result.exit_code != 0 and "'glases' is not a world attribute" in result.output, result.output
 
 
 def test_eval_report_path_must_be_json(tmp_path):

@@ -181,8 +181,9 @@ def test_a_key_written_twice_in_a_recipe_is_refused(tmp_path):
         (tmp_path / "r.yaml").write_text(text)
         with pytest.raises(RecipeError, match=f"key '{key}' appears twice in one mapping"):
             Recipe.load(tmp_path / "r.yaml")
-    (tmp_path / "r.yaml").write_text("model: world-portraits\nbase: &b {name: z, prompt: x}\ndomains:\n  - {<<: *b, prompt: y}\n")
-    with pytest.raises(RecipeError, match=r"unknown keys \['base'\]"):  # a merge that overrides a key is not a duplicate
+    # A merge that overrides a key is not a duplicate, even once merged again into another mapping.
+    (tmp_path / "r.yaml").write_text("model: world-portraits\nbase: &b {<<: {name: z, prompt: x}, prompt: y}\nagain: {<<: *b}\ndomains:\n  - {<<: *b, prompt: w}\n")
+    with pytest.raises(RecipeError, match=r"unknown keys \['again', 'base'\]"):
         Recipe.load(tmp_path / "r.yaml")
 
 

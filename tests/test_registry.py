@@ -184,20 +184,24 @@ def test_a_name_taken_while_a_model_was_made_is_not_taken_over(tmp_path):
     theirs.mkdir()
     check_name_available("mine", {"path": str(ours)}, "trained")  # free when our run starts
     register_user_model(ModelEntry("mine", {"path": str(theirs)}))  # another run with the same name finishes first
-    with pytest.raises(RegistryError, match=rf"saved the model in {ours} but did not register it: 'mine' is already the registered name of another model \({theirs}\)\. Use it by its folder \(--model {ours}\), or register it under another name by running again with --name OTHER_NAME"):
+    with pytest.raises(RegistryError, match=rf"saved the model in {ours} but did not register it: 'mine' is already the registered name of another model \({theirs}\)\. Use it by its folder \(--model {ours}\), or train it again with --name OTHER_NAME"):
         register_user_model(ModelEntry("mine", {"path": str(ours)}))
     assert load_registries().models["mine"].source == {"path": str(theirs)}
     with pytest.raises(RegistryError, match=r"downloaded org/b@cccccccccc into the Hugging Face cache but did not register it.*`expander pull org/b --revision c{40} --name OTHER_NAME`"):
         register_user_model(ModelEntry("mine", {"repo_id": "org/b", "revision": "c" * 40}))  # a pull racing the run
 
     # The model's own new versions are no takeover: its folder again (a re-run), and add-domain in place,
-    # which writes a registered model's new version to $EXPANDER_HOME/models/NAME and points the name there.
+    # which writes a registered model's new version to $EXPANDER_HOME/models/NAME and points the name there
+    # (its caller says so: any other run writing to that folder is refused like any other).
     register_user_model(ModelEntry("mine", {"path": str(theirs)}, description="re-run"))
-    register_user_model(ModelEntry("mine", {"path": str(expander_home() / "models" / "mine")}, description="in place"))
+    in_place = ModelEntry("mine", {"path": str(expander_home() / "models" / "mine")}, description="in place")
+    with pytest.raises(RegistryError, match="already the registered name of another model"):
+        register_user_model(in_place)
+    register_user_model(in_place, new_version=True)
     assert load_registries().models["mine"].description == "in place"
     register_user_model(ModelEntry("hub", {"repo_id": "org/a", "revision": "a" * 40}))
     register_user_model(ModelEntry("hub", {"repo_id": "org/a", "revision": "b" * 40}))  # a later pull of the same repo
-    register_user_model(ModelEntry("hub", {"path": str(expander_home() / "models" / "hub")}))  # add-domain in place on a pulled model
+    register_user_model(ModelEntry("hub", {"path": str(expander_home() / "models" / "hub")}), new_version=True)  # add-domain in place on a pulled model
     register_user_model(ModelEntry("gone", {"path": str(tmp_path / "deleted")}))
     register_user_model(ModelEntry("gone", {"path": str(ours)}))  # an entry whose folder is gone is free
     assert load_registries().models["gone"].source == {"path": str(ours)}

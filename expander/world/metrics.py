@@ -137,16 +137,18 @@ def frechet_distance(feats_a: Union[torch.Tensor, np.ndarray], feats_b: Union[to
 # --------------------------------------------------------------------------------------------------
 
 
+def canonical_attribute(name: str) -> str:
+    """A domain or attribute name as the attribute it would be: '-' and ' ' read as '_', lower case."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
 def resolve_attributes(domain_names: Sequence[str], attribute_of: Optional[dict[str, str]] = None) -> dict[str, Optional[str]]:
     """{domain: attribute or None}: the explicit mapping first, then the name itself if it is an attribute.
 
     A name matches with '-' or ' ' read as '_' (the domain ``blue-skin`` is the attribute ``blue_skin``),
     and so does an attribute the mapping names.
     """
-    def canonical(name: str) -> str:
-        return name.lower().replace("-", "_").replace(" ", "_")
-
-    attribute_of = {domain: canonical(attribute) for domain, attribute in (attribute_of or {}).items()}
+    attribute_of = {domain: canonical_attribute(attribute) for domain, attribute in (attribute_of or {}).items()}
     unknown_domains = sorted(set(attribute_of) - set(domain_names))
     if unknown_domains:
         raise ValueError(f"attribute_of names domains the model does not have: {unknown_domains}; its domains: {list(domain_names)}")
@@ -154,7 +156,7 @@ def resolve_attributes(domain_names: Sequence[str], attribute_of: Optional[dict[
     if bad:
         raise ValueError(f"attribute_of maps to unknown attributes {bad}; known: {list(ATTRIBUTES)}")
     def by_name(name: str) -> Optional[str]:
-        return canonical(name) if canonical(name) in ATTRIBUTES else None
+        return canonical_attribute(name) if canonical_attribute(name) in ATTRIBUTES else None
 
     return {name: attribute_of.get(name, by_name(name)) for name in domain_names}
 
