@@ -197,6 +197,20 @@ def test_recipe_that_is_not_yaml(tmp_path):
 # ---- the real-model code paths: one training step with every guidance kind ---------------------------
 
 
+def test_a_transformers_clip_loads_in_float32_and_cuts_long_prompts_with_a_warning(tiny_clip_dir, tmp_path):
+    from transformers import CLIPModel
+
+    CLIPModel.from_pretrained(tiny_clip_dir).half().save_pretrained(tiny_clip_dir)  # a checkpoint saved in fp16
+    guidance = ClipGuidance.from_pretrained([str(tiny_clip_dir)])
+    (encoder,) = guidance.encoders
+    assert {p.dtype for p in encoder.model.parameters()} == {torch.float32}
+    assert encoder.encode_images(torch.zeros(2, 3, 16, 16)).shape == (2, 8)
+    long_prompt = " ".join(["a photo of a person with glasses"] * 4)  # 30 tokens; the tiny CLIP reads 16
+    with pytest.warns(UserWarning, match="CLIP reads at most 16 tokens"):
+        embeddings = encoder.encode_text([long_prompt, "a zombie"])
+    assert embeddings.shape == (2, 8) and torch.isfinite(embeddings).all()
+
+
 def test_one_step_with_transformers_clip_diffusers_sd_and_lpips(tiny_generator, tiny_discriminator, tiny_clip_dir, tiny_sd_dir):
     assert tiny_generator.resolution == TINY_SD_RESOLUTION
     model = ExpandedGenerator.from_generator(tiny_generator, tiny_discriminator, alpha=3.0, num_dormant=8, base_model="tiny-real")

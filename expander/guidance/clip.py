@@ -32,7 +32,9 @@ def load_clip(name_or_path: str, device: str = "cpu"):
     """(CLIPModel, tokenizer) from a Hub id or folder, frozen and in eval mode."""
     from transformers import AutoTokenizer, CLIPModel
 
-    model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
+    # float32 whatever the checkpoint was saved in (transformers loads fp16/bf16 files as such): the
+    # image path feeds float32 pixels, and the loss needs float32 gradients anyway.
+    model = CLIPModel.from_pretrained(name_or_path).to(device=device, dtype=torch.float32).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(name_or_path)
@@ -95,7 +97,13 @@ class ClipEncoder:
         unknown = sorted({w for p in prompts for w in out_of_vocabulary(self.tokenizer, p)})
         if unknown:
             warnings.warn(f"CLIP does not know the words {unknown}; they are ignored. Rephrase the prompt with known words.", stacklevel=3)
-        tokens = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
+        # CLIP's position embeddings end at 77 tokens: a longer prompt (with its template) would fail
+        # inside the text model, so it is cut there, as CLIP's own tokenizer pipeline does, and said so.
+        limit = self.model.config.text_config.max_position_embeddings
+        too_long = [p for p in prompts if len(self.tokenizer(p)["input_ids"]) > limit]
+        if too_long:
+            warnings.warn(f"CLIP reads at most {limit} tokens; the end of {too_long[0]!r} is ignored. Shorten the prompt.", stacklevel=3)
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
         device = next(self.model.parameters()).device
         with torch.no_grad():
             features = _as_tensor(self.model.get_text_features(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)))
