@@ -38,7 +38,7 @@ from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import Domain
 from .guidance.perceptual import PerceptualDistance
-from .losses import loss_composed_edits, loss_d_logistic, loss_g_nonsaturating, loss_lowpass_change, loss_mystyle, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
+from .losses import loss_composed_edits, loss_d_logistic, loss_edit_detail, loss_g_nonsaturating, loss_lowpass_change, loss_mystyle, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
 from .utils.io import load_training_state, read_json, save_training_state, setting_differences
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,6 +113,11 @@ class ExpansionConfig:
     # regrade the picture (see loss_lowpass_change).
     lambda_lowpass_keep: float = 0.0
     lowpass_size: int = 8
+    # Smooth edit (0 = off; meant per domain, for NADA/SDS domains that recolour): the domain's edit of
+    # the image it starts from keeps no detail finer than smooth_edit_size x smooth_edit_size cells, so a
+    # recolour tints regions instead of painting blotches that read as another domain (see loss_edit_detail).
+    lambda_smooth_edit: float = 0.0
+    smooth_edit_size: int = 8
     lambda_sds_directional: float = 1.0  # SDS directional regularizer (0 = off)
     sds_t_min: float = 0.02  # SDS timestep range, as fractions of the teacher's steps
     sds_t_max: float = 0.5
@@ -138,7 +143,7 @@ class ExpansionConfig:
         """Check every value's type and range, so a bad recipe fails before anything is trained or written."""
         for name, kind in get_type_hints(type(self)).items():
             setattr(self, name, _checked_setting(name, getattr(self, name), kind))
-        at_least = {"lowpass_size": 1, "lr_decay_start": 0, "lr_decay_steps": 0, "steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "composed_pairs_per_step": 1, "r1_every": 1, "checkpoint_every": 1, "mystyle_inversion_steps": 1, "seed": 0}
+        at_least = {"lowpass_size": 1, "smooth_edit_size": 1, "lr_decay_start": 0, "lr_decay_steps": 0, "steps": 1, "batch_size": 1, "base_batch_size": 1, "domains_per_step": 1, "replay_domains_per_step": 0, "compositions_per_step": 0, "composed_pairs_per_step": 1, "r1_every": 1, "checkpoint_every": 1, "mystyle_inversion_steps": 1, "seed": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"training setting {name} must be at least {low}, got {getattr(self, name)}")
@@ -215,8 +220,8 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 # losses, by the method whose losses read them (another method's weight would do nothing). Replay and
 # GAN weights act on the shared base subspace, so they stay per run.
 DOMAIN_LOSS_WEIGHTS_BY_METHOD = {
-    "nada": ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_lowpass_keep"),
-    "sds": ("lambda_sds", "lambda_lowpass_keep"),
+    "nada": ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_lowpass_keep", "lambda_smooth_edit"),
+    "sds": ("lambda_sds", "lambda_lowpass_keep", "lambda_smooth_edit"),
     "mystyle": ("lambda_mystyle",),
 }
 DOMAIN_LOSS_WEIGHTS = tuple(dict.fromkeys(name for names in DOMAIN_LOSS_WEIGHTS_BY_METHOD.values() for name in names))
@@ -236,15 +241,16 @@ def check_run_domains(config: ExpansionConfig, domains: list[Domain], resolution
 
 
 def check_lowpass_keep(config: ExpansionConfig, domains: list[Domain], resolution: int) -> None:
-    """Refuse low-pass keep settings that cannot do what they say, before any model is loaded: a
-    MyStyle domain's own weight (it has no base image to keep; a run-wide weight applies to the NADA
-    and SDS domains only), or cells finer than the images (pooling would then upsample: a plain L2)."""
-    mystyle = [d.name for d in domains if d.method == "mystyle" and config.domain_weights.get(d.name, {}).get("lambda_lowpass_keep", 0) > 0]
-    if mystyle:
-        raise ValueError(f"lambda_lowpass_keep of domains {mystyle}: a MyStyle domain has no base image to keep (its loss already compares with its subject's images); remove that weight")
-    used = any(config.weight("lambda_lowpass_keep", d.name) > 0 for d in domains if d.method in ("nada", "sds"))
-    if used and config.lowpass_size > resolution:
-        raise ValueError(f"training setting lowpass_size ({config.lowpass_size}) must be at most the images' resolution ({resolution}): it is the number of cells per side the images are pooled to")
+    """Refuse low-pass keep and smooth-edit settings that cannot do what they say, before any model is
+    loaded: a MyStyle domain's own weight (it has no base image; a run-wide weight applies to the NADA
+    and SDS domains only), or cells finer than the images (pooling would then upsample)."""
+    for weight_name, size_name in (("lambda_lowpass_keep", "lowpass_size"), ("lambda_smooth_edit", "smooth_edit_size")):
+        mystyle = [d.name for d in domains if d.method == "mystyle" and config.domain_weights.get(d.name, {}).get(weight_name, 0) > 0]
+        if mystyle:
+            raise ValueError(f"{weight_name} of domains {mystyle}: a MyStyle domain has no base image to compare with (its loss already compares with its subject's images); remove that weight")
+        used = any(config.weight(weight_name, d.name) > 0 for d in domains if d.method in ("nada", "sds"))
+        if used and getattr(config, size_name) > resolution:
+            raise ValueError(f"training setting {size_name} ({getattr(config, size_name)}) must be at most the images' resolution ({resolution}): it is the number of cells per side the images are pooled to")
 
 
 def check_exclusive_targets(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
@@ -264,8 +270,8 @@ def check_domain_weight_methods(config: "ExpansionConfig", domains: Sequence[Dom
     methods = {d.name: d.method for d in domains}
     for name, weights in config.domain_weights.items():
         allowed = DOMAIN_LOSS_WEIGHTS_BY_METHOD.get(methods.get(name), ())
-        # lambda_lowpass_keep on a MyStyle domain has its own message (check_lowpass_keep)
-        useless = sorted(set(weights) - set(allowed) - {"lambda_lowpass_keep"}) if name in methods else []
+        # lambda_lowpass_keep / lambda_smooth_edit on a MyStyle domain have their own message (check_lowpass_keep)
+        useless = sorted(set(weights) - set(allowed) - {"lambda_lowpass_keep", "lambda_smooth_edit"}) if name in methods else []
         if useless:
             raise ValueError(f"loss weights {useless} of domain {name!r} do nothing for a {methods[name]} domain; its weights are {list(allowed)}")
 
@@ -669,6 +675,8 @@ class Expander:
                 add("loss_mystyle", weight("lambda_mystyle") * loss_mystyle(domain_images, group.targets, guidance.perceptual))
             if weight("lambda_lowpass_keep") > 0 and id(group) in references:  # NADA/SDS: edits of a base image
                 add("loss_lowpass_keep", weight("lambda_lowpass_keep") * loss_lowpass_change(domain_images, references[id(group)], config.lowpass_size))
+            if weight("lambda_smooth_edit") > 0 and id(group) in references:
+                add("loss_smooth_edit", weight("lambda_smooth_edit") * loss_edit_detail(domain_images, references[id(group)], config.smooth_edit_size))
 
         for index, (group, _, _, _) in enumerate(pairs):
             partner_images, composed_images = pair_images[2 * index], pair_images[2 * index + 1]

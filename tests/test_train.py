@@ -309,6 +309,35 @@ def test_lowpass_change_sees_regrading_more_than_a_small_object():
     assert loss_lowpass_change(F.interpolate(regraded, 128), F.interpolate(base, 128)).item() == pytest.approx(0.04, rel=1e-3)
 
 
+def test_edit_detail_sees_blotches_more_than_a_smooth_tint():
+    from expander.losses import loss_edit_detail
+
+    base = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert loss_edit_detail(base, base).item() == 0.0
+    assert loss_edit_detail(base + 0.3, base).item() == pytest.approx(0.0, abs=1e-10)  # a uniform tint has no detail
+    ramp = torch.linspace(-0.3, 0.3, 64).view(1, 1, 1, 64)
+    tinted = base + ramp  # a tint that varies smoothly across the picture
+    blotched = base + 0.3 * torch.sign(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))).repeat_interleave(4, -1).repeat_interleave(4, -2).repeat(1, 1, 2, 2)  # 4-pixel blotches
+    assert loss_edit_detail(tinted, base).item() < 0.01 * loss_edit_detail(blotched, base).item()
+    assert loss_edit_detail(blotched, base).item() > 0.02
+    # the same at another resolution: pooled to the same cells
+    assert loss_edit_detail(F.interpolate(blotched, 128), F.interpolate(base, 128)).item() == pytest.approx(loss_edit_detail(blotched, base).item(), rel=0.05)
+
+
+def test_smooth_edit_is_a_per_domain_term_of_nada_and_sds_domains(model, guidance):
+    config = {**SMALL, "batch_size": 3}
+    assert "loss_smooth_edit" not in Expander(model, list(model.domains), guidance, ExpansionConfig(**config)).losses()
+    one = Expander(model, list(model.domains), guidance, ExpansionConfig(**config, domain_weights={"zombie": {"lambda_smooth_edit": 10.0}}))
+    losses = one.losses()
+    assert losses["loss_smooth_edit"].item() >= 0 and losses["loss_smooth_edit"].requires_grad
+    assert "loss_smooth_edit" in one.step()
+    with pytest.raises(ValueError, match=r"smooth_edit_size \(1000\) must be at most the images' resolution"):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**config, smooth_edit_size=1000, lambda_smooth_edit=1.0))
+    model.add_domain(Domain("subject", direction=-1, method="mystyle"))
+    with pytest.raises(ValueError, match=r"lambda_smooth_edit of domains \['subject'\].*MyStyle"):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**config, domain_weights={"subject": {"lambda_smooth_edit": 1.0}}))
+
+
 def test_lowpass_keep_is_a_per_domain_term_of_nada_domains(model, guidance):
     config = {**SMALL, "batch_size": 3}
     assert "loss_lowpass_keep" not in Expander(model, list(model.domains), guidance, ExpansionConfig(**config)).losses()

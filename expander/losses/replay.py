@@ -30,3 +30,20 @@ def loss_lowpass_change(domain_images: torch.Tensor, base_images: torch.Tensor, 
     pooled_domain = F.adaptive_avg_pool2d(domain_images, size)  # (B, 3, size, size)
     pooled_base = F.adaptive_avg_pool2d(base_images.detach(), size)  # (B, 3, size, size)
     return (pooled_domain - pooled_base).square().mean()
+
+
+def loss_edit_detail(domain_images: torch.Tensor, base_images: torch.Tensor, size: int = 8) -> torch.Tensor:
+    """Mean square of the detail of an edit: the change from the base-subspace images of the same
+    latents (a detached target) minus that change average-pooled to ``size`` x ``size`` cells and
+    bilinearly upsampled back, i.e. whatever the edit does at scales finer than a cell.
+
+    Why: a domain that recolours (blue skin) should tint regions, not paint a texture; with the small
+    world CLIPs, blue skin learned a blotched blue and white mask, which the classifier reads as
+    freckles. A smooth tint has almost no detail at this scale, blotches and speckles have much; the
+    outlines of a tinted region pay a little. Resolution-independent, like :func:`loss_lowpass_change`.
+
+    domain_images, base_images: (B, 3, H, W) in [-1, 1]; returns a scalar.
+    """
+    edit = domain_images - base_images.detach()  # (B, 3, H, W)
+    smooth = F.interpolate(F.adaptive_avg_pool2d(edit, size), size=edit.shape[-2:], mode="bilinear", align_corners=False)  # (B, 3, H, W)
+    return (edit - smooth).square().mean()
