@@ -30,6 +30,12 @@ def _seconds(folder: Path, *names: str) -> str:
     return str(sum(int(path.read_text()) for path in paths)) if all(path.is_file() for path in paths) else "-"
 
 
+def _below_90(value: float) -> str:
+    """A success below 90% in percent, rounded as HISTORY's rows are, but with one decimal, cut (not
+    rounded), where rounding would print 90 (0.896 -> 89.6, 0.8999 -> 89.9)."""
+    return f"{100 * value:.0f}" if round(100 * value) < 90 else f"{math.floor(1000 * value) / 10:.1f}"
+
+
 def leak_cells(report: dict) -> list[tuple[float, str, str]]:
     """(rate, domain, column domain) for every leak cell: the domains' rows (not the base row, whose
     cells are false positives) off the diagonal, without the cells of two domains that draw the same
@@ -96,8 +102,7 @@ def history_row(report: dict, label: str) -> str:
         return "-" if value is None else f"{value:.2f}"
 
     success, summary = report["domain_success"], report["summary"]
-    # floor, not round: a domain listed below 90% must not print as 90 (0.896)
-    below = ", ".join(f"{name.replace('_', ' ')} {math.floor(100 * value)}" for name, value in sorted(success.items(), key=lambda item: item[1]) if value < 0.9)
+    below = ", ".join(f"{name.replace('_', ' ')} {_below_90(value)}" for name, value in sorted(success.items(), key=lambda item: item[1]) if value < 0.9)
     cells = leak_cells(report)
     worst = max(cells, default=None)
     worst_text = "-" if worst is None else f"{100 * worst[0]:.0f}% ({worst[1].replace('_', ' ')} -> {worst[2].replace('_', ' ')})"

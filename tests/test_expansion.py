@@ -571,7 +571,7 @@ def test_expand_overrides_recipe_settings_from_the_command_line(parent_dir, tiny
         (["--set", "lambda_nada=-1"], "lambda_nada must be >= 0"),
         (["--set", "no_such_setting=1"], "unknown training settings ['no_such_setting']"),
         (["--set", "steps=3"], "use --steps instead"),
-        (["--seed", "-1"], "seed must be at least 0"),
+        (["--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<="),
     ]:
         refused = run("expand", tmp_path / "r.yaml", *args)
         assert refused.exit_code != 0 and message in refused.output, refused.output

@@ -45,3 +45,8 @@ def test_leak_cells_are_the_domains_rows_without_false_positives_or_twin_attribu
     rows = {line.split(" | ")[0]: line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
     assert rows["| 3 SDS domains, directional reg. on"][1:2] + rows["| 3 SDS domains, directional reg. on"][5:6] == ["300", "0.010"]
     assert rows["| add-domain: + zombie + hat"][1:2] + rows["| add-domain: + zombie + hat"][5:6] == ["551", "0.030"]  # two calls' wall time
+
+
+def test_a_success_just_below_90_percent_never_prints_as_90():
+    below_90 = load("world_expansion_report")._below_90
+    assert (below_90(0.7578), below_90(0.8906), below_90(0.896), below_90(0.8999)) == ("76", "89", "89.6", "89.9")
