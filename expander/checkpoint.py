@@ -254,8 +254,7 @@ class ExpandedGenerator(
             if name == BASE_DOMAIN:
                 continue
             domain = self.get_domain(name)
-            check_strength(strength, f"strength of {name!r}")
-            shifts[domain.direction] = self.domain_alpha(domain) * float(strength)
+            shifts[domain.direction] = self.domain_alpha(domain) * check_strength(strength, f"strength of {name!r}")
         return shifts
 
     def random_latents(self, n: int, seed: int = 0, truncation_psi: float = 1.0) -> torch.Tensor:

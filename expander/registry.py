@@ -263,9 +263,9 @@ def _locked(path: Path) -> Iterator[None]:
         lock.release()
 
 
-def _is_that_models_new_version(name: str, registered: ModelEntry, source: dict[str, str]) -> bool:
-    """Whether registering ``source`` under ``name`` updates the model ``registered`` there rather than
-    taking its name: the same Hub repo (at any commit), the same folder, or an entry whose folder is
+def _is_that_models_new_version(registered: ModelEntry, source: dict[str, str]) -> bool:
+    """Whether registering ``source`` under the name of the model ``registered`` updates that model
+    rather than taking its name: the same Hub repo (at any commit), the same folder, or an entry whose folder is
     gone (nothing left to lose)."""
     old = registered.source
     old_folder = Path(old["path"]).expanduser() if "path" in old else None
@@ -283,7 +283,7 @@ def check_name_available(name: str, source: dict[str, str], not_done: str) -> No
     :func:`register_user_model` checks again when it registers, as the name may be taken meanwhile."""
     path = user_registry_path()
     existing = Registry.load(path).models.get(name) if path.exists() else None
-    if existing is None or _is_that_models_new_version(name, existing, source):
+    if existing is None or _is_that_models_new_version(existing, source):
         return
     raise RegistryError(
         f"{name!r} is already the registered name of another model ({existing.location()}), so nothing was {not_done}: choose another "
@@ -327,7 +327,7 @@ def register_user_model(entry: ModelEntry, new_version: bool = False) -> Path:
     with _locked(path):
         registry = Registry.load(path) if path.exists() else Registry()
         registered = registry.models.get(entry.name)
-        if registered is not None and not new_version and not _is_that_models_new_version(entry.name, registered, entry.source):
+        if registered is not None and not new_version and not _is_that_models_new_version(registered, entry.source):
             raise _name_taken_meanwhile(entry, registered, path)
         registry.models[entry.name] = entry
         registry.save(path)

@@ -100,7 +100,7 @@ class ClipEncoder:
         # CLIP's position embeddings end at 77 tokens: a longer prompt (with its template) would fail
         # inside the text model, so it is cut there, as CLIP's own tokenizer pipeline does, and said so.
         limit = self.model.config.text_config.max_position_embeddings
-        too_long = [p for p in prompts if len(self.tokenizer(p)["input_ids"]) > limit]
+        too_long = [p for p, ids in zip(prompts, self.tokenizer(list(prompts))["input_ids"]) if len(ids) > limit]
         if too_long:
             warnings.warn(f"CLIP reads at most {limit} tokens; the end of {too_long[0]!r} is ignored. Shorten the prompt.", stacklevel=3)
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
