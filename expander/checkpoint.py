@@ -32,7 +32,7 @@ from torch import nn
 from .domains import BASE_DOMAIN, Domain, is_valid_alpha, unknown_domain_error, validate_domains
 from .generators.stylegan2 import Discriminator, Generator, StyleGAN2Config
 from .subspace.basis import LatentBasis, sefa
-from .utils.io import atomic_path, read_json, read_safetensors, state_mismatches
+from .utils.io import atomic_path, read_json, read_safetensors, state_mismatches, weight_defect
 
 FORMAT_NAME = "expander.expanded_generator"
 FORMAT_VERSION = 1
@@ -563,23 +563,20 @@ class ExpandedGenerator(
             raise CheckpointError(f"{source} does not match its config.json: {err}") from None
 
 
-def _check_floating_point(tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Every weight of a checkpoint is floating point; a load casts silently, so integer tensors would
-    load as their rounded values."""
-    wrong_kind = sorted(k for k, v in tensors.items() if not v.is_floating_point())
-    if wrong_kind:
-        found = ", ".join(f"{k} ({tensors[k].dtype})" for k in wrong_kind[:3])
-        raise CheckpointError(f"{source} holds tensors that are not floating point: {found}{' ...' if len(wrong_kind) > 3 else ''}; the checkpoint is corrupt: restore it or download the model again")
+def _check_weight_defects(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Every weight of a checkpoint is finite floating point (``weight_defect``): a load casts integers
+    silently and copies NaN as it is, so either would load and draw wrong or NaN images."""
+    for key in sorted(tensors):
+        defect = weight_defect(tensors[key])
+        if defect is not None:
+            raise CheckpointError(f"{source}: tensor {key!r} holds {defect}; the checkpoint is corrupt: restore it or download the model again")
 
 
 def _check_tensor_values(tensors: dict[str, torch.Tensor], style_dim: int, source: Path) -> None:
-    """Refuse what the key and shape check (``_check_keys``, run first) lets through: non-finite
-    weights, a dormancy curve of the wrong size (it would silently fall back to singular-value
-    order), and a latent basis whose directions are not orthonormal."""
-    _check_floating_point(tensors, source)
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{source}: tensor {key!r} contains NaN or infinite values; the checkpoint is corrupt: restore it or download the model again")
+    """Refuse what the key and shape check (``_check_keys``, run first) lets through: non-float or
+    non-finite weights, a dormancy curve of the wrong size (it would silently fall back to
+    singular-value order), and a latent basis whose directions are not orthonormal."""
+    _check_weight_defects(tensors, source)
     dormancy = tensors["basis.dormancy"]
     if dormancy.ndim != 1 or dormancy.numel() not in (0, style_dim):
         raise CheckpointError(f"{source}: the dormancy curve 'basis.dormancy' has shape {tuple(dormancy.shape)}, expected ({style_dim},) or empty (not measured); the checkpoint is corrupt: restore it or download the model again")
@@ -620,7 +617,7 @@ def _check_keys(expected: dict[str, Optional[torch.Tensor]], tensors: dict[str, 
 
 def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     _check_keys(module.state_dict(), state, source)
-    _check_floating_point(state, source)
+    _check_weight_defects(state, source)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:  # shape mismatches

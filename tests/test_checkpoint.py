@@ -346,10 +346,10 @@ def test_saved_files_are_as_readable_as_any_file_the_user_writes(expanded, tmp_p
 @pytest.mark.parametrize("key, value, message", [
     ("latent_avg", torch.tensor([5.0]), "shape mismatches: latent_avg (file (1,), model (32,))"),  # copy_ would broadcast it over the mean w
     ("basis.dormancy", torch.zeros(3, 5), "dormancy curve"),  # would silently fall back to singular-value order
-    ("basis.directions", torch.full((32, 32), float("nan")), "NaN or infinite"),
+    ("basis.directions", torch.full((32, 32), float("nan")), "'basis.directions' holds NaN values"),
     ("basis.directions", 2 * torch.eye(32), "not orthonormal"),
-    ("generator.conv1.conv.weight", None, "NaN or infinite"),  # None: that tensor with one NaN
-    ("generator.conv1.conv.weight", "int32", "not floating point"),  # a load would cast it silently
+    ("generator.conv1.conv.weight", None, "holds NaN values"),  # None: that tensor with one NaN
+    ("generator.conv1.conv.weight", "int32", "holds a int32 tensor, not floating point"),  # a load would cast it silently
 ])
 def test_tensor_values_a_key_check_lets_through_are_refused(expanded, tmp_path, key, value, message):
     folder = _saved(expanded, tmp_path)
@@ -362,6 +362,17 @@ def test_tensor_values_a_key_check_lets_through_are_refused(expanded, tmp_path, 
     tensors[key] = value
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match=re.escape(message)):
+        ExpandedGenerator.from_pretrained(folder)
+
+
+def test_a_discriminator_with_nan_weights_is_refused(expanded, tmp_path):
+    # Training would go on from a NaN discriminator and every GAN loss would be NaN.
+    folder = _saved(expanded, tmp_path)
+    tensors = load_file(str(folder / "discriminator.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone().fill_(float("inf"))
+    save_file(tensors, str(folder / "discriminator.safetensors"))
+    with pytest.raises(CheckpointError, match=re.escape(f"discriminator.safetensors: tensor {key!r} holds infinite values")):
         ExpandedGenerator.from_pretrained(folder)
 
 

@@ -82,7 +82,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..utils.io import mismatch_report, short_list, state_mismatches
+from ..utils.io import mismatch_report, short_list, state_mismatches, weight_defect
 from .stylegan2 import Discriminator, Generator, StyleGAN2Config, make_kernel
 
 logger = logging.getLogger(__name__)
@@ -145,23 +145,21 @@ def _load_strict(module: nn.Module, state_dict: dict, what: str) -> None:
 
 
 def _check_weight_values(value: torch.Tensor, what: str) -> None:
-    """Refuse integer/boolean tensors and NaN/Inf before anything is built from them.
-
-    ``load_state_dict`` casts integers to float without a word and copies NaN as it is; the import
-    would then write a model whose every image is NaN, and the load check after saving would blame
-    the expander checkpoint rather than the file that was imported.
-    """
+    """Refuse integer/boolean tensors and NaN/Inf (``weight_defect``) before anything is built from them:
+    the import would write a model whose every image is NaN, and the load check after saving would
+    blame the expander checkpoint rather than the file that was imported."""
+    defect = weight_defect(value)
+    if defect is None:
+        return
     if not value.is_floating_point():
         raise ValueError(
-            f"{what} is a {str(value.dtype).removeprefix('torch.')} tensor; StyleGAN2 weights are floating point, so this "
-            f"file holds something else (a quantised or otherwise re-encoded model?): import the original float checkpoint"
+            f"{what} is {defect}, so this file holds something other than StyleGAN2 weights (a quantised or "
+            f"otherwise re-encoded model?): import the original float checkpoint"
         )
-    if not bool(torch.isfinite(value).all()):
-        bad = "NaN" if bool(torch.isnan(value).any()) else "infinite"
-        raise ValueError(
-            f"{what} contains {bad} values, so the model could never generate an image and nothing was written; the "
-            f"training run that saved it had diverged or the file is damaged: import an earlier checkpoint or download it again"
-        )
+    raise ValueError(
+        f"{what} contains {defect}, so the model could never generate an image and nothing was written; the "
+        f"training run that saved it had diverged or the file is damaged: import an earlier checkpoint or download it again"
+    )
 
 
 def _set_w_avg(G: Generator, latent_avg: Optional[torch.Tensor], source: str) -> None:

@@ -171,6 +171,20 @@ def read_network_config(folder: str | os.PathLike, format_name: str, what: str) 
     return config
 
 
+def weight_defect(tensor: torch.Tensor) -> Optional[str]:
+    """Why ``tensor`` cannot be a network weight, or None: ``"a int8 tensor, not floating point"``,
+    ``"NaN values"`` or ``"infinite values"``.
+
+    ``load_state_dict`` casts integers to float without a word and copies NaN as it is, so every
+    loader (checkpoints, imports) asks this before it builds anything from a file.
+    """
+    if not tensor.is_floating_point():
+        return f"a {str(tensor.dtype).removeprefix('torch.')} tensor, not floating point"
+    if not bool(torch.isfinite(tensor).all()):
+        return "NaN values" if bool(torch.isnan(tensor).any()) else "infinite values"
+    return None
+
+
 def short_list(items: Collection[str], limit: int) -> str:
     """``a, b, ... (N more)``: a few names of a list that can run to hundreds (another model's keys)."""
     items = list(items)

@@ -195,7 +195,7 @@ def test_integer_weights_are_refused_naming_file_and_key(tmp_path):
     state = G.state_dict()
     state["to_rgb1.bias"] = torch.zeros_like(state["to_rgb1.bias"], dtype=torch.int8)
     torch.save({"g_ema": state, "latent_avg": w_avg}, tmp_path / "quantised.pt")
-    with pytest.raises(ValueError, match=r"quantised\.pt: g_ema: to_rgb1\.bias is a int8 tensor; StyleGAN2 weights are floating point"):
+    with pytest.raises(ValueError, match=r"quantised\.pt: g_ema: to_rgb1\.bias is a int8 tensor, not floating point, so this file holds something other than StyleGAN2 weights"):
         load_rosinality_checkpoint(tmp_path / "quantised.pt")
 
 
