@@ -25,6 +25,10 @@ Report of :func:`evaluate` (a JSON-serialisable dict)::
                           finite-sample bias: a perfect generator scores about this),
                           "parent_fid": the parent's base samples against the same renders, or null}
     domain_success       {domain: fraction of its samples labelled with its attribute} (mapped domains)
+    reference_success    {domain: the same fraction on renders drawn with its attribute alone (what a
+                          perfect domain scores: the classifier's ceiling for that domain's success,
+                          higher than its recall on renders mixing attributes, where others hide it;
+                          at most 256 renders, however many samples)} (mapped domains)
     leakage              {"rows": ["base", *mapped], "columns": [*mapped],
                           "matrix": {row: {column: fraction of row's samples labelled with column's
                           attribute}}}; the diagonal is domain_success, the base row the false
@@ -50,7 +54,8 @@ Report of :func:`evaluate` (a JSON-serialisable dict)::
     summary              {"mean_success", "mean_leakage" (off-diagonal, domain rows, without
                           the cells of two domains that draw the same attribute),
                           "mean_base_false_positive", "mean_perceptual", "mean_factors_preserved",
-                          "mean_composition", "mean_diversity"} (null when there is nothing to average)
+                          "mean_composition", "mean_diversity", and the ceilings "reference_mean_success"
+                          and "reference_mean_composition"} (null when there is nothing to average)
     factor_tolerance     tolerance used for continuous factors
     reliable_factors     the factors the classifier reads back well (classifier.reliable_factors;
                          all factors for a classifier without that attribute), used by
@@ -85,7 +90,7 @@ __all__ = [
 FORMAT_NAME = "expander.world.metrics"
 REPORT_KEYS = (
     "format", "version", "n_samples", "seed", "domains", "attribute_of", "unmapped_domains", "source_preservation",
-    "domain_success", "leakage", "attribute_rates", "alignment", "composition", "subjects", "summary", "factor_tolerance",
+    "domain_success", "reference_success", "leakage", "attribute_rates", "alignment", "composition", "subjects", "summary", "factor_tolerance",
     "reliable_factors",
 )
 BASE = "base"
@@ -314,6 +319,7 @@ def evaluate(
         bar.update(1)
 
     success = {d: _round(rows[d][ATTRIBUTES.index(attributes[d])].item()) for d in mapped}
+    reference_success = {d: _round(_reference_rate(classifier, (attributes[d],), n_samples, seed)) for d in mapped}
     matrix = {row: {col: _round(rows[row][ATTRIBUTES.index(attributes[col])].item()) for col in mapped} for row in [BASE, *mapped]}
 
     # (e) composition
@@ -330,7 +336,7 @@ def evaluate(
             "first": _round(labelled[:, a].float().mean().item()),
             "second": _round(labelled[:, b].float().mean().item()),
             "conflicting": frozenset((attributes[first], attributes[second])) in conflicts,
-            "reference_both": _round(_reference_composition(classifier, attributes[first], attributes[second], n_samples, seed)),
+            "reference_both": _round(_reference_rate(classifier, (attributes[first], attributes[second]), n_samples, seed)),
         }
         bar.update(1)
     bar.close()
@@ -338,6 +344,7 @@ def evaluate(
     off_diagonal = [matrix[r][c] for r in mapped for c in mapped if r != c and attributes[r] != attributes[c]]
     summary = {
         "mean_success": _mean(list(success.values())),
+        "reference_mean_success": _mean(list(reference_success.values())),
         "mean_leakage": _mean(off_diagonal),
         "mean_base_false_positive": _mean([matrix[BASE][c] for c in mapped]),
         "mean_perceptual": _mean([a["perceptual"] for a in alignment.values()]),
@@ -363,6 +370,7 @@ def evaluate(
         "unmapped_domains": [d for d in names if attributes[d] is None],
         "source_preservation": source,
         "domain_success": success,
+        "reference_success": reference_success,
         "leakage": {"rows": [BASE, *mapped], "columns": list(mapped), "matrix": matrix},
         "attribute_rates": {row: {a: _round(rates[i].item(), 4) for i, a in enumerate(ATTRIBUTES)} for row, rates in rows.items()},
         "alignment": alignment,
@@ -385,14 +393,17 @@ def _reference_preservation(classifier, attribute: str, n: int, seed: int, toler
 
 
 @torch.no_grad()
-def _reference_composition(classifier, first: str, second: str, n: int, seed: int) -> float:
-    """The share of renders drawn with ``first`` and ``second`` (conflicts resolved as the renderer
-    does) that the classifier labels with both: the composition a perfect pair of domains scores."""
+def _reference_rate(classifier, drawn: tuple[str, ...], n: int, seed: int) -> float:
+    """The share of renders drawn with the ``drawn`` attributes (conflicts resolved as the renderer
+    does) that the classifier labels with all of them: what a perfect domain (one attribute) or pair
+    of domains (two) scores."""
     n = min(n, 256)
     factors = renderer.sample_factors(n, seed + _RENDER_SEED_OFFSET + 3)
-    labels = renderer.attribute_labels(n, first) | renderer.attribute_labels(n, second)  # render() resolves conflicts
+    labels = torch.zeros(n, len(ATTRIBUTES), dtype=torch.bool)
+    for attribute in drawn:
+        labels |= renderer.attribute_labels(n, attribute)  # render() resolves conflicts
     seen = _classify(classifier, renderer.render(factors, labels))["attributes"] > 0.5  # (n, A)
-    return (seen[:, ATTRIBUTES.index(first)] & seen[:, ATTRIBUTES.index(second)]).float().mean().item()
+    return seen[:, [ATTRIBUTES.index(a) for a in drawn]].all(1).float().mean().item()
 
 
 @torch.no_grad()
@@ -429,7 +440,9 @@ def format_report(report: dict[str, Any]) -> str:
     worst = max(base_rates, key=base_rates.get)
     lines.append(f"base samples labelled with any attribute: max {base_rates[worst]:.3f} ({worst})")
     if report["domains"]:
-        lines.append(f"{'domain':<14}{'success':>9}{'max leak':>10}{'perceptual':>12}{'factors kept':>14}{'diversity':>11}")
+        # "of renders": the success a perfect domain scores (reference_success; absent from old reports)
+        lines.append(f"{'domain':<14}{'success':>9}{'of renders':>12}{'max leak':>10}{'perceptual':>12}{'factors kept':>14}{'diversity':>11}")
+        ceilings = report.get("reference_success", {})
         matrix = report["leakage"]["matrix"]
         for name in report["domains"]:
             success = report["domain_success"].get(name)
@@ -437,7 +450,7 @@ def format_report(report: dict[str, Any]) -> str:
             leaks = [v for col, v in matrix.get(name, {}).items() if col != name and report["attribute_of"].get(col) != report["attribute_of"].get(name)]
             align = report["alignment"][name]
             lines.append(
-                f"{name:<14}{'-' if success is None else f'{success:.3f}':>9}{max(leaks) if leaks else 0.0:>10.3f}"
+                f"{name:<14}{'-' if success is None else f'{success:.3f}':>9}{_or_dash(ceilings.get(name)):>12}{max(leaks) if leaks else 0.0:>10.3f}"
                 f"{align['perceptual']:>12.4f}{_or_dash(align.get('factors_preserved')):>14}{_or_dash(align.get('diversity')):>11}"
             )
         unmapped = [d for d in report.get("unmapped_domains", []) if d not in report.get("subjects", {})]
