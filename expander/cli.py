@@ -11,7 +11,7 @@ from typing import Optional
 
 import click
 
-from .domains import BASE_DOMAIN
+from .domains import BASE_DOMAIN, MAX_SEED
 from .world.build import CLIP_PARTS
 
 MODEL_HELP = "Registered model name, model folder, or Hub repo id (default: the registry's default model)."
@@ -23,8 +23,7 @@ REAL_IMAGES_HELP = (
 
 OVERWRITE_HELP = "Replace a model in the output folder that has domains the result would not have (refused without it: that is another model)."
 DEVICE_HELP = "'cpu', 'cuda', 'cuda:N' or 'auto' (a CUDA GPU if there is one)."
-# Seeds a torch.Generator takes, with room for the seed + 1 that random noise and later ranks draw from.
-SEED = click.IntRange(0, 2**63 - 2)
+SEED = click.IntRange(0, MAX_SEED)
 
 
 def _fail(message: str) -> None:

@@ -11,6 +11,10 @@ from typing import Any, Iterable, Optional
 
 METHODS = ("nada", "sds", "mystyle", "manual")
 BASE_DOMAIN = "base"
+# The largest seed of sampling and training. torch's CPU generator seeds itself from the low 32 bits
+# only (seed 2**32 draws what seed 0 draws), so a larger seed would silently repeat a smaller one's
+# images; -2 leaves room for the seed + 1 that random noise and a second rank draw from.
+MAX_SEED = 2**32 - 2
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-. ]{0,63}$")
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
-from .domains import Domain
+from .domains import MAX_SEED, Domain
 from .guidance.perceptual import PerceptualDistance
 from .losses import loss_composed_edits, loss_d_logistic, loss_edit_detail, loss_g_nonsaturating, loss_lowpass_change, loss_mystyle, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
 from .utils.io import load_training_state, read_json, save_training_state, setting_differences
@@ -147,8 +147,8 @@ class ExpansionConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"training setting {name} must be at least {low}, got {getattr(self, name)}")
-        if self.seed > 2**63 - 2:  # torch.Generator seeds are 64-bit, and ranks draw from seed + rank
-            raise ValueError(f"training setting seed must be at most {2**63 - 2}, got {self.seed}")
+        if self.seed > MAX_SEED:  # see MAX_SEED: a larger seed repeats a smaller one's latents
+            raise ValueError(f"training setting seed must be at most {MAX_SEED} (torch seeds from 32 bits), got {self.seed}")
         if self.replay_batch_size is not None and self.replay_batch_size < 1:
             raise ValueError(f"training setting replay_batch_size must be at least 1 (or null: the batch_size), got {self.replay_batch_size}")
         for name in [n for n in self.__dataclass_fields__ if n.startswith("lambda_")] + ["r1_gamma", "sds_guidance_scale"]:

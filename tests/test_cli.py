@@ -244,6 +244,7 @@ def test_eval_writes_its_report(tmp_path):
         (("--domain", "zombie", "--strength", "nan"), "must be a number from -100 to 100"),
         (("--domain", "zombie", "--strength", "1e300"), "must be a number from -100 to 100"),  # finite, but NaN images once scaled by alpha
         (("--domain", "zombie", "--seed", 2**64), "Invalid value for '--seed'"),
+        (("--domain", "zombie", "--seed", 2**32), "Invalid value for '--seed'"),  # torch would draw seed 0's images
     ],
 )
 def test_sample_options_that_would_be_ignored_are_refused(model_dir, tmp_path, args, message):

@@ -440,3 +440,13 @@ def test_sds_prompts_the_teacher_cannot_take_are_refused_before_training(model, 
     Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL))
     with pytest.raises(ValueError, match="domain 'sketch' is composed with SDS domains .*set compositions_per_step: 0"):
         Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, compositions_per_step=1))
+
+
+def test_a_seed_torch_would_wrap_is_refused():
+    from expander.domains import MAX_SEED
+
+    # torch's CPU generator reads the low 32 bits of a seed: 2**32 would silently train seed 0 again.
+    assert torch.equal(torch.randn(4, generator=torch.Generator().manual_seed(2**32)), torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    ExpansionConfig(**SMALL, seed=MAX_SEED)
+    with pytest.raises(ValueError, match=f"seed must be at most {MAX_SEED}"):
+        ExpansionConfig(**SMALL, seed=2**32)

@@ -67,3 +67,14 @@ def test_real_size_step_smoke(tmp_path, capsys):
     for row in rows.values():
         assert 0 < row["min_step_s"] <= row["median_step_s"] and row["steps_timed"] == 2 and row["peak_gpu_gib"] is None
     assert (tmp_path / "results.json").exists() and "real-size expansion step" in capsys.readouterr().out
+
+
+def test_leak_visibility_smoke(tmp_path, capsys):
+    results = load("leak_visibility").main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--render-attributes", "beard"])
+    rows = {r["source"]: r for r in results["rows"]}
+    assert list(rows) == ["render freckles", "render beard", "tiny random model: beard"]
+    target = rows["render freckles"]
+    assert target["classifier_target"] > 0.5 and target["world_target"] > 0.3  # the target drawn is seen by both
+    assert target["world_target"] == target["world_own"]  # its own direction is the target's
+    assert rows["render beard"]["classifier_target"] < 0.5 and rows["render beard"]["world_own"] > 0.3
+    assert (tmp_path / "results.json").exists() and "Leaks into freckles" in capsys.readouterr().out
