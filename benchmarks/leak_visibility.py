@@ -46,9 +46,12 @@ class _Measure:
         self.target = target
         self.guidance = ClipGuidance([ClipEncoder.from_pretrained(str(WORLD_CLIPS[name])) for name in WORLD_CLIPS], templates=WORLD_TEMPLATES)
         self.classifier = load_world_classifier()
+        self._directions: dict[tuple[str, str], torch.Tensor] = {}  # (CLIP name, attribute) -> (D,)
 
-    def _direction(self, encoder: ClipEncoder, attribute: str) -> torch.Tensor:
-        return self.guidance.text_direction(encoder, common.SOURCE_PROMPT, common.PROMPTS[attribute])  # (D,)
+    def _direction(self, name: str, encoder: ClipEncoder, attribute: str) -> torch.Tensor:
+        if (name, attribute) not in self._directions:
+            self._directions[name, attribute] = self.guidance.text_direction(encoder, common.SOURCE_PROMPT, common.PROMPTS[attribute])
+        return self._directions[name, attribute]
 
     @torch.no_grad()
     def row(self, source: str, attribute: Optional[str], base: torch.Tensor, edited: torch.Tensor) -> dict:
@@ -57,8 +60,8 @@ class _Measure:
         row = {"source": source, "attribute": attribute, "classifier_target": float(labelled[:, ATTRIBUTES.index(self.target)].float().mean())}
         for name, encoder in zip(WORLD_CLIPS, self.guidance.encoders):
             edit = encoder.encode_images(edited) - encoder.encode_images(base)  # (N, D)
-            row[f"{name}_target"] = float((edit @ self._direction(encoder, self.target)).mean())
-            row[f"{name}_own"] = float((edit @ self._direction(encoder, attribute)).mean()) if attribute in common.PROMPTS else None
+            row[f"{name}_target"] = float((edit @ self._direction(name, encoder, self.target)).mean())
+            row[f"{name}_own"] = float((edit @ self._direction(name, encoder, attribute)).mean()) if attribute in common.PROMPTS else None
         return row
 
 
