@@ -86,7 +86,7 @@ def base_parser(name: str, doc: Optional[str]) -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="tiny random generator, a few steps: seconds (what the tests run)")
     parser.add_argument("--out", default=f"runs/bench/{name}", help="folder for results.json and the plots (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (latents, domain choice)")
-    parser.add_argument("--eval-seed", type=int, default=1000, help="seed of the evaluation latents and renders")
+    parser.add_argument("--eval-seed", type=int, default=metrics.EVAL_SEED, help="seed of the evaluation latents and renders")
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per measurement (default depends on the script)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -11,7 +11,7 @@ from typing import Optional
 
 import click
 
-from .domains import BASE_DOMAIN, MAX_SEED
+from .domains import BASE_DOMAIN, EVAL_SEED, MAX_SEED
 from .world.build import CLIP_PARTS
 
 MODEL_HELP = "Registered model name, model folder, or Hub repo id (default: the registry's default model)."
@@ -657,7 +657,7 @@ def build(what, steps, runs, no_resume):
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--parent", default=None, help="Parent model to compare source preservation with (default: the world parent).")
 @click.option("-n", "--num", "num", default=256, show_default=True, type=click.IntRange(2), help="Samples per domain.")
-@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the evaluation latents (the same seed, the same samples for every model).")
+@click.option("--seed", default=EVAL_SEED, show_default=True, type=SEED, help="Seed of the evaluation latents (the same seed, the same samples for every model); the default is held out from training's default seed 0.")
 @click.option("--attribute", "attributes", multiple=True, metavar="DOMAIN=ATTRIBUTE", help="The world attribute a domain draws, when its name is not one (e.g. --attribute specs=glasses); repeatable.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), callback=_json_path, help="Write the full JSON report here (a summary is always printed).")
 @click.option("--grid", default=None, type=click.Path(dir_okay=False), callback=_image_path, help="Image grid (.png, .jpg, ...): one row per domain.")

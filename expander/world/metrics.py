@@ -75,8 +75,9 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from ..domains import EVAL_SEED
 from . import renderer
-from .classifier import EVAL_SEED, RESOLUTION, factor_errors, prepare_images
+from .classifier import EVAL_SEED as CLASSIFIER_EVAL_SEED, RESOLUTION, factor_errors, prepare_images
 from .renderer import ATTRIBUTES, CATEGORICAL, CONFLICTS, SOURCE_FACTORS
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT_NAME", "frechet_distance", "frechet_distance_from_stats", "resolve_attributes", "evaluate",
-    "evaluation_grid", "classifier_accuracy", "REPORT_KEYS",
+    "evaluation_grid", "classifier_accuracy", "REPORT_KEYS", "EVAL_SEED",
 ]
 
 FORMAT_NAME = "expander.world.metrics"
@@ -234,7 +235,7 @@ def _rates(probabilities: torch.Tensor) -> torch.Tensor:
 def evaluate(
     model: "ExpandedGenerator",
     n_samples: int = 256,
-    seed: int = 0,
+    seed: int = EVAL_SEED,
     parent: Optional["ExpandedGenerator"] = None,
     attribute_of: Optional[dict[str, str]] = None,
     pairs: Optional[Sequence[tuple[str, str]]] = None,
@@ -408,7 +409,7 @@ def _reference_rate(classifier, drawn: tuple[str, ...], n: int, seed: int) -> fl
 
 
 @torch.no_grad()
-def evaluation_grid(model: "ExpandedGenerator", path: Union[str, Path], n: int = 8, seed: int = 0) -> Path:
+def evaluation_grid(model: "ExpandedGenerator", path: Union[str, Path], n: int = 8, seed: int = EVAL_SEED) -> Path:
     """PNG with one row per domain (base first), the same ``n`` identities in every column."""
     from ..utils.images import save_grid
 
@@ -417,7 +418,7 @@ def evaluation_grid(model: "ExpandedGenerator", path: Union[str, Path], n: int =
     return save_grid(torch.cat(rows), path, nrow=n)
 
 
-def classifier_accuracy(n: int = 2000, seed: int = EVAL_SEED, classifier: Any = None) -> dict[str, Any]:
+def classifier_accuracy(n: int = 2000, seed: int = CLASSIFIER_EVAL_SEED, classifier: Any = None) -> dict[str, Any]:
     """The classifier's held-out accuracy on ``n`` fresh renders (attribute_prob 0.15).
 
     Returns :func:`expander.world.classifier.evaluate_world_classifier`'s dict: per-attribute

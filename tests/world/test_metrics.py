@@ -274,3 +274,21 @@ def test_world_subject_source_is_validated():
     assert renderer.world_subject_seed("world:subject:7") == 7 and renderer.world_subject_seed("photos/me") is None
     with pytest.raises(ValueError, match="integer SEED"):
         renderer.world_subject_seed("world:subject:seven")
+
+
+def test_default_evaluation_latents_are_held_out_from_default_training():
+    import inspect
+
+    from expander.cli import evaluate as eval_command
+    from expander.domains import EVAL_SEED
+    from expander.train import ExpansionConfig
+
+    # Training draws z with torch.randn(n, D, generator=Generator().manual_seed(config.seed)), as
+    # random_latents does: at equal seeds a default eval would score the latents training began with.
+    assert inspect.signature(metrics.evaluate).parameters["seed"].default == EVAL_SEED
+    assert inspect.signature(metrics.evaluation_grid).parameters["seed"].default == EVAL_SEED
+    assert next(p for p in eval_command.params if p.name == "seed").default == EVAL_SEED
+    training_seed = ExpansionConfig().seed
+    assert training_seed != EVAL_SEED
+    first = lambda seed: torch.randn(256, 8, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.cdist(first(training_seed), first(EVAL_SEED)).min() > 0.5
