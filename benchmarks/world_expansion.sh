@@ -6,16 +6,19 @@
 # Every result is measured with `expander eval` (JSON in $OUT/*.json, grids in $OUT/*.png);
 # benchmarks/world_expansion_report.py turns them into the tables of the README.
 #   bash benchmarks/world_expansion.sh [OUT=runs/world-expansion] [N_EVAL=256] [PART...]   (PART: a, add, sds, mystyle)
+# EVAL_SEED (default: expander eval's, 1000) picks the evaluation latents; EVAL_SEED=0 reproduces the
+# README rows filed before 2026-12-07.
 # About 40-60 minutes on a 2-core CPU (lane B is the longer one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/world-expansion}
 N_EVAL=${2:-256}
+EVAL_SEED=${EVAL_SEED:-1000}
 mkdir -p "$OUT"
 export EXPANDER_HOME="$OUT/home" OMP_NUM_THREADS=1 EXPANDER_THREADS=1
 
 evaluate() {  # evaluate MODEL NAME
-  expander eval --model "$1" --parent expander/world/weights/portraits --num "$N_EVAL" --classifier-samples 0 --out "$OUT/$2.json" --grid "$OUT/$2.png" > "$OUT/$2.txt" 2>/dev/null
+  expander eval --model "$1" --parent expander/world/weights/portraits --num "$N_EVAL" --seed "$EVAL_SEED" --classifier-samples 0 --out "$OUT/$2.json" --grid "$OUT/$2.png" > "$OUT/$2.txt" 2>/dev/null
 }
 
 timed() {  # timed NAME command...: wall seconds into $OUT/NAME.seconds
