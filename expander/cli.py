@@ -429,6 +429,7 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
       expander expand recipes/world-nada-10.yaml --keep-state   # then, to train it longer:
       expander expand recipes/world-nada-10.yaml --resume --steps 1800
       expander expand recipes/world-nada-10.yaml --seed 1 --set lambda_nada_consistency=0.5 --out runs/variant --name variant
+      expander expand variant.yaml   # a recipe with `extends: recipes/world-nada-10.yaml` and only its changes
       accelerate launch --multi_gpu --num_processes 4 -m expander.cli expand recipes/ffhq-nada.yaml
     """
     from .distributed import is_main_process

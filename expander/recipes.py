@@ -22,6 +22,23 @@ domains:
 
 A domain's ``weights`` override the ``training`` loss weights for that domain's own adaptation losses
 (``expander.train.DOMAIN_LOSS_WEIGHTS``); they become ``training.domain_weights``.
+
+A variant of a recipe names it with ``extends`` and writes only what changes:
+
+```yaml
+extends: world-nada-10.yaml       # relative to this file; that recipe may extend another
+out: runs/variant
+training: {seed: 3, lambda_composed_edits: 2.0}    # these settings replace the parent's, the rest stay
+domains:
+  - {name: blue_skin, weights: {lambda_nada_consistency: 0.6}}   # merged into the parent's blue_skin
+  - {name: ghost, prompt: "a portrait of a ghost"}                 # a new name: added after the parent's
+remove_domains: [pop_art]         # parent's domains left out of this run
+```
+
+Top-level keys replace the parent's; ``training`` and ``guidance`` are merged setting by setting; a
+domain entry whose name the parent has is merged key by key into the parent's entry (its ``weights``
+weight by weight, and a weight written ``null`` falls back to the run's). Folders in the parent
+(``images``, ``real_images``) stay relative to the parent's file. The merged recipe is checked as one.
 """
 
 from __future__ import annotations
@@ -40,6 +57,7 @@ from .registry import RegistryError, check_user_model_name
 from .train import ExpansionConfig, check_domain_weight_methods, check_exclusive_targets
 
 _TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description", "real_images"}
+_VARIANT_KEYS = {"extends", "remove_domains"}  # read, and gone, before the merged recipe is checked
 _DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha", "weights"}
 
 
@@ -86,16 +104,17 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe not found: {path}")
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
-        return cls.from_dict(data, where=str(path), base_dir=path.parent)
+        data, parents = _read_with_parents(path, ())
+        where = str(path) + (f" (with {' and '.join(str(parent) for parent in parents)}, which it extends)" if parents else "")
+        return cls.from_dict(data, where=where, base_dir=path.parent)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe", base_dir: Optional[Path] = None) -> "Recipe":
         if not isinstance(data, dict):
             raise RecipeError(f"{where} must be a mapping with keys {sorted(_TOP_KEYS)}")
+        variant_keys = sorted(set(data) & _VARIANT_KEYS)
+        if variant_keys:
+            raise RecipeError(f"{where}: {variant_keys} can only be read from a recipe file (Recipe.load), where `extends` names the parent recipe relative to it")
         unknown = sorted(set(data) - _TOP_KEYS, key=str)  # key=str: YAML reads `on:` or `no:` as a bool
         if unknown:
             raise RecipeError(f"{where} has unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
@@ -151,6 +170,106 @@ class Recipe:
             except RegistryError as err:
                 raise RecipeError(str(err)) from None
         return cls(data.get("model"), out, domains, training, name, description.strip(), guidance, real_images=real_images)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+
+
+def _read_with_parents(path: Path, children: tuple[Path, ...]) -> tuple[Any, list[Path]]:
+    """The recipe at ``path`` with the recipes it extends merged under it, and those recipes' paths
+    (nearest first). ``children``: the files already being read that extend this one, for loops."""
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or "extends" not in data:
+        if isinstance(data, dict) and "remove_domains" in data:
+            raise RecipeError(f"{path}: remove_domains leaves out domains of the recipe this one extends, but it has no `extends: PARENT.yaml`; add one, or delete the domains from its list")
+        return data, []
+    reference = data["extends"]
+    if not isinstance(reference, str) or not reference.strip():
+        raise RecipeError(f"{path}: 'extends' must be the path of the recipe this one changes (relative to {path.parent}), got {reference!r}")
+    parent_path = Path(reference).expanduser()
+    if not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    if not parent_path.is_file():
+        raise RecipeError(f"{path}: extends {reference!r}, but {parent_path} is not a recipe file; give its path relative to {path.parent}")
+    chain = (*children, path)
+    if parent_path.resolve() in {step.resolve() for step in chain}:
+        raise RecipeError(f"{path}: recipes extend each other in a loop: {' -> '.join(str(step) for step in (*chain, parent_path))}; one of them must be a whole recipe")
+    parent, grandparents = _read_with_parents(parent_path, chain)
+    if not isinstance(parent, dict):
+        raise RecipeError(f"{parent_path} (extended by {path}) must be a mapping with keys {sorted(_TOP_KEYS)}")
+    return _merged(_with_absolute_folders(parent, parent_path.parent), data, str(path)), [parent_path, *grandparents]
+
+
+def _with_absolute_folders(data: dict, base_dir: Path) -> dict:
+    """``data`` with its relative folders (a domain's ``images``, ``real_images``) made absolute from
+    ``base_dir``, so a recipe that extends it from another folder still finds them."""
+    def absolute(folder: Any) -> Any:
+        if not isinstance(folder, str) or folder.startswith("world:") or not folder.strip():
+            return folder  # the merged recipe's checks name what is wrong with it
+        folder = Path(folder).expanduser()
+        return str(folder if folder.is_absolute() else (base_dir / folder).resolve())
+
+    data = dict(data)
+    if "real_images" in data:
+        data["real_images"] = absolute(data["real_images"])
+    if isinstance(data.get("domains"), list):
+        data["domains"] = [{**entry, "images": absolute(entry["images"])} if isinstance(entry, dict) and "images" in entry else entry for entry in data["domains"]]
+    return data
+
+
+def _merged(parent: dict, child: dict, where: str) -> dict:
+    """``child`` (a recipe that extends ``parent``) written over ``parent``; see the module docstring."""
+    merged = dict(parent)
+    for key, value in child.items():
+        if key in _VARIANT_KEYS:
+            continue
+        if key in ("training", "guidance") and isinstance(value, dict) and isinstance(parent.get(key), dict):
+            merged[key] = {**parent[key], **value}
+        elif key == "domains" and isinstance(value, list) and isinstance(parent.get("domains"), list):
+            merged[key] = _merged_domains(parent["domains"], value, where)
+        else:
+            merged[key] = value
+    removed = child.get("remove_domains")
+    if removed is not None:
+        names = [entry.get("name") for entry in merged.get("domains") or [] if isinstance(entry, dict)]
+        if not isinstance(removed, list) or not removed or not all(isinstance(name, str) for name in removed):
+            raise RecipeError(f"{where}: remove_domains must list domain names of the recipe it extends, e.g. [pop_art], got {removed!r}")
+        unknown = [name for name in removed if name not in names]
+        if unknown:
+            raise RecipeError(f"{where}: remove_domains names {unknown}, which the recipe it extends does not have; its domains: {names}")
+        changed = [entry.get("name") for entry in child.get("domains") or [] if isinstance(entry, dict) and entry.get("name") in removed]
+        if changed:
+            raise RecipeError(f"{where}: domains {changed} are both changed and removed; keep one")
+        merged["domains"] = [entry for entry in merged["domains"] if not (isinstance(entry, dict) and entry.get("name") in removed)]
+    return merged
+
+
+def _merged_domains(parents: list, children: list, where: str) -> list:
+    """The parent's domain entries, each with the child's entry of the same name written over it,
+    then the child's new domains."""
+    merged = list(parents)
+    position = {entry["name"]: i for i, entry in enumerate(parents) if isinstance(entry, dict) and isinstance(entry.get("name"), str)}
+    seen = set()
+    for entry in children:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or name not in position:
+            merged.append(entry)  # a new domain (or a malformed entry, which the checks refuse by its index)
+            continue
+        if name in seen:
+            raise RecipeError(f"{where}: domain {name!r} is changed twice; merge the two entries")
+        seen.add(name)
+        base = merged[position[name]]
+        combined = {**base, **entry}
+        if isinstance(entry.get("weights"), dict):
+            inherited = base["weights"] if isinstance(base.get("weights"), dict) else {}
+            weights = {**inherited, **entry["weights"]}
+            combined["weights"] = {key: weight for key, weight in weights.items() if weight is not None}  # null: back to the run's weight
+        merged[position[name]] = combined
+    return merged
 
 
 def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:

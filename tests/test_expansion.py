@@ -194,6 +194,95 @@ def test_recipe_that_is_not_yaml(tmp_path):
             Recipe.load(tmp_path / "r.yaml")
 
 
+def _write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_a_recipe_that_extends_a_shipped_one_is_that_recipe_with_its_changes(tmp_path):
+    # The compose recipe written as a variant of the NADA one: the same Recipe, field for field.
+    variant = _write_yaml(tmp_path / "compose.yaml", {
+        "extends": str(RECIPES / "world-nada-10.yaml"),
+        "out": "runs/world-nada-10-compose",
+        "name": "world-nada-10-compose",
+        "description": "Portraits world expanded with 10 NADA domains that compose (per-domain cross-domain consistency, composed edits).",
+        "training": {"lambda_nada_consistency": 1.0, "lambda_composed_edits": 2.0},
+        "domains": [
+            {"name": "eyepatch", "weights": {"lambda_nada_consistency": 0.3, "lambda_nada": 1.5}},
+            {"name": "blue_skin", "weights": {"lambda_nada_consistency": 0.3}},
+            {"name": "freckles", "weights": {"lambda_nada_consistency": 0.3, "lambda_nada": 1.5}},
+        ],
+    })
+    assert Recipe.load(variant) == Recipe.load(RECIPES / "world-nada-10-compose.yaml")
+
+
+def test_recipe_variants_merge_settings_and_domains_by_name_and_keep_the_parents_folders(tmp_path):
+    _write_yaml(tmp_path / "base" / "parent.yaml", {
+        "model": "world-portraits", "out": "runs/parent", "real_images": "faces",
+        "guidance": {"clip": ["world"], "perceptual": "auto"},
+        "training": {"steps": 300, "seed": 1, "lambda_nada_consistency": 1.0},
+        "domains": [
+            {"name": "zombie", "prompt": "a zombie", "weights": {"lambda_nada": 2.0, "lambda_nada_consistency": 0.3}},
+            {"name": "me", "method": "mystyle", "images": "photos/me"},
+            {"name": "hat", "prompt": "a hat"},
+        ],
+    })
+    _write_yaml(tmp_path / "variants" / "child.yaml", {
+        "extends": "../base/parent.yaml",
+        "out": "runs/child",
+        "guidance": {"clip": ["world", "world-b"]},
+        "training": {"seed": 3},
+        "domains": [
+            {"name": "zombie", "prompt": "a portrait of a zombie", "weights": {"lambda_nada": None, "lambda_nada_exclusive": 0.2}},
+            {"name": "ghost", "prompt": "a ghost"},
+        ],
+        "remove_domains": ["hat"],
+    })
+    grandchild = _write_yaml(tmp_path / "variants" / "deeper" / "grandchild.yaml", {"extends": "../child.yaml", "training": {"steps": 600}})
+
+    recipe = Recipe.load(grandchild)
+    assert recipe.model == "world-portraits" and recipe.out == "runs/child"
+    assert recipe.guidance == {"clip": ["world", "world-b"], "perceptual": "auto"}
+    assert (recipe.training.steps, recipe.training.seed, recipe.training.lambda_nada_consistency) == (600, 3, 1.0)
+    assert [(d.name, d.prompt) for d in recipe.domains] == [("zombie", "a portrait of a zombie"), ("me", None), ("ghost", "a ghost")]
+    # zombie's 2.0x pull is dropped (null), its consistency kept, its new hinge added
+    assert recipe.training.domain_weights == {"zombie": {"lambda_nada_consistency": 0.3, "lambda_nada_exclusive": 0.2}}
+    # folders stay relative to the file that names them
+    assert recipe.domains[1].images == str((tmp_path / "base" / "photos" / "me").resolve())
+    assert recipe.real_images == str((tmp_path / "base" / "faces").resolve())
+
+
+@pytest.mark.parametrize(
+    "child, message",
+    [
+        ({"extends": "missing.yaml"}, r"extends 'missing.yaml', but .*missing.yaml is not a recipe file"),
+        ({"extends": ""}, "'extends' must be the path of the recipe this one changes"),
+        ({"extends": ["parent.yaml"]}, "'extends' must be the path of the recipe this one changes"),
+        ({"extends": "child.yaml"}, "recipes extend each other in a loop"),
+        ({"extends": "loop.yaml"}, "recipes extend each other in a loop"),
+        ({"remove_domains": ["hat"]}, "has no `extends: PARENT.yaml`"),
+        ({"extends": "parent.yaml", "remove_domains": ["ghost"]}, r"remove_domains names \['ghost'\], which the recipe it extends does not have; its domains: \['zombie', 'hat'\]"),
+        ({"extends": "parent.yaml", "remove_domains": "hat"}, "remove_domains must list domain names"),
+        ({"extends": "parent.yaml", "remove_domains": ["hat"], "domains": [{"name": "hat", "prompt": "a red hat"}]}, r"domains \['hat'\] are both changed and removed"),
+        ({"extends": "parent.yaml", "domains": [{"name": "hat", "alpha": 4.0}, {"name": "hat", "alpha": 5.0}]}, "domain 'hat' is changed twice"),
+        ({"extends": "parent.yaml", "remove_domains": ["zombie", "hat"]}, "needs a non-empty 'domains' list"),
+        ({"extends": "parent.yaml", "training": {"stepz": 3}}, r"child.yaml \(with .*parent.yaml, which it extends\).*stepz"),
+        ({"extends": "parent.yaml", "domains": [{"name": "zombie", "method": "mystyle", "images": "photos"}]}, "prompt would do nothing for a mystyle domain"),
+    ],
+)
+def test_bad_recipe_variants_are_refused_with_a_clear_message(tmp_path, child, message):
+    _write_yaml(tmp_path / "parent.yaml", {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zombie"}, {"name": "hat", "prompt": "a hat"}]})
+    _write_yaml(tmp_path / "loop.yaml", {"extends": "child.yaml"})
+    with pytest.raises(RecipeError, match=message):
+        Recipe.load(_write_yaml(tmp_path / "child.yaml", child))
+
+
+def test_extends_is_read_only_from_recipe_files():
+    with pytest.raises(RecipeError, match=r"\['extends'\] can only be read from a recipe file"):
+        Recipe.from_dict({**GOOD, "extends": "parent.yaml"})
+
+
 # ---- the real-model code paths: one training step with every guidance kind ---------------------------
 
 
@@ -769,6 +858,29 @@ def test_expand_takes_the_output_folder_from_the_command_line_when_the_recipe_ha
     result = run("expand", tmp_path / "r.yaml", "--out", tmp_path / "joint")
     assert result.exit_code == 0, result.output
     assert ExpandedGenerator.from_pretrained(tmp_path / "joint").domain_names == ["zombie"]
+
+
+def test_expand_trains_a_recipe_variant_and_refuses_to_resume_it_after_its_parent_changed(parent_dir, tiny_clip_dir, tmp_path, home, monkeypatch):
+    parent = _one_step_recipe(parent_dir, tiny_clip_dir, training={"steps": 2, "batch_size": 1, "base_batch_size": 1, "checkpoint_every": 1})
+    _write_yaml(tmp_path / "base" / "parent.yaml", parent)
+    _write_yaml(tmp_path / "variant.yaml", {"extends": "base/parent.yaml", "out": str(tmp_path / "joint"), "domains": [{"name": "ghost", "prompt": "a ghost"}]})
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while saving")
+
+    with monkeypatch.context() as patch:  # the run dies before its checkpoint is written; its state stays
+        patch.setattr(ExpandedGenerator, "save_pretrained", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            run("expand", tmp_path / "variant.yaml")
+    parent["training"]["lr"] = 0.01  # the variant's file is unchanged; what it extends is not
+    _write_yaml(tmp_path / "base" / "parent.yaml", parent)
+    refused = run("expand", tmp_path / "variant.yaml", "--resume")
+    assert refused.exit_code != 0 and "lr: 0.002 in the state, 0.01 now" in refused.output, refused.output
+    del parent["training"]["lr"]
+    _write_yaml(tmp_path / "base" / "parent.yaml", parent)
+    result = run("expand", tmp_path / "variant.yaml", "--resume")
+    assert result.exit_code == 0, result.output
+    assert ExpandedGenerator.from_pretrained(tmp_path / "joint").domain_names == ["zombie", "ghost"]
 
 
 class _LinearEncoder:
