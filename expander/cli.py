@@ -419,7 +419,8 @@ def import_checkpoint(checkpoint, out, allow_pickle, alpha, num_dormant, overwri
 @click.option("--device", "device", default="auto", show_default=True, help=TRAIN_DEVICE_HELP)
 @click.option("--real-images", default=None, type=click.Path(file_okay=False), help=REAL_IMAGES_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, device, real_images, overwrite):
+@click.option("--show", is_flag=True, help="Print the recipe as this command would train it (what it `extends` merged in; --steps, --seed, --set and --out applied) as YAML, checked, and exit: nothing is loaded, trained or written.")
+def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, device, real_images, overwrite, show):
     """Joint expansion of a model with every domain of a recipe file (see recipes/).
 
     \b
@@ -430,15 +431,28 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
       expander expand recipes/world-nada-10.yaml --resume --steps 1800
       expander expand recipes/world-nada-10.yaml --seed 1 --set lambda_nada_consistency=0.5 --out runs/variant --name variant
       expander expand variant.yaml   # a recipe with `extends: recipes/world-nada-10.yaml` and only its changes
+      expander expand variant.yaml --seed 3 --show   # print it merged with what it extends, and exit
       accelerate launch --multi_gpu --num_processes 4 -m expander.cli expand recipes/ffhq-nada.yaml
     """
     from .distributed import is_main_process
     from .expansion import run_expansion, training_state_dir
-    from .recipes import Recipe
+    from .recipes import Recipe, resolved_recipe
     from .registry import check_name_available
 
     try:
         plan = Recipe.load(recipe)
+        overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
+        if "domain_weights" in overrides:  # it would replace every domain's weights of the recipe at once
+            raise ValueError("set a domain's loss weights in its recipe entry (weights: {lambda_nada: 2.0}), not with --set domain_weights=...")
+        if overrides:  # validated like the recipe's own settings
+            plan.training = plan.training.with_settings(overrides)
+        if show:
+            import yaml
+
+            shown = resolved_recipe(recipe)
+            shown = {**shown, **({"out": out} if out else {}), **({"training": {**(shown.get("training") or {}), **overrides}} if overrides else {})}
+            click.echo(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=120), nl=False)
+            return
         if name is None and (not out or plan.out is None or _same_folder(out, plan.out)):
             name = plan.name  # a variant written elsewhere must not take over the name of the recipe's own result
         out = out or plan.out
@@ -446,11 +460,6 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
             raise ValueError(f"recipe {recipe} has no 'out' folder; add `out: FOLDER` to it or pass --out FOLDER")
         if name:  # before training: a run must not take over another model's name
             check_name_available(name, {"path": os.path.abspath(out)}, "trained")
-        overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
-        if "domain_weights" in overrides:  # it would replace every domain's weights of the recipe at once
-            raise ValueError("set a domain's loss weights in its recipe entry (weights: {lambda_nada: 2.0}), not with --set domain_weights=...")
-        if overrides:  # validated like the recipe's own settings
-            plan.training = plan.training.with_settings(overrides)
         model = run_expansion(plan.model, plan.domains, out, plan.training, plan.guidance, name=name, resume=resume, force=force, keep_state=keep_state, overwrite=overwrite, device=device, real_images=real_images or plan.real_images, description=plan.description)
     except (FileNotFoundError, ValueError, IndexError) as err:
         _fail(str(err))

@@ -172,6 +172,14 @@ class Recipe:
         return cls(data.get("model"), out, domains, training, name, description.strip(), guidance, real_images=real_images)
 
 
+def resolved_recipe(path: str | Path) -> dict:
+    """The recipe file at ``path`` as the one mapping it stands for: the recipes it ``extends`` merged
+    in, their folders made absolute. Checked (a RecipeError says what is wrong), so it loads as
+    ``Recipe.load(path)`` does; for showing a variant as it will run."""
+    Recipe.load(path)
+    return _read_with_parents(Path(path), ())[0]
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)

@@ -883,6 +883,27 @@ def test_expand_trains_a_recipe_variant_and_refuses_to_resume_it_after_its_paren
     assert ExpandedGenerator.from_pretrained(tmp_path / "joint").domain_names == ["zombie", "ghost"]
 
 
+def test_expand_show_prints_a_variant_as_it_would_train_and_writes_nothing(tmp_path, home):
+    _write_yaml(tmp_path / "base" / "parent.yaml", {
+        "model": "world-portraits", "out": "runs/parent", "training": {"steps": 300},
+        "domains": [{"name": "zombie", "prompt": "a portrait of a zombie", "weights": {"lambda_nada": 2.0}}, {"name": "me", "method": "mystyle", "images": "photos/me"}],
+    })
+    variant = _write_yaml(tmp_path / "variant.yaml", {"extends": "base/parent.yaml", "domains": [{"name": "zombie", "weights": {"lambda_nada_consistency": 0.6}}]})
+    result = run("expand", variant, "--seed", "3", "--set", "lambda_gan=0", "--out", tmp_path / "out", "--show")
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert "extends" not in shown and shown["out"] == str(tmp_path / "out")
+    assert shown["training"] == {"steps": 300, "lambda_gan": 0, "seed": 3}
+    assert shown["domains"][0] == {"name": "zombie", "prompt": "a portrait of a zombie", "weights": {"lambda_nada": 2.0, "lambda_nada_consistency": 0.6}}
+    assert shown["domains"][1]["images"] == str((tmp_path / "base" / "photos" / "me").resolve())
+    # what is shown is a whole recipe: saved, it trains the same run
+    again, expected = Recipe.load(_write_yaml(tmp_path / "shown.yaml", shown)), Recipe.load(variant)
+    assert again.domains == expected.domains and again.training == expected.training.with_settings({"seed": 3, "lambda_gan": 0})
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.state").exists()
+    refused = run("expand", variant, "--set", "lambda_gan=-1", "--show")
+    assert refused.exit_code != 0 and "lambda_gan must be >= 0" in refused.output, refused.output
+
+
 class _LinearEncoder:
     """A stand-in CLIP: images -> their mean RGB (unnormalised, so directions scale with the change)."""
 
