@@ -35,15 +35,21 @@ domains:
 remove_domains: [pop_art]         # parent's domains left out of this run
 ```
 
-Top-level keys replace the parent's; ``training`` and ``guidance`` are merged setting by setting; a
-domain entry whose name the parent has is merged key by key into the parent's entry (its ``weights``
-weight by weight, and a weight written ``null`` falls back to the run's). Folders in the parent
-(``images``, ``real_images``) stay relative to the parent's file. The merged recipe is checked as one.
+Top-level keys replace the parent's, but ``out`` and ``name`` are a recipe's own (a variant names its
+folder, or gets it from ``expander expand --out``); ``training`` and ``guidance`` are merged setting
+by setting (an empty block changes nothing); a domain entry whose name the parent has is merged key
+by key into the parent's entry (its ``weights`` weight by weight, and a weight written ``null`` falls
+back to the run's), a name the parent lacks is a new domain, and a name both in ``remove_domains``
+and in ``domains`` replaces the parent's domain whole (to change its method). The parent's domain
+``images`` and ``real_images`` stay relative to the parent's file; every other path (``out``, a folder
+``model``) is relative to where the command runs, as in any recipe. The merged recipe is checked as one.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import difflib
+import os
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +64,7 @@ from .train import ExpansionConfig, check_domain_weight_methods, check_exclusive
 
 _TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description", "real_images"}
 _VARIANT_KEYS = {"extends", "remove_domains"}  # read, and gone, before the merged recipe is checked
+_OWN_KEYS = {"out", "name"}  # a recipe's own, not inherited by the recipes that extend it
 _DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha", "weights"}
 
 
@@ -180,17 +187,18 @@ def resolved_recipe(path: str | Path) -> dict:
     return _read_with_parents(Path(path), ())[0]
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(path: Path, extended_by: Optional[Path] = None) -> Any:
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+        by = f" (extended by {extended_by})" if extended_by is not None else ""
+        raise RecipeError(f"recipe {path}{by} is not valid YAML: {err}") from None
 
 
 def _read_with_parents(path: Path, children: tuple[Path, ...]) -> tuple[Any, list[Path]]:
     """The recipe at ``path`` with the recipes it extends merged under it, and those recipes' paths
     (nearest first). ``children``: the files already being read that extend this one, for loops."""
-    data = _read_yaml(path)
+    data = _read_yaml(path, children[-1] if children else None)
     if not isinstance(data, dict) or "extends" not in data:
         if isinstance(data, dict) and "remove_domains" in data:
             raise RecipeError(f"{path}: remove_domains leaves out domains of the recipe this one extends, but it has no `extends: PARENT.yaml`; add one, or delete the domains from its list")
@@ -200,7 +208,7 @@ def _read_with_parents(path: Path, children: tuple[Path, ...]) -> tuple[Any, lis
         raise RecipeError(f"{path}: 'extends' must be the path of the recipe this one changes (relative to {path.parent}), got {reference!r}")
     parent_path = Path(reference).expanduser()
     if not parent_path.is_absolute():
-        parent_path = path.parent / parent_path
+        parent_path = Path(os.path.normpath(path.parent / parent_path))
     if not parent_path.is_file():
         raise RecipeError(f"{path}: extends {reference!r}, but {parent_path} is not a recipe file; give its path relative to {path.parent}")
     chain = (*children, path)
@@ -231,50 +239,57 @@ def _with_absolute_folders(data: dict, base_dir: Path) -> dict:
 
 def _merged(parent: dict, child: dict, where: str) -> dict:
     """``child`` (a recipe that extends ``parent``) written over ``parent``; see the module docstring."""
-    merged = dict(parent)
-    for key, value in child.items():
-        if key in _VARIANT_KEYS:
-            continue
-        if key in ("training", "guidance") and isinstance(value, dict) and isinstance(parent.get(key), dict):
-            merged[key] = {**parent[key], **value}
-        elif key == "domains" and isinstance(value, list) and isinstance(parent.get("domains"), list):
-            merged[key] = _merged_domains(parent["domains"], value, where)
-        else:
-            merged[key] = value
+    # `out` and `name` say where this run's result goes and what it is registered as: inherited, a
+    # variant would train into its parent's folder or take over its parent's name.
+    merged = {key: value for key, value in parent.items() if key not in _OWN_KEYS}
     removed = child.get("remove_domains")
     if removed is not None:
-        names = [entry.get("name") for entry in merged.get("domains") or [] if isinstance(entry, dict)]
+        names = [entry.get("name") for entry in parent.get("domains") or [] if isinstance(entry, dict)]
         if not isinstance(removed, list) or not removed or not all(isinstance(name, str) for name in removed):
             raise RecipeError(f"{where}: remove_domains must list domain names of the recipe it extends, e.g. [pop_art], got {removed!r}")
         unknown = [name for name in removed if name not in names]
         if unknown:
             raise RecipeError(f"{where}: remove_domains names {unknown}, which the recipe it extends does not have; its domains: {names}")
-        changed = [entry.get("name") for entry in child.get("domains") or [] if isinstance(entry, dict) and entry.get("name") in removed]
-        if changed:
-            raise RecipeError(f"{where}: domains {changed} are both changed and removed; keep one")
-        merged["domains"] = [entry for entry in merged["domains"] if not (isinstance(entry, dict) and entry.get("name") in removed)]
+        if isinstance(parent.get("domains"), list):
+            merged["domains"] = [entry for entry in parent["domains"] if not (isinstance(entry, dict) and entry.get("name") in removed)]
+    for key, value in child.items():
+        if key in _VARIANT_KEYS:
+            continue
+        if key in ("training", "guidance") and isinstance(merged.get(key), dict) and (value is None or isinstance(value, dict)):
+            merged[key] = {**merged[key], **(value or {})}  # an empty block (`training:` and comments) changes nothing
+        elif key == "domains" and isinstance(value, list) and isinstance(merged.get("domains"), list):
+            merged[key] = _merged_domains(merged["domains"], value, where, set(removed or ()))
+        else:
+            merged[key] = value
     return merged
 
 
-def _merged_domains(parents: list, children: list, where: str) -> list:
-    """The parent's domain entries, each with the child's entry of the same name written over it,
-    then the child's new domains."""
+def _merged_domains(parents: list, children: list, where: str, removed: set) -> list:
+    """The parent's domain entries (less the ``removed`` ones), each with the child's entry of the
+    same name written over it, then the child's new domains (a removed name written again is new)."""
     merged = list(parents)
     position = {entry["name"]: i for i, entry in enumerate(parents) if isinstance(entry, dict) and isinstance(entry.get("name"), str)}
     seen = set()
     for entry in children:
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or name not in position:
-            merged.append(entry)  # a new domain (or a malformed entry, which the checks refuse by its index)
+            if isinstance(name, str) and not any(entry.get(key) for key in ("prompt", "images", "method")):
+                # Only changes, for a name the parent does not have: a typo, not a new domain.
+                if name in removed:
+                    raise RecipeError(f"{where}: domain {name!r} is in remove_domains, so its entry here is a whole new domain and needs its prompt (or images and method); to change only some of its keys, take it out of remove_domains")
+                close = difflib.get_close_matches(name, list(position), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise RecipeError(f"{where}: domain {name!r} is not in the recipe it extends (its domains: {list(position)}){hint} A new domain needs a prompt or images")
+            merged.append(entry)  # a new domain (or a malformed entry, which the checks refuse)
             continue
         if name in seen:
             raise RecipeError(f"{where}: domain {name!r} is changed twice; merge the two entries")
         seen.add(name)
         base = merged[position[name]]
         combined = {**base, **entry}
-        if isinstance(entry.get("weights"), dict):
+        if "weights" in entry and (entry["weights"] is None or isinstance(entry["weights"], dict)):
             inherited = base["weights"] if isinstance(base.get("weights"), dict) else {}
-            weights = {**inherited, **entry["weights"]}
+            weights = {**inherited, **(entry["weights"] or {})}  # `weights:` left empty changes nothing
             combined["weights"] = {key: weight for key, weight in weights.items() if weight is not None}  # null: back to the run's weight
         merged[position[name]] = combined
     return merged

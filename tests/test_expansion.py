@@ -242,7 +242,8 @@ def test_recipe_variants_merge_settings_and_domains_by_name_and_keep_the_parents
     grandchild = _write_yaml(tmp_path / "variants" / "deeper" / "grandchild.yaml", {"extends": "../child.yaml", "training": {"steps": 600}})
 
     recipe = Recipe.load(grandchild)
-    assert recipe.model == "world-portraits" and recipe.out == "runs/child"
+    # out and name are each recipe's own: the grandchild names no folder, so `expand --out` must
+    assert recipe.model == "world-portraits" and recipe.out is None and Recipe.load(tmp_path / "variants" / "child.yaml").out == "runs/child"
     assert recipe.guidance == {"clip": ["world", "world-b"], "perceptual": "auto"}
     assert (recipe.training.steps, recipe.training.seed, recipe.training.lambda_nada_consistency) == (600, 3, 1.0)
     assert [(d.name, d.prompt) for d in recipe.domains] == [("zombie", "a portrait of a zombie"), ("me", None), ("ghost", "a ghost")]
@@ -251,6 +252,26 @@ def test_recipe_variants_merge_settings_and_domains_by_name_and_keep_the_parents
     # folders stay relative to the file that names them
     assert recipe.domains[1].images == str((tmp_path / "base" / "photos" / "me").resolve())
     assert recipe.real_images == str((tmp_path / "base" / "faces").resolve())
+
+
+def test_a_recipe_variant_keeps_the_parents_blocks_when_its_own_are_empty_and_can_replace_a_domain_whole(tmp_path):
+    _write_yaml(tmp_path / "parent.yaml", {
+        "model": "world-portraits", "out": "runs/parent", "name": "parent-run", "description": "Two domains.",
+        "guidance": {"clip": ["world"]}, "training": {"seed": 1, "nada_image_exclusive_of": {"zombie": ["hat"]}},
+        "domains": [{"name": "zombie", "prompt": "a zombie", "weights": {"lambda_nada_image_exclusive": 0.5}}, {"name": "hat", "prompt": "a hat"}],
+    })
+    # `training:` with only comments under it is null in YAML: it must not wipe the parent's settings
+    (tmp_path / "empty.yaml").write_text("extends: parent.yaml\nout: runs/empty\ntraining:\n  # seed: 3\nguidance:\ndomains:\n  - {name: zombie, weights: }\n")
+    recipe = Recipe.load(tmp_path / "empty.yaml")
+    assert recipe.training.seed == 1 and recipe.training.nada_image_exclusive_of == {"zombie": ["hat"]} and recipe.guidance == {"clip": ["world"]}
+    assert recipe.training.domain_weights == {"zombie": {"lambda_nada_image_exclusive": 0.5}}
+    assert (recipe.out, recipe.name, recipe.description) == ("runs/empty", None, "Two domains.")  # not registered as parent-run
+    # a new method for a parent's domain: remove it and write it again, whole
+    sds = {"extends": "parent.yaml", "remove_domains": ["hat"], "domains": [{"name": "hat", "method": "sds", "prompt": "a portrait of a person wearing a hat"}]}
+    with pytest.raises(RecipeError, match=r"nada_image_exclusive_of names \['hat'\], which this run does not train with nada"):
+        Recipe.load(_write_yaml(tmp_path / "sds.yaml", sds))  # the parent's setting still names it
+    recipe = Recipe.load(_write_yaml(tmp_path / "sds.yaml", {**sds, "training": {"nada_image_exclusive_of": {}}}))
+    assert [(d.name, d.method, d.prompt) for d in recipe.domains] == [("zombie", "nada", "a zombie"), ("hat", "sds", "a portrait of a person wearing a hat")]
 
 
 @pytest.mark.parametrize(
@@ -264,7 +285,9 @@ def test_recipe_variants_merge_settings_and_domains_by_name_and_keep_the_parents
         ({"remove_domains": ["hat"]}, "has no `extends: PARENT.yaml`"),
         ({"extends": "parent.yaml", "remove_domains": ["ghost"]}, r"remove_domains names \['ghost'\], which the recipe it extends does not have; its domains: \['zombie', 'hat'\]"),
         ({"extends": "parent.yaml", "remove_domains": "hat"}, "remove_domains must list domain names"),
-        ({"extends": "parent.yaml", "remove_domains": ["hat"], "domains": [{"name": "hat", "prompt": "a red hat"}]}, r"domains \['hat'\] are both changed and removed"),
+        ({"extends": "parent.yaml", "remove_domains": ["hat"], "domains": [{"name": "hat", "alpha": 4.0}]}, "'hat' is in remove_domains, so its entry here is a whole new domain"),
+        ({"extends": "parent.yaml", "domains": [{"name": "zombi", "weights": {"lambda_nada": 2.0}}]}, r"domain 'zombi' is not in the recipe it extends \(its domains: \['zombie', 'hat'\]\); did you mean 'zombie'\?"),
+        ({"extends": "broken.yaml"}, r"broken.yaml \(extended by .*child.yaml\) is not valid YAML"),
         ({"extends": "parent.yaml", "domains": [{"name": "hat", "alpha": 4.0}, {"name": "hat", "alpha": 5.0}]}, "domain 'hat' is changed twice"),
         ({"extends": "parent.yaml", "remove_domains": ["zombie", "hat"]}, "needs a non-empty 'domains' list"),
         ({"extends": "parent.yaml", "training": {"stepz": 3}}, r"child.yaml \(with .*parent.yaml, which it extends\).*stepz"),
@@ -274,6 +297,7 @@ def test_recipe_variants_merge_settings_and_domains_by_name_and_keep_the_parents
 def test_bad_recipe_variants_are_refused_with_a_clear_message(tmp_path, child, message):
     _write_yaml(tmp_path / "parent.yaml", {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zombie"}, {"name": "hat", "prompt": "a hat"}]})
     _write_yaml(tmp_path / "loop.yaml", {"extends": "child.yaml"})
+    (tmp_path / "broken.yaml").write_text("model: [unclosed")
     with pytest.raises(RecipeError, match=message):
         Recipe.load(_write_yaml(tmp_path / "child.yaml", child))
 
