@@ -108,12 +108,7 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe not found: {path}")
-        data, parents = _read_with_parents(path, ())
-        where = str(path) + (f" (with {' and '.join(str(parent) for parent in parents)}, which it extends)" if parents else "")
-        return cls.from_dict(data, where=where, base_dir=path.parent)
+        return _load(Path(path))[0]
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe", base_dir: Optional[Path] = None) -> "Recipe":
@@ -164,9 +159,7 @@ class Recipe:
         if real_images is not None:
             if not isinstance(real_images, str) or not real_images.strip():
                 raise RecipeError(f"{where}: 'real_images' must be a folder of photos, got {real_images!r}")
-            real_images = str(Path(real_images).expanduser())
-            if base_dir is not None and not Path(real_images).is_absolute():
-                real_images = str((base_dir / real_images).resolve())  # like a domain's images: relative to the recipe
+            real_images = _recipe_folder(real_images, base_dir)  # like a domain's images: relative to the recipe
         description = data.get("description") or ""
         if not isinstance(description, str) or "\n" in description.strip():
             raise RecipeError(f"{where}: 'description' must be one line of text (the model card's and the registry's), got {description!r}")
@@ -183,8 +176,23 @@ def resolved_recipe(path: str | Path) -> dict:
     """The recipe file at ``path`` as the one mapping it stands for: the recipes it ``extends`` merged
     in, their folders made absolute. Checked (a RecipeError says what is wrong), so it loads as
     ``Recipe.load(path)`` does; for showing a variant as it will run."""
-    Recipe.load(path)
-    return _read_with_parents(Path(path), ())[0]
+    return _load(Path(path))[1]
+
+
+def _load(path: Path) -> tuple[Recipe, dict]:
+    """The checked recipe at ``path`` and the merged mapping it was read from (files read once)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    data, parents = _read_with_parents(path, ())
+    where = str(path) + (f" (with {' and '.join(str(parent) for parent in parents)}, which it extends)" if parents else "")
+    return Recipe.from_dict(data, where=where, base_dir=path.parent), data
+
+
+def _recipe_folder(folder: str, base_dir: Optional[Path]) -> str:
+    """A folder a recipe names (``~`` expanded), relative to the recipe's own folder ``base_dir`` when
+    it is relative and the recipe has one."""
+    folder = Path(folder).expanduser()
+    return str(folder if base_dir is None or folder.is_absolute() else (base_dir / folder).resolve())
 
 
 def _read_yaml(path: Path, extended_by: Optional[Path] = None) -> Any:
@@ -226,8 +234,7 @@ def _with_absolute_folders(data: dict, base_dir: Path) -> dict:
     def absolute(folder: Any) -> Any:
         if not isinstance(folder, str) or folder.startswith("world:") or not folder.strip():
             return folder  # the merged recipe's checks name what is wrong with it
-        folder = Path(folder).expanduser()
-        return str(folder if folder.is_absolute() else (base_dir / folder).resolve())
+        return _recipe_folder(folder, base_dir)
 
     data = dict(data)
     if "real_images" in data:
@@ -325,9 +332,7 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
         if not isinstance(images, str):
             raise RecipeError(f"{where}: 'images' must be a folder of photos of the subject, got {images!r}")
         if not images.startswith("world:"):
-            images = str(Path(images).expanduser())
-            if base_dir is not None and not Path(images).is_absolute():
-                images = str((base_dir / images).resolve())
+            images = _recipe_folder(images, base_dir)
     if entry.get("weights") is not None and not isinstance(entry["weights"], dict):
         raise RecipeError(f"{where}: weights must map loss weights to numbers, e.g. {{lambda_nada_consistency: 0.3}}, got {entry['weights']!r}")
     for key in ("prompt", "source_prompt"):
