@@ -1,3 +1,4 @@
+import json
 import re
 
 import pytest
@@ -78,6 +79,35 @@ def test_resume_gives_the_same_weights(model, guidance, tmp_path, schedule, real
     assert [d.steps for d in c.domains] == [4, 4]
 
 
+def test_resume_in_another_numeric_environment_continues_with_a_warning(model, guidance, tmp_path, caplog):
+    model.save_pretrained(tmp_path / "start")
+    fresh = lambda: ExpandedGenerator.from_pretrained(tmp_path / "start")  # noqa: E731
+    first = fresh()
+    expand(first, list(first.domains), guidance, ExpansionConfig(**{**SMALL, "steps": 2}), state_dir=tmp_path / "state", progress=False)
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())["numerics"]
+    assert saved == {"torch": torch.__version__, "device": "cpu", "cpu_threads": torch.get_num_threads()}
+
+    with caplog.at_level("WARNING", logger="expander"):
+        same = fresh()
+        expand(same, list(same.domains), guidance, ExpansionConfig(**SMALL), state_dir=tmp_path / "state", resume=True, progress=False)
+    assert not [r for r in caplog.records if "numeric environment" in r.getMessage()]
+
+    again = fresh()  # a state saved at step 2 again, since the resume above finished and replaced it
+    expand(again, list(again.domains), guidance, ExpansionConfig(**{**SMALL, "steps": 2}), state_dir=tmp_path / "state", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with caplog.at_level("WARNING", logger="expander"):
+            other = fresh()
+            expand(other, list(other.domains), guidance, ExpansionConfig(**SMALL), state_dir=tmp_path / "state", resume=True, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    (warning,) = [r.getMessage() for r in caplog.records if "numeric environment" in r.getMessage()]
+    assert f"cpu_threads: {threads} in the state, {threads + 1} now" in warning
+    assert f"resume with OMP_NUM_THREADS={threads}" in warning
+    assert [d.steps for d in other.domains] == [4, 4], "the run still continues"
+
+
 def test_resume_refuses_a_state_of_another_run(model, guidance, tmp_path):
     model.save_pretrained(tmp_path / "start")
     fresh = lambda: ExpandedGenerator.from_pretrained(tmp_path / "start")  # noqa: E731
@@ -98,8 +128,6 @@ def test_resume_refuses_a_state_of_another_run(model, guidance, tmp_path):
     fewer_steps = fresh()
     with pytest.raises(ValueError, match="at step 2, past this run's 1 steps"):
         expand(fewer_steps, list(fewer_steps.domains), guidance, ExpansionConfig(**{**SMALL, "steps": 1}), state_dir=tmp_path / "state", resume=True, progress=False)
-    import json
-
     state_json = tmp_path / "state" / "state.json"
     saved_info = state_json.read_text()
     info = json.loads(saved_info)
