@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -297,11 +297,31 @@ class ExpandedGenerator(
         noise_mode: str = "const",
         batch_size: int = 32,
     ) -> torch.Tensor:
-        """Images (n, 3, R, R) in [-1, 1] from ``domain`` (``'base'`` = the source domain)."""
+        """Images (n, 3, R, R) in [-1, 1] from ``domain`` (``'base'`` = the source domain); all of
+        :meth:`sample_batches` at once."""
+        return torch.cat(list(self.sample_batches(domain, n, seed, strength, compose, truncation_psi, noise_mode, batch_size)))
+
+    def sample_batches(
+        self,
+        domain: str = BASE_DOMAIN,
+        n: int = 16,
+        seed: int = 0,
+        strength: float = 1.0,
+        compose: Sequence[str] = (),
+        truncation_psi: float = 1.0,
+        noise_mode: str = "const",
+        batch_size: int = 32,
+    ) -> Iterator[torch.Tensor]:
+        """The images of :meth:`sample` (same arguments; ``batch_size`` changes them only by float rounding) as batches
+        (<= batch_size, 3, R, R) in [-1, 1], rendered as they are taken: only one batch is held, so
+        thousands of images (for a Fréchet distance, say) fit in memory. Arguments are checked here, at
+        the call, not when the first batch is taken."""
         if domain in compose:
             raise ValueError(f"{domain!r} is both the domain and in compose; list each domain once (its strength is {strength:g})")
         if domain == BASE_DOMAIN and strength != 1.0:
             raise ValueError(f"strength moves along a domain's direction, and the source domain {BASE_DOMAIN!r} has none; sample a domain with strength {strength:g}, or base without it")
+        if noise_mode not in ("const", "random", "none"):
+            raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
         strengths = {domain: strength}
         for extra in compose:
             strengths[extra] = 1.0
@@ -313,19 +333,24 @@ class ExpandedGenerator(
         subjects = [name for name in named if self.anchors(name) is not None]
         if len(subjects) > 1:
             raise ValueError(f"domains {subjects} are each one subject (sampled between their photos); compose at most one of them with other domains")
-        w = self.domain_latents(self.sampling_latents(subjects[0] if subjects else domain, n, seed, truncation_psi), strengths)
+        with torch.no_grad():
+            w = self.domain_latents(self.sampling_latents(subjects[0] if subjects else domain, n, seed, truncation_psi), strengths)  # (n, D)
+        return self._synthesize_batches(w, seed, noise_mode, batch_size)
+
+    @torch.no_grad()
+    def _synthesize_batches(self, w: torch.Tensor, seed: int, noise_mode: str, batch_size: int) -> Iterator[torch.Tensor]:
         if noise_mode != "random":
-            return torch.cat([self.generator.synthesis(chunk, noise_mode=noise_mode) for chunk in w.split(batch_size)]).clamp(-1, 1)
+            for chunk in w.split(batch_size):
+                yield self.generator.synthesis(chunk, noise_mode=noise_mode).clamp(-1, 1)
+            return
         # Fresh noise per image, drawn from the seed (as the latents are) image after image, so a seed
         # gives the same images whatever the batch size, and only one batch's noise is held at a time.
         rng = torch.Generator().manual_seed(int(seed) + 1)
         buffers = self.generator.noise_buffers()  # (1, 1, S, S) each
-        images = []
         for chunk in w.split(batch_size):
             per_image = [[torch.randn(buffer.shape, generator=rng) for buffer in buffers] for _ in range(len(chunk))]
             noise = [torch.cat(layer).to(buffer) for layer, buffer in zip(zip(*per_image), buffers)]  # (B, 1, S, S) each
-            images.append(self.generator.synthesis(chunk, noise=noise))
-        return torch.cat(images).clamp(-1, 1)
+            yield self.generator.synthesis(chunk, noise=noise).clamp(-1, 1)
 
     @torch.no_grad()
     def traverse(

@@ -24,6 +24,8 @@ REAL_IMAGES_HELP = (
 OVERWRITE_HELP = "Replace a model in the output folder that has domains the result would not have (refused without it: that is another model)."
 DEVICE_HELP = "'cpu', 'cuda', 'cuda:N' or 'auto' (a CUDA GPU if there is one)."
 SEED = click.IntRange(0, MAX_SEED)
+MAX_GRID_IMAGES = 1024  # a grid is one image in memory
+MAX_FOLDER_IMAGES = 1_000_000  # a folder is written batch by batch; this only catches a mistyped -n
 
 
 def _fail(message: str) -> None:
@@ -37,6 +39,19 @@ def _image_path(ctx: click.Context, param: click.Parameter, value: Optional[str]
     if value is not None and Path(value).suffix.lower() not in IMAGE_SUFFIXES:
         raise click.BadParameter(f"{value!r} is not an image file name: end it in one of {', '.join(IMAGE_SUFFIXES)} (e.g. grid.png)", ctx=ctx, param=param)
     return value
+
+
+def _grid_or_folder_path(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """An image file (a grid), or a folder (one PNG per image): a path without a suffix, ending in
+    ``/``, or an existing folder. Checked before any work."""
+    if value is None or _is_folder_out(value):
+        return value
+    return _image_path(ctx, param, value)
+
+
+def _is_folder_out(value: str) -> bool:
+    path = Path(value)
+    return value.endswith(("/", os.sep)) or path.is_dir() or not (path.suffix or path.exists())
 
 
 def _json_path(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
@@ -118,30 +133,44 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--domain", default=BASE_DOMAIN, show_default=True, help="Domain name; 'base' is the source domain.")
 @click.option("--model", default=None, help=MODEL_HELP)
-@click.option("-n", "--num", "num", default=16, show_default=True, type=click.IntRange(1, 1024), help="Number of images.")
+@click.option("-n", "--num", "num", default=16, show_default=True, type=click.IntRange(1, MAX_FOLDER_IMAGES), help=f"Number of images (at most {MAX_GRID_IMAGES} in a grid).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the latents (same seed = same identities in every domain).")
 @click.option("--strength", default=1.0, show_default=True, type=float, help="Position along the domain direction: 0 = base, 1 = domain.")
 @click.option("--compose", default="", help="Comma-separated extra domains added at full strength, e.g. 'glasses,hat'.")
 @click.option("--truncation", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Truncation psi towards the mean w.")
 @click.option("--nrow", default=None, type=click.IntRange(1), help="Images per row of the grid.")
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_image_path, help="Output image grid (.png, .jpg, ...).")
-def sample(domain, model, num, seed, strength, compose, truncation, nrow, device, out):
-    """Sample a grid of images from one domain (or a composition of domains).
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images rendered at once: memory, not results (they differ by float rounding at most).")
+@click.option("--out", required=True, type=click.Path(), callback=_grid_or_folder_path, help="An image file (.png, .jpg, ...) for one grid, or a folder (no suffix, or ending in /) for one PNG per image, written as they render.")
+def sample(domain, model, num, seed, strength, compose, truncation, nrow, batch_size, device, out):
+    """Sample images from one domain (or a composition of domains): a grid, or a folder of PNGs.
 
     \b
     Example:
       expander sample --domain base -n 16 --seed 0 --out base.png
       expander sample --model runs/world-nada-10 --domain zombie --compose hat --out zombie_hat.png
+      expander sample --model runs/world-nada-10 --domain zombie -n 5000 --out zombie/   # zombie/zombie-seed0-0000.png ...
     """
-    from .utils.images import save_grid
+    import torch
 
+    from .utils.images import save_grid, save_image_folder
+    from .utils.io import check_replaceable
+
+    folder = _is_folder_out(out)
+    if not folder and num > MAX_GRID_IMAGES:
+        raise click.BadParameter(f"a grid holds at most {MAX_GRID_IMAGES} images, not {num}; write them to a folder instead (--out {Path(out).with_suffix('')}/)", param_hint="'-n' / '--num'")
+    if folder:
+        check_replaceable(out, "the images are moved into place by swapping the folder")  # a ValueError: the group prints it
     generator = _load(model, device)
     extras = [name.strip() for name in compose.split(",") if name.strip()]
-    images = generator.sample(domain, n=num, seed=seed, strength=strength, compose=extras, truncation_psi=truncation)
-    save_grid(images, out, nrow=nrow)
     drawn = "+".join(([domain] if domain != BASE_DOMAIN or not extras else []) + extras)  # "base" composed with hat draws hat
-    click.echo(f"wrote {num} images of {drawn!r} to {out}")
+    batches = generator.sample_batches(domain, n=num, seed=seed, strength=strength, compose=extras, truncation_psi=truncation, batch_size=batch_size)
+    if folder:  # index i of a seed is the same image as in a grid of that seed: `-n` only decides how many
+        names = [f"{drawn}-seed{seed}-{index:0{max(4, len(str(num - 1)))}d}.png" for index in range(num)]
+        save_image_folder(batches, out, names)
+    else:
+        save_grid(torch.cat(list(batches)), out, nrow=nrow)
+    click.echo(f"wrote {num} images of {drawn!r} to {out}" + (f" ({drawn}-seed{seed}-*.png)" if folder else ""))
 
 
 @main.command()

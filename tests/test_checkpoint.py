@@ -70,6 +70,22 @@ def test_base_samples_ignore_repurposed_coordinates_and_domains_differ(expanded)
     assert expanded.traverse("zombie", n=2, steps=5).shape == (2, 5, 3, 16, 16)
 
 
+@pytest.mark.parametrize("noise_mode", ["const", "random"])
+def test_sample_batches_are_the_samples_one_batch_at_a_time(expanded, noise_mode):
+    whole = expanded.sample("zombie", n=5, seed=2, compose=["sketch"], noise_mode=noise_mode)
+    batches = list(expanded.sample_batches("zombie", n=5, seed=2, compose=["sketch"], noise_mode=noise_mode, batch_size=2))
+    assert [len(b) for b in batches] == [2, 2, 1] and not any(b.requires_grad for b in batches)
+    torch.testing.assert_close(torch.cat(batches), whole)  # the batch size decides memory, never the images
+    torch.testing.assert_close(expanded.sample("zombie", n=3, seed=2, compose=["sketch"], noise_mode=noise_mode), whole[:3])  # -n only says how many
+
+
+def test_sample_batches_checks_its_arguments_at_the_call(expanded):
+    with pytest.raises(UnknownDomainError):
+        expanded.sample_batches("zombi")  # not only when the first batch is taken
+    with pytest.raises(ValueError, match="noise_mode must be"):
+        expanded.sample_batches("zombie", noise_mode="fresh")
+
+
 def test_unknown_domain_lists_close_matches(expanded):
     with pytest.raises(UnknownDomainError, match="Did you mean 'zombie'"):
         expanded.sample("zombi")

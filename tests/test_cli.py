@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -375,3 +376,41 @@ def test_an_image_grid_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_grid(torch.ones(2, 3, 8, 8), grid)
     assert grid.read_bytes() == kept and sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
+def test_sample_to_a_folder_writes_one_png_per_image_as_in_the_grid(model_dir, tmp_path):
+    from expander.utils.images import to_uint8
+
+    out = tmp_path / "zombies"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a user's file in the folder stays
+    result = run("sample", "--model", model_dir, "--domain", "zombie", "--compose", "glasses", "-n", 5, "--seed", 3, "--batch-size", 2, "--out", f"{out}/")
+    assert result.exit_code == 0, result.output
+    names = [f"zombie+glasses-seed3-{i:04d}.png" for i in range(5)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "notes.txt"]) and (out / "notes.txt").read_text() == "mine"
+    expected = to_uint8(ExpandedGenerator.from_pretrained(model_dir).sample("zombie", n=5, seed=3, compose=["glasses"]))
+    for name, pixels in zip(names, expected):
+        difference = np.abs(np.asarray(Image.open(out / name)).astype(int) - pixels.astype(int))
+        assert difference.max() <= 1, name  # batches of 2 against one of 5: float rounding, at most one level
+    again = run("sample", "--model", model_dir, "--domain", "zombie", "-n", 2, "--out", tmp_path / "no-suffix")
+    assert again.exit_code == 0 and sorted(p.name for p in (tmp_path / "no-suffix").iterdir()) == ["zombie-seed0-0000.png", "zombie-seed0-0001.png"]
+
+
+@pytest.mark.parametrize(
+    "out, num, message",
+    [("grid.png", 1025, "a grid holds at most 1024 images, not 1025; write them to a folder instead (--out grid/)"),
+     ("existing-file", 2, "not an image file name"),
+     (".", 2, "it is the current folder"),
+     ("zombies/", 0, "Invalid value for '-n'")],
+)
+def test_sample_refuses_a_bad_output_before_any_work(model_dir, tmp_path, monkeypatch, out, num, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing-file").write_text("not a folder")
+    result = run("sample", "--model", model_dir, "--domain", "zombie", "-n", num, "--out", out)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing-file", "model"]
+
+
+def test_sample_folder_of_an_unknown_domain_writes_nothing(model_dir, tmp_path):
+    result = run("sample", "--model", model_dir, "--domain", "zombee", "-n", 2, "--out", tmp_path / "out/")
+    assert result.exit_code != 0 and "unknown domain 'zombee'" in result.output and not (tmp_path / "out").exists()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 from .io import atomic_path
 
@@ -51,6 +52,27 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None
     with atomic_path(path) as tmp:  # same name in a folder beside it: the suffix still picks the format
         grid.save(tmp)
     return Path(path)
+
+
+def save_image_folder(batches: Iterable[torch.Tensor], folder: str | Path, names: Sequence[str], progress: bool = True) -> Path:
+    """Write batches of (B, 3, H, W) images in [-1, 1] as one PNG each, named ``names`` in order, into
+    ``folder``, atomically: the files are assembled in a folder beside it and moved into place at the
+    end, so a stopped run leaves no partial set. Other files already in ``folder`` are kept; files of
+    the same names are replaced."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder; write the images to a new folder (or to an image file for a grid)")
+    with atomic_path(folder, owned=set(names)) as tmp, tqdm(total=len(names), desc=f"writing {folder}", unit="img", disable=not progress) as bar:
+        tmp.mkdir()
+        written = 0
+        for batch in batches:
+            for pixels in to_uint8(batch):  # (H, W, 3) each
+                Image.fromarray(pixels).save(tmp / names[written])
+                written += 1
+            bar.update(len(batch))
+        if written != len(names):  # a contract between the caller's names and its batches
+            raise ValueError(f"{written} images for {len(names)} names")
+    return folder
 
 
 def image_files(folder: str | Path, purpose: str = "add a few photos of the subject", recursive: bool = False) -> list[Path]:

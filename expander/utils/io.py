@@ -21,14 +21,14 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger(__name__)
 
 
-def check_replaceable(path: str | os.PathLike) -> Path:
+def check_replaceable(path: str | os.PathLike, why: str = "a checkpoint replaces its folder whole") -> Path:
     """``path`` made absolute, or a ValueError when writing it would replace the current folder (or
     one that contains it): ``--out .`` would swap the folder the process runs in from under it. Call it
     before long work (training), so the mistake costs a second, not the run."""
     path = Path(os.path.abspath(path))
     cwd, real = Path.cwd(), Path(os.path.realpath(path))
     if real == cwd or real in cwd.parents:
-        raise ValueError(f"cannot write {path}: it is the current folder or contains it, and a checkpoint replaces its folder whole; write to a new folder (e.g. --out {path.name}-v2) or run from outside it")
+        raise ValueError(f"cannot write {path}: it is the current folder or contains it, and {why}; write to a new folder (e.g. --out {path.name}-v2) or run from outside it")
     return path
 
 
