@@ -48,6 +48,7 @@ SAMPLES_FILE = "samples.png"
 # Everything save_pretrained writes (README.md is the model card): a save replaces these and keeps the rest.
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, DOMAINS_FILE, DISCRIMINATOR_FILE, TRAINING_FILE, SAMPLES_FILE, "README.md")
 ANCHORS_PREFIX = "anchors."  # + the domain's direction: directions are unique and stable, names may change
+MAPPING_CHUNK = 4096  # latents mapped at once by random_latents (n up to it: one call, as always)
 ANCHORS_PER_SAMPLE = 3  # anchors mixed per sample of an anchored domain (see ExpandedGenerator.sampling_latents)
 # Largest |strength| a sample or traversal accepts: 1 is the trained domain; far beyond a few the images
 # are noise, and near float32's range alpha * strength overflows into all-NaN images with no error.
@@ -260,8 +261,10 @@ class ExpandedGenerator(
     def random_latents(self, n: int, seed: int = 0, truncation_psi: float = 1.0) -> torch.Tensor:
         """Mapped w (n, D) from seeded z (the same seed gives the same identities in every domain)."""
         rng = torch.Generator().manual_seed(int(seed))
+        # Row i of z is the same whatever n (torch draws normals 16 at a time, and StyleGAN2's style_dim is a multiple of 16).
         z = torch.randn(n, self.generator.style_dim, generator=rng).to(self.basis.mean)  # the model's device and dtype
-        return self.generator.mapping(z, truncation_psi=truncation_psi)
+        # Mapped in chunks so a large n holds (n, D) twice, not the MLP's activations for all of it at once.
+        return torch.cat([self.generator.mapping(chunk, truncation_psi=truncation_psi) for chunk in z.split(MAPPING_CHUNK)])
 
     def sampling_latents(self, domain: str, n: int, seed: int = 0, truncation_psi: float = 1.0) -> torch.Tensor:
         """The w (n, D) a domain is sampled from: :meth:`random_latents`, or for a domain with anchors
@@ -273,8 +276,10 @@ class ExpandedGenerator(
         anchors = anchors.to(self.generator.w_avg)  # Module.to does not move or cast this plain dict
         rng = torch.Generator().manual_seed(int(seed))
         k = min(ANCHORS_PER_SAMPLE, len(anchors))
-        picks = torch.rand(n, len(anchors), generator=rng).argsort(dim=1)[:, :k]  # (n, k) distinct anchors per sample
-        weights = -torch.rand(n, k, generator=rng).clamp_min(1e-12).log()  # Exp(1) ...
+        # One row of uniforms per sample, so sample i is the same whatever n (as random_latents' rows are).
+        uniforms = torch.rand(n, len(anchors) + k, generator=rng)  # (n, A + k)
+        picks = uniforms[:, : len(anchors)].argsort(dim=1)[:, :k]  # (n, k) distinct anchors per sample
+        weights = -uniforms[:, len(anchors) :].clamp_min(1e-12).log()  # (n, k) Exp(1) ...
         weights = weights / weights.sum(dim=1, keepdim=True)  # ... normalised = Dirichlet(1): uniform on the simplex
         w = torch.einsum("nk,nkd->nd", weights.to(anchors), anchors[picks.to(anchors.device)])  # (n, k) x (n, k, D) -> (n, D)
         if truncation_psi != 1.0:  # the same truncation as Generator.mapping
@@ -313,9 +318,12 @@ class ExpandedGenerator(
         batch_size: int = 32,
     ) -> Iterator[torch.Tensor]:
         """The images of :meth:`sample` (same arguments; ``batch_size`` changes them only by float rounding) as batches
-        (<= batch_size, 3, R, R) in [-1, 1], rendered as they are taken: only one batch is held, so
-        thousands of images (for a Fréchet distance, say) fit in memory. Arguments are checked here, at
-        the call, not when the first batch is taken."""
+        (<= batch_size, 3, R, R) in [-1, 1], rendered as they are taken: the latents (n, D) are mapped
+        at the call, and one batch of images is held at a time, so tens of thousands of images (for a
+        Fréchet distance, say) fit in memory. Image i is the same whatever ``n``. Arguments are checked
+        here, at the call, not when the first batch is taken."""
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"n and batch_size must be at least 1, got n={n}, batch_size={batch_size}")
         if domain in compose:
             raise ValueError(f"{domain!r} is both the domain and in compose; list each domain once (its strength is {strength:g})")
         if domain == BASE_DOMAIN and strength != 1.0:

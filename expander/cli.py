@@ -25,7 +25,7 @@ OVERWRITE_HELP = "Replace a model in the output folder that has domains the resu
 DEVICE_HELP = "'cpu', 'cuda', 'cuda:N' or 'auto' (a CUDA GPU if there is one)."
 SEED = click.IntRange(0, MAX_SEED)
 MAX_GRID_IMAGES = 1024  # a grid is one image in memory
-MAX_FOLDER_IMAGES = 1_000_000  # a folder is written batch by batch; this only catches a mistyped -n
+MAX_FOLDER_IMAGES = 100_000  # a folder is written batch by batch, but the latents (n, D) are held
 
 
 def _fail(message: str) -> None:
@@ -46,7 +46,10 @@ def _grid_or_folder_path(ctx: click.Context, param: click.Parameter, value: Opti
     ``/``, or an existing folder. Checked before any work."""
     if value is None or _is_folder_out(value):
         return value
-    return _image_path(ctx, param, value)
+    try:
+        return _image_path(ctx, param, value)
+    except click.BadParameter as err:
+        raise click.BadParameter(f"{err.message}, or end it in / for a folder of PNGs (e.g. {value}/)", ctx=ctx, param=param) from None
 
 
 def _is_folder_out(value: str) -> bool:
@@ -149,7 +152,7 @@ def sample(domain, model, num, seed, strength, compose, truncation, nrow, batch_
     Example:
       expander sample --domain base -n 16 --seed 0 --out base.png
       expander sample --model runs/world-nada-10 --domain zombie --compose hat --out zombie_hat.png
-      expander sample --model runs/world-nada-10 --domain zombie -n 5000 --out zombie/   # zombie/zombie-seed0-0000.png ...
+      expander sample --model runs/world-nada-10 --domain zombie -n 5000 --out zombie/   # zombie/zombie-seed0-000000.png ...
     """
     import torch
 
@@ -159,18 +162,40 @@ def sample(domain, model, num, seed, strength, compose, truncation, nrow, batch_
     folder = _is_folder_out(out)
     if not folder and num > MAX_GRID_IMAGES:
         raise click.BadParameter(f"a grid holds at most {MAX_GRID_IMAGES} images, not {num}; write them to a folder instead (--out {Path(out).with_suffix('')}/)", param_hint="'-n' / '--num'")
-    if folder:
-        check_replaceable(out, "the images are moved into place by swapping the folder")  # a ValueError: the group prints it
-    generator = _load(model, device)
+    if folder and nrow is not None:
+        raise click.BadParameter("--nrow lays out a grid; a folder gets one file per image (name an image file for a grid)", param_hint="'--nrow'")
     extras = [name.strip() for name in compose.split(",") if name.strip()]
     drawn = "+".join(([domain] if domain != BASE_DOMAIN or not extras else []) + extras)  # "base" composed with hat draws hat
+    # Everything that picks the images but the model, so two samples never share a file name.
+    stem = drawn + (f"-strength{strength:g}" if strength != 1.0 else "") + (f"-psi{truncation:g}" if truncation != 1.0 else "") + f"-seed{seed}"
+    if folder:
+        check_replaceable(out, "the images are written into it")  # a ValueError: the group prints it
+        _refuse_a_larger_earlier_sample(Path(out), stem, num)
+    generator = _load(model, device)
     batches = generator.sample_batches(domain, n=num, seed=seed, strength=strength, compose=extras, truncation_psi=truncation, batch_size=batch_size)
-    if folder:  # index i of a seed is the same image as in a grid of that seed: `-n` only decides how many
-        names = [f"{drawn}-seed{seed}-{index:0{max(4, len(str(num - 1)))}d}.png" for index in range(num)]
-        save_image_folder(batches, out, names)
+    if folder:  # image i of a seed is image i of that seed's grid: -n only decides how many
+        save_image_folder(batches, out, [_sample_file_name(stem, index) for index in range(num)])
     else:
         save_grid(torch.cat(list(batches)), out, nrow=nrow)
-    click.echo(f"wrote {num} images of {drawn!r} to {out}" + (f" ({drawn}-seed{seed}-*.png)" if folder else ""))
+    click.echo(f"wrote {num} images of {drawn!r} to {out}" + (f" ({_sample_file_name(stem, 0)} ...)" if folder else ""))
+
+
+def _sample_file_name(stem: str, index: int) -> str:
+    return f"{stem}-{index:06d}.png"  # one width for every -n: image i has one name
+
+
+def _refuse_a_larger_earlier_sample(folder: Path, stem: str, num: int) -> None:
+    """A folder that holds images of this name beyond ``num`` (an earlier, larger -n) would end up a mix
+    of two samples, which a Fréchet distance over the folder would silently measure."""
+    import re
+
+    pattern = re.compile(rf"{re.escape(stem)}-(\d+)\.png")
+    beyond = sorted(p.name for p in folder.glob(f"{stem}-*.png") if (m := pattern.fullmatch(p.name)) and int(m.group(1)) >= num) if folder.is_dir() else []
+    if beyond:
+        raise ValueError(
+            f"{folder} already holds {len(beyond)} images of this sample past -n {num} ({beyond[0]} ...), from an earlier, larger run; "
+            f"writing {num} would leave a mix of two runs. Remove them, sample at least as many, or write to a new folder"
+        )
 
 
 @main.command()

@@ -84,6 +84,17 @@ def test_sample_batches_checks_its_arguments_at_the_call(expanded):
         expanded.sample_batches("zombi")  # not only when the first batch is taken
     with pytest.raises(ValueError, match="noise_mode must be"):
         expanded.sample_batches("zombie", noise_mode="fresh")
+    for n, batch_size in ((0, 4), (-1, 4), (4, 0)):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            expanded.sample_batches("zombie", n=n, batch_size=batch_size)
+
+
+def test_random_latents_of_many_are_mapped_in_chunks_to_the_same_w(expanded, monkeypatch):
+    import expander.checkpoint as checkpoint
+
+    whole = expanded.random_latents(10, seed=4)
+    monkeypatch.setattr(checkpoint, "MAPPING_CHUNK", 3)
+    torch.testing.assert_close(expanded.random_latents(10, seed=4), whole)
 
 
 def test_unknown_domain_lists_close_matches(expanded):
@@ -115,6 +126,7 @@ def test_anchored_domain_samples_between_its_anchors_and_round_trips(expanded, t
     assert torch.allclose(weights.sum(dim=1), torch.ones(64), atol=1e-3)
     assert (weights > -1e-3).all() and ((weights > 1e-3).sum(dim=1) <= 3).all()
     assert torch.equal(w, expanded.sampling_latents("me", 64, seed=0))  # seeded
+    assert torch.equal(w[:5], expanded.sampling_latents("me", 5, seed=0))  # sample i is the same whatever n
     assert not torch.equal(expanded.sampling_latents("zombie", 4, seed=0)[:1], w[:1])  # others: random latents
     expanded.save_pretrained(tmp_path / "m")
     assert f"anchors.{expanded.get_domain('me').direction}" in load_file(str(tmp_path / "m" / "model.safetensors"))

@@ -383,30 +383,49 @@ def test_sample_to_a_folder_writes_one_png_per_image_as_in_the_grid(model_dir, t
 
     out = tmp_path / "zombies"
     out.mkdir()
-    (out / "notes.txt").write_text("mine")  # a user's file in the folder stays
+    (out / "notes.txt").write_text("mine")  # a user's file in the folder stays, and so does the folder itself
+    inode = out.stat().st_ino
+    (out / "zombie+glasses-seed3-000001.png").write_bytes(b"an older image of the same name")
     result = run("sample", "--model", model_dir, "--domain", "zombie", "--compose", "glasses", "-n", 5, "--seed", 3, "--batch-size", 2, "--out", f"{out}/")
     assert result.exit_code == 0, result.output
-    names = [f"zombie+glasses-seed3-{i:04d}.png" for i in range(5)]
+    names = [f"zombie+glasses-seed3-{i:06d}.png" for i in range(5)]
     assert sorted(p.name for p in out.iterdir()) == sorted([*names, "notes.txt"]) and (out / "notes.txt").read_text() == "mine"
+    assert out.stat().st_ino == inode
     expected = to_uint8(ExpandedGenerator.from_pretrained(model_dir).sample("zombie", n=5, seed=3, compose=["glasses"]))
-    for name, pixels in zip(names, expected):
+    for name, pixels in zip(names, expected):  # the old file of a name is replaced
         difference = np.abs(np.asarray(Image.open(out / name)).astype(int) - pixels.astype(int))
         assert difference.max() <= 1, name  # batches of 2 against one of 5: float rounding, at most one level
-    again = run("sample", "--model", model_dir, "--domain", "zombie", "-n", 2, "--out", tmp_path / "no-suffix")
-    assert again.exit_code == 0 and sorted(p.name for p in (tmp_path / "no-suffix").iterdir()) == ["zombie-seed0-0000.png", "zombie-seed0-0001.png"]
+
+    fewer = run("sample", "--model", model_dir, "--domain", "zombie", "--compose", "glasses", "-n", 3, "--seed", 3, "--out", out)
+    assert fewer.exit_code != 0 and "already holds 2 images of this sample past -n 3 (zombie+glasses-seed3-000003.png" in fewer.output, fewer.output
+    other = run("sample", "--model", model_dir, "--domain", "zombie", "--strength", 0.5, "--truncation", 0.7, "-n", 2, "--out", tmp_path / "no-suffix")
+    assert other.exit_code == 0 and sorted(p.name for p in (tmp_path / "no-suffix").iterdir()) == ["zombie-strength0.5-psi0.7-seed0-000000.png", "zombie-strength0.5-psi0.7-seed0-000001.png"]
+
+
+def test_a_subjects_images_do_not_depend_on_how_many_are_drawn(model_dir, tmp_path):
+    model = ExpandedGenerator.from_pretrained(model_dir)
+    model.add_domain(Domain("me", direction=-1, method="mystyle", images="photos/"))
+    model.set_anchors("me", model.random_latents(5, seed=7))
+    model.save_pretrained(tmp_path / "with-me")
+    for n in (2, 4):
+        assert run("sample", "--model", tmp_path / "with-me", "--domain", "me", "-n", n, "--out", tmp_path / f"me{n}").exit_code == 0
+    for name in ("me-seed0-000000.png", "me-seed0-000001.png"):
+        assert (tmp_path / "me2" / name).read_bytes() == (tmp_path / "me4" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize(
-    "out, num, message",
-    [("grid.png", 1025, "a grid holds at most 1024 images, not 1025; write them to a folder instead (--out grid/)"),
-     ("existing-file", 2, "not an image file name"),
-     (".", 2, "it is the current folder"),
-     ("zombies/", 0, "Invalid value for '-n'")],
+    "out, args, message",
+    [("grid.png", ("-n", 1025), "a grid holds at most 1024 images, not 1025; write them to a folder instead (--out grid/)"),
+     ("existing-file", (), "not an image file name"),
+     ("run.v2", (), "or end it in / for a folder of PNGs (e.g. run.v2/)"),
+     (".", (), "it is the current folder"),
+     ("zombies/", ("-n", 0), "Invalid value for '-n'"),
+     ("zombies/", ("--nrow", 4), "--nrow lays out a grid")],
 )
-def test_sample_refuses_a_bad_output_before_any_work(model_dir, tmp_path, monkeypatch, out, num, message):
+def test_sample_refuses_a_bad_output_before_any_work(model_dir, tmp_path, monkeypatch, out, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "existing-file").write_text("not a folder")
-    result = run("sample", "--model", model_dir, "--domain", "zombie", "-n", num, "--out", out)
+    result = run("sample", "--model", model_dir, "--domain", "zombie", *args, "--out", out)
     assert result.exit_code != 0 and message in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing-file", "model"]
 
@@ -414,3 +433,19 @@ def test_sample_refuses_a_bad_output_before_any_work(model_dir, tmp_path, monkey
 def test_sample_folder_of_an_unknown_domain_writes_nothing(model_dir, tmp_path):
     result = run("sample", "--model", model_dir, "--domain", "zombee", "-n", 2, "--out", tmp_path / "out/")
     assert result.exit_code != 0 and "unknown domain 'zombee'" in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_stopped_folder_write_leaves_the_folder_as_it_was(tmp_path):
+    from expander.utils.images import save_image_folder
+
+    def batches_then_stop():
+        yield torch.zeros(2, 3, 8, 8)
+        raise KeyboardInterrupt
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "a.png").write_bytes(b"old")
+    for folder in (tmp_path / "old", tmp_path / "new"):
+        with pytest.raises(KeyboardInterrupt):
+            save_image_folder(batches_then_stop(), folder, ["a.png", "b.png", "c.png"], progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"] and [p.name for p in (tmp_path / "old").iterdir()] == ["a.png"]
+    assert (tmp_path / "old" / "a.png").read_bytes() == b"old"

@@ -85,7 +85,7 @@ def test_resume_in_another_numeric_environment_continues_with_a_warning(model, g
     first = fresh()
     expand(first, list(first.domains), guidance, ExpansionConfig(**{**SMALL, "steps": 2}), state_dir=tmp_path / "state", progress=False)
     saved = json.loads((tmp_path / "state" / "state.json").read_text())["numerics"]
-    assert saved == {"torch": torch.__version__, "device": "cpu", "cpu_threads": torch.get_num_threads()}
+    assert saved == {"torch": torch.__version__, "device": "cpu", "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_threads": torch.get_num_threads()}
 
     with caplog.at_level("WARNING", logger="expander"):
         same = fresh()
@@ -104,8 +104,29 @@ def test_resume_in_another_numeric_environment_continues_with_a_warning(model, g
         torch.set_num_threads(threads)
     (warning,) = [r.getMessage() for r in caplog.records if "numeric environment" in r.getMessage()]
     assert f"cpu_threads: {threads} in the state, {threads + 1} now" in warning
-    assert f"resume with OMP_NUM_THREADS={threads}" in warning
+    assert f"resume at {threads} threads (OMP_NUM_THREADS={threads}" in warning
     assert [d.steps for d in other.domains] == [4, 4], "the run still continues"
+
+    state_json = tmp_path / "state" / "state.json"
+    for numerics, expected in (
+        ({**saved, "torch": "1.0.0"}, "torch: 1.0.0 in the state"),  # another build too: threads alone would not match it
+        (None, None),  # a state saved before the record: nothing to compare, nothing said
+    ):
+        caplog.clear()
+        again = fresh()
+        expand(again, list(again.domains), guidance, ExpansionConfig(**{**SMALL, "steps": 2}), state_dir=tmp_path / "state", progress=False)
+        meta = json.loads(state_json.read_text())
+        meta.pop("numerics")
+        state_json.write_text(json.dumps({**meta, **({"numerics": numerics} if numerics else {})}))
+        with caplog.at_level("WARNING", logger="expander"):
+            resumed = fresh()
+            expand(resumed, list(resumed.domains), guidance, ExpansionConfig(**SMALL), state_dir=tmp_path / "state", resume=True, progress=False)
+        warnings = [r.getMessage() for r in caplog.records if "numeric environment" in r.getMessage()]
+        if expected is None:
+            assert not warnings
+        else:
+            (warning,) = warnings
+            assert expected in warning and "OMP_NUM_THREADS" not in warning
 
 
 def test_resume_refuses_a_state_of_another_run(model, guidance, tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -56,23 +59,40 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None
 
 def save_image_folder(batches: Iterable[torch.Tensor], folder: str | Path, names: Sequence[str], progress: bool = True) -> Path:
     """Write batches of (B, 3, H, W) images in [-1, 1] as one PNG each, named ``names`` in order, into
-    ``folder``, atomically: the files are assembled in a folder beside it and moved into place at the
-    end, so a stopped run leaves no partial set. Other files already in ``folder`` are kept; files of
-    the same names are replaced."""
+    ``folder``. Nothing appears until every image is written: a new folder is assembled beside it and
+    renamed into place; in an existing folder (which stays itself: its permissions, a mount, a shell
+    inside it) the images are written to a hidden ``.partial-*`` folder inside it and moved in at the
+    end, replacing files of the same names and keeping every other file."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file, not a folder; write the images to a new folder (or to an image file for a grid)")
-    with atomic_path(folder, owned=set(names)) as tmp, tqdm(total=len(names), desc=f"writing {folder}", unit="img", disable=not progress) as bar:
-        tmp.mkdir()
-        written = 0
+    if not folder.exists():
+        with atomic_path(folder) as staging:
+            staging.mkdir()
+            _write_pngs(batches, staging, names, progress, folder)
+        return folder
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
+    try:
+        _write_pngs(batches, staging, names, progress, folder)
+        for name in names:
+            os.replace(staging / name, folder / name)  # same file system: renames
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _write_pngs(batches: Iterable[torch.Tensor], into: Path, names: Sequence[str], progress: bool, shown_as: Path) -> None:
+    written = 0
+    with tqdm(total=len(names), desc=f"writing {shown_as}", unit="img", disable=not progress) as bar:
         for batch in batches:
+            if written + len(batch) > len(names):  # the caller's names and batches disagree: a bug, not a user error
+                raise ValueError(f"more images than the {len(names)} names given")
             for pixels in to_uint8(batch):  # (H, W, 3) each
-                Image.fromarray(pixels).save(tmp / names[written])
+                Image.fromarray(pixels).save(into / names[written])
                 written += 1
             bar.update(len(batch))
-        if written != len(names):  # a contract between the caller's names and its batches
-            raise ValueError(f"{written} images for {len(names)} names")
-    return folder
+    if written != len(names):
+        raise ValueError(f"{written} images for {len(names)} names")
 
 
 def image_files(folder: str | Path, purpose: str = "add a few photos of the subject", recursive: bool = False) -> list[Path]:

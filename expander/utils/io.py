@@ -326,20 +326,32 @@ def load_training_state(
 
 def numeric_environment(modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
     """What decides a run's floating-point results beyond its settings and state: the torch build, the
-    device type and, on CPU, the intra-op thread count (parallel sums add in another order, so two
-    steps at 1 and 2 threads already differ in the fifth decimal of the world model's weights)."""
+    device (on CPU its vector instructions and the intra-op thread count: parallel sums add in another
+    order, so two steps at 1 and 2 threads already differ in the fifth decimal of the world model's
+    weights; on a GPU its model). Not everything: GPU kernels need not be deterministic at all."""
     parameter = next((p for module in modules.values() for p in module.parameters()), None)
-    device = parameter.device.type if parameter is not None else "cpu"
-    return {"torch": torch.__version__, "device": device, **({"cpu_threads": torch.get_num_threads()} if device == "cpu" else {})}
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    if device.type == "cpu":  # the vector instructions torch dispatches to (AVX2, AVX512, ...) change the sums too
+        return {"torch": torch.__version__, "device": "cpu", "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        return {"torch": torch.__version__, "device": "cuda", "gpu": torch.cuda.get_device_name(device)}
+    return {"torch": torch.__version__, "device": device.type}
 
 
 def _warn_if_numerics_differ(folder: Path, saved: Optional[dict[str, Any]], now: dict[str, Any]) -> None:
     """A resume in another numeric environment is allowed (a state moves between machines) but is not
-    bit-for-bit the uninterrupted run; say so, and how to get that. States saved before this record: silent."""
-    if not saved or saved == now:
+    bit-for-bit the uninterrupted run; say so, once per run (rank 0 of a multi-process launch), and how
+    to match it when only the thread count differs. States saved before this record: silent."""
+    if not saved or saved == now or (torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         return
-    changes = [f"{key}: {saved.get(key)} in the state, {now.get(key)} now" for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
-    hint = f"; for that, resume with OMP_NUM_THREADS={saved['cpu_threads']}" if "cpu_threads" in saved and now.get("cpu_threads") not in (None, saved["cpu_threads"]) and saved.get("device") == now.get("device") else ""
+    keys = sorted(set(saved) | set(now))
+    changes = [f"{key}: {saved.get(key, '(not recorded)')} in the state, {now.get(key, '(not recorded)')} now" for key in keys if saved.get(key) != now.get(key)]
+    only_threads = [key for key in keys if saved.get(key) != now.get(key)] == ["cpu_threads"] and now.get("cpu_threads") is not None
+    hint = (
+        f"; to continue it bit for bit, resume at {saved['cpu_threads']} threads (OMP_NUM_THREADS={saved['cpu_threads']}; "
+        f"EXPANDER_THREADS or --threads for `python -m expander.world.*` builds, which set their own)"
+        if only_threads else ""
+    )
     logger.warning(
         "resuming the training state in %s in another numeric environment (%s): the run continues, but not bit for bit as the uninterrupted run would have%s",
         folder, "; ".join(changes), hint,

@@ -72,8 +72,8 @@ def test_the_weights_do_not_start_from_the_sampling_latents(tmp_path, monkeypatc
 @pytest.mark.xfail(strict=True, reason=(
     "known defect of the shipped world GAN (built before weight_init_seed): its first mapping layer's rows are "
     "the first 128 latents of seed 0, which map to w about 1.7x the typical norm; fixed by rebuilding it "
-    "(`expander world build --what gan`, then the parent), or without retraining by multiplying that layer's weight by a "
-    "fixed random orthogonal matrix R (PixelNorm commutes with R, so the new G at z is the old G at Rz: the same "
+    "(`expander world build --what gan`, then the parent), or without retraining by multiplying that layer's weight W by a "
+    "fixed random orthogonal matrix R on its input side, W <- W R (PixelNorm commutes with R, so the new G at z is the old G at Rz: the same "
     "distribution, measured 6e-6 apart in w; seed 0's first 128 |w| 21.5 -> 12.3, other seeds 12.4-12.6); either "
     "changes which image every seed draws, so every world result"
 ))
