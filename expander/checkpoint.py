@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .domains import BASE_DOMAIN, Domain, is_valid_alpha, unknown_domain_error, validate_domains
-from .generators.stylegan2 import Discriminator, Generator, StyleGAN2Config
+from .generators.stylegan2 import Discriminator, Generator, StyleGAN2Config, check_noise_mode
 from .subspace.basis import LatentBasis, sefa
 from .utils.io import atomic_path, read_json, read_safetensors, state_mismatches, weight_defect
 
@@ -328,8 +328,7 @@ class ExpandedGenerator(
             raise ValueError(f"{domain!r} is both the domain and in compose; list each domain once (its strength is {strength:g})")
         if domain == BASE_DOMAIN and strength != 1.0:
             raise ValueError(f"strength moves along a domain's direction, and the source domain {BASE_DOMAIN!r} has none; sample a domain with strength {strength:g}, or base without it")
-        if noise_mode not in ("const", "random", "none"):
-            raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
+        check_noise_mode(noise_mode)  # synthesis would check it only at the first batch
         strengths = {domain: strength}
         for extra in compose:
             strengths[extra] = 1.0

@@ -174,6 +174,14 @@ class FusedLeakyReLU(nn.Module):
         return fused_leaky_relu(x, self.bias)
 
 
+NOISE_MODES = ("const", "random", "none")  # Generator.synthesis: stored buffers, fresh noise, no noise
+
+
+def check_noise_mode(noise_mode: str) -> None:
+    if noise_mode not in NOISE_MODES:
+        raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
+
+
 class PixelNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(torch.mean(x**2, dim=1, keepdim=True) + 1e-8)
@@ -436,14 +444,13 @@ class Generator(nn.Module):
         if w.ndim != 3 or w.shape[1] != self.n_latent or w.shape[2] != self.style_dim:
             raise ValueError(f"expected w of shape (B, {self.style_dim}) or (B, {self.n_latent}, {self.style_dim}), got {tuple(w.shape)}")
         if noise is None:
+            check_noise_mode(noise_mode)
             if noise_mode == "const":
                 noise = self.noise_buffers()
             elif noise_mode == "random":
                 noise = [None] * self.config.num_noise_layers
-            elif noise_mode == "none":
+            else:  # "none"
                 noise = [torch.zeros_like(n) for n in self.noise_buffers()]
-            else:
-                raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
         elif len(noise) != self.config.num_noise_layers:  # zip below would silently stop at a lower resolution
             raise ValueError(f"noise needs one entry (a tensor or None) per noise layer: {self.config.num_noise_layers}, got {len(noise)}")
 

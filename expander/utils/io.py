@@ -344,13 +344,12 @@ def _warn_if_numerics_differ(folder: Path, saved: Optional[dict[str, Any]], now:
     to match it when only the thread count differs. States saved before this record: silent."""
     if not saved or saved == now or (torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         return
-    keys = sorted(set(saved) | set(now))
-    changes = [f"{key}: {saved.get(key, '(not recorded)')} in the state, {now.get(key, '(not recorded)')} now" for key in keys if saved.get(key) != now.get(key)]
-    only_threads = [key for key in keys if saved.get(key) != now.get(key)] == ["cpu_threads"] and now.get("cpu_threads") is not None
-    hint = (
+    differing = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    changes = [f"{key}: {saved.get(key, '(not recorded)')} in the state, {now.get(key, '(not recorded)')} now" for key in differing]
+    hint = (  # threads alone differ: both are CPU states, so both record them
         f"; to continue it bit for bit, resume at {saved['cpu_threads']} threads (OMP_NUM_THREADS={saved['cpu_threads']}; "
         f"EXPANDER_THREADS or --threads for `python -m expander.world.*` builds, which set their own)"
-        if only_threads else ""
+        if differing == ["cpu_threads"] else ""
     )
     logger.warning(
         "resuming the training state in %s in another numeric environment (%s): the run continues, but not bit for bit as the uninterrupted run would have%s",
