@@ -496,8 +496,11 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
     try:
         plan = Recipe.load(recipe)
         overrides = {**_training_settings(settings), **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}}
-        if "domain_weights" in overrides:  # it would replace every domain's weights of the recipe at once
+        # Either would replace every domain's entries of the recipe at once.
+        if "domain_weights" in overrides:
             raise ValueError("set a domain's loss weights in its recipe entry (weights: {lambda_nada: 2.0}), not with --set domain_weights=...")
+        if "nada_negative_prompts" in overrides:
+            raise ValueError("set a domain's negative prompts in its recipe entry (negative_prompts: [\"a portrait of a person wearing sunglasses\"]), not with --set nada_negative_prompts=...")
         if overrides:  # validated like the recipe's own settings
             plan.training = plan.training.with_settings(overrides)
         if show:
@@ -541,6 +544,7 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
 @click.option("--name", default=None, help="Domain name (default: derived from the prompt or the folder).")
 @click.option("--direction", default=-1, show_default=True, type=int, callback=_direction_index, help="Direction to repurpose; -1 = the most dormant free one.")
 @click.option("--alpha", default=None, type=float, help="Distance of the new subspace (default: the model's alpha).")
+@click.option("--negative-prompt", "negative_prompts", multiple=True, help="nada: what the domain must not draw, e.g. \"a portrait of a person wearing sunglasses\" for an eyepatch (weight: --set lambda_nada_negative=W, default 1.0); repeatable.")
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(1), help="Training steps.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder (default: the model folder, or $EXPANDER_HOME/models/NAME for registered models).")
 @click.option("--force", is_flag=True, help="Allow a non-dormant direction.")
@@ -554,7 +558,7 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
 @click.option("--resume", is_flag=True, help="Continue a killed run (or one finished with --keep-state) of the same command from its last saved step.")
 @click.option("--keep-state", is_flag=True, help="Keep the training state (next to the output folder) after the run, to continue it later with --resume --steps N.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def add_domain(prompt, model, method, images, name, direction, alpha, steps, out, force, seed, clip_models, perceptual, diffusion, settings, device, real_images, resume, keep_state, overwrite):
+def add_domain(prompt, model, method, images, name, direction, alpha, negative_prompts, steps, out, force, seed, clip_models, perceptual, diffusion, settings, device, real_images, resume, keep_state, overwrite):
     """Add one domain to an existing expanded model; existing domains are replayed, not forgotten.
 
     The built-in model and models in the Hugging Face cache are never changed: give --out for them.
@@ -580,6 +584,8 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         _fail(f"--images is for a mystyle domain (a subject's photos); a {method} domain learns from its PROMPT: leave --images out, or use --method mystyle")
     if method == "mystyle" and prompt:
         _fail(f"a mystyle domain learns from its --images, not from a PROMPT ({prompt!r} would be ignored): leave it out, and name the domain with --name")
+    if negative_prompts and method != "nada":
+        _fail(f"--negative-prompt steers a nada domain; a {method} domain would ignore it: leave it out, or use --method nada")
     if name is None:
         name = _slug(prompt or Path(images).name)
         try:
@@ -602,7 +608,11 @@ def add_domain(prompt, model, method, images, name, direction, alpha, steps, out
         images = os.path.abspath(Path(images).expanduser())
     domain = Domain(name=name, direction=direction, method=method, prompt=prompt, images=images, alpha=alpha)
     try:
-        config = ExpansionConfig.from_dict({"domains_per_step": 1, **_training_settings(settings), "steps": steps, "seed": seed})
+        training_settings = _training_settings(settings)
+        if "nada_negative_prompts" in training_settings:
+            _fail("use --negative-prompt TEXT (repeatable) instead of --set nada_negative_prompts=...")
+        negatives = {"nada_negative_prompts": {name: list(negative_prompts)}} if negative_prompts else {}
+        config = ExpansionConfig.from_dict({"domains_per_step": 1, **training_settings, **negatives, "steps": steps, "seed": seed})
     except (TypeError, ValueError) as err:
         _fail(str(err))
     guidance_spec = {"perceptual": perceptual}

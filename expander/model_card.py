@@ -85,6 +85,7 @@ def _training_section(runs: list[dict[str, Any]]) -> list[str]:
     for index, run in enumerate(runs, 1):
         settings = dict(run.get("settings") or {})
         domain_weights = settings.pop("domain_weights", None) or {}
+        negative_prompts = settings.pop("nada_negative_prompts", None) or {}
         steps, seed = settings.pop("steps", "?"), settings.pop("seed", "?")
         changed = [f"`{k}={_short(v)}`" for k, v in settings.items() if k not in defaults or defaults[k] != v]
         head = f"{(run.get('date') or '?')[:10]}, expander {run.get('expander_version') or '?'}"  # null = not recorded
@@ -98,6 +99,8 @@ def _training_section(runs: list[dict[str, Any]]) -> list[str]:
         text += "; settings changed from the defaults: " + (", ".join(changed) if changed else "none")
         if domain_weights:
             text += "; per-domain loss weights: " + "; ".join(f"{name} " + ", ".join(f"`{k}={_short(v)}`" for k, v in weights.items()) for name, weights in domain_weights.items())
+        if negative_prompts:
+            text += "; negative prompts: " + "; ".join(f"{name} " + ", ".join(f'"{p}"' for p in prompts) for name, prompts in negative_prompts.items())
         lines.append(text + ".")
     lines += ["", f"Every setting of every run is in [`{TRAINING_FILE}`]({TRAINING_FILE})."]
     return lines

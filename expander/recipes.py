@@ -21,7 +21,14 @@ domains:
 ```
 
 A domain's ``weights`` override the ``training`` loss weights for that domain's own adaptation losses
-(``expander.train.DOMAIN_LOSS_WEIGHTS``); they become ``training.domain_weights``.
+(``expander.train.DOMAIN_LOSS_WEIGHTS``); they become ``training.domain_weights``. A NADA domain's
+``negative_prompts`` (a text or a list) name what it must not draw, as a diffusion negative prompt
+does (``expander.losses.loss_nada_negative``, weighted by ``lambda_nada_negative``); they become
+``training.nada_negative_prompts``:
+
+```yaml
+  - {name: eyepatch, prompt: "a portrait of a person wearing an eyepatch", negative_prompts: ["a portrait of a person wearing sunglasses"]}
+```
 
 A variant of a recipe names it with ``extends`` and writes only what changes:
 
@@ -60,12 +67,12 @@ import yaml
 from .domains import METHODS, Domain, check_domain_name, is_valid_alpha
 from .guidance.build import check_guidance_spec
 from .registry import RegistryError, check_user_model_name
-from .train import ExpansionConfig, check_domain_weight_methods, check_exclusive_targets
+from .train import ExpansionConfig, check_domain_weight_methods, check_exclusive_targets, check_negative_prompts
 
 _TOP_KEYS = {"model", "out", "name", "guidance", "training", "domains", "description", "real_images"}
 _VARIANT_KEYS = {"extends", "remove_domains"}  # read, and gone, before the merged recipe is checked
 _OWN_KEYS = {"out", "name"}  # a recipe's own, not inherited by the recipes that extend it
-_DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "images", "direction", "alpha", "weights"}
+_DOMAIN_KEYS = {"name", "method", "prompt", "source_prompt", "negative_prompts", "images", "direction", "alpha", "weights"}
 
 
 class RecipeError(ValueError):
@@ -138,21 +145,27 @@ class Recipe:
         entries = data.get("domains")
         if not isinstance(entries, list) or not entries:
             raise RecipeError(f"{where} needs a non-empty 'domains' list")
-        domains, weights = [], {}
+        domains, weights, negatives = [], {}, {}
         for i, entry in enumerate(entries):
             domains.append(_domain(entry, f"{where}: domains[{i}]", base_dir))
             if domains[-1].name in weights:
                 raise RecipeError(f"{where}: duplicate domain name {domains[-1].name!r}")
             weights[domains[-1].name] = entry.get("weights") or {}
+            if entry.get("negative_prompts") not in (None, []):  # null or [] in a variant: none (drops the parent's)
+                negatives[domains[-1].name] = _negative_prompts(entry["negative_prompts"], f"{where}: domains[{i}]")
         training_data = dict(data.get("training") or {})
-        if "domain_weights" in training_data:
-            raise RecipeError(f"{where}: set a domain's loss weights in its entry (weights: {{lambda_nada_consistency: 0.3}}), not in training.domain_weights")
+        for key, what, example in (("domain_weights", "loss weights", "weights: {lambda_nada_consistency: 0.3}"), ("nada_negative_prompts", "negative prompts", 'negative_prompts: ["a portrait of a person wearing sunglasses"]')):
+            if key in training_data:
+                raise RecipeError(f"{where}: set a domain's {what} in its entry ({example}), not in training.{key}")
         if any(weights.values()):
             training_data["domain_weights"] = {name: own for name, own in weights.items() if own}
+        if negatives:
+            training_data["nada_negative_prompts"] = negatives
         try:
             training = ExpansionConfig.from_dict(training_data)
             check_domain_weight_methods(training, domains)
             check_exclusive_targets(training, domains)
+            check_negative_prompts(training, domains)
         except (TypeError, ValueError) as err:
             raise RecipeError(f"{where}: {err}") from None
         real_images = data.get("real_images")
@@ -302,6 +315,14 @@ def _merged_domains(parents: list, children: list, where: str, removed: set) -> 
     return merged
 
 
+def _negative_prompts(value: Any, where: str) -> list[str]:
+    """A domain entry's ``negative_prompts`` (one text or a list of texts) as a list, or a RecipeError."""
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise RecipeError(f"{where}: negative_prompts must be a text or a list of texts the domain must not draw, e.g. [\"a portrait of a person wearing sunglasses\"], got {value!r}")
+    return prompts
+
+
 def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
     if not isinstance(entry, dict):
         raise RecipeError(f"{where} must be a mapping")
@@ -322,9 +343,9 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
     if method in ("nada", "sds") and not str(entry.get("prompt") or "").strip():
         raise RecipeError(f"{where}: a {method} domain needs a non-empty 'prompt'")
     # Keys another method would read do nothing here: refused, as another method's loss weights are.
-    inert = [key for key, methods in (("images", ("mystyle",)), ("source_prompt", ("nada",)), ("prompt", ("nada", "sds"))) if entry.get(key) is not None and method not in methods]
+    inert = [key for key, methods in (("images", ("mystyle",)), ("source_prompt", ("nada",)), ("negative_prompts", ("nada",)), ("prompt", ("nada", "sds"))) if entry.get(key) is not None and method not in methods]
     if inert:
-        raise RecipeError(f"{where}: {', '.join(inert)} would do nothing for a {method} domain (images are a mystyle domain's, source_prompt a nada domain's, a prompt a nada or sds domain's); remove it, or set the method")
+        raise RecipeError(f"{where}: {', '.join(inert)} would do nothing for a {method} domain (images are a mystyle domain's, source_prompt and negative_prompts a nada domain's, a prompt a nada or sds domain's); remove it, or set the method")
     images = entry.get("images")
     if method == "mystyle":
         if not images:

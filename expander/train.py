@@ -38,7 +38,7 @@ from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import MAX_SEED, Domain
 from .guidance.perceptual import PerceptualDistance
-from .losses import loss_composed_edits, loss_d_logistic, loss_edit_detail, loss_g_nonsaturating, loss_lowpass_change, loss_mystyle, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_r1, loss_replay, nada_image_directions, nada_image_features
+from .losses import loss_composed_edits, loss_d_logistic, loss_edit_detail, loss_g_nonsaturating, loss_lowpass_change, loss_mystyle, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_nada_negative, loss_r1, loss_replay, nada_image_directions, nada_image_features
 from .utils.io import load_training_state, read_json, save_training_state, setting_differences
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,6 +94,12 @@ class ExpansionConfig:
     # step, so a hinge aimed at one measured leak (blue skin's mask read as freckles) does not also
     # pull the domain away from the directions it shares with the rest. Unlisted domains: all others.
     nada_image_exclusive_of: dict = field(default_factory=dict)
+    # Negative prompts of NADA domains: {domain name: [prompts]}. A hinge (lambda_nada_negative) against
+    # drawing what a prompt adds to the source beyond the domain's own prompt, e.g. sunglasses for an
+    # eyepatch domain (see loss_nada_negative). Recipes set it with a domain entry's `negative_prompts:`,
+    # add-domain with --negative-prompt.
+    nada_negative_prompts: dict = field(default_factory=dict)
+    lambda_nada_negative: float = 1.0  # acts only on domains with negative prompts
     nada_contrast: float = 1.0  # how much of the model's NADA domains' mean text direction each domain's direction drops (0 = off; see ClipGuidance.text_direction)
     # Ridge of the dual basis of the model's NADA text directions (None = off; replaces nada_contrast,
     # which must then be 0): each domain is paid only for what the other domains' directions do not
@@ -171,6 +177,7 @@ class ExpansionConfig:
             raise ValueError(f"training setting nada_consistency_temperature must be > 0 (a softmax temperature over CLIP cosine similarities, e.g. 0.1), got {self.nada_consistency_temperature}")
         self.domain_weights = _checked_domain_weights(self.domain_weights)
         self.nada_image_exclusive_of = _checked_exclusive_targets(self.nada_image_exclusive_of)
+        self.nada_negative_prompts = _checked_negative_prompts(self.nada_negative_prompts)
         if self.batch_size < 3 and any(self.weight("lambda_nada_consistency", name) > 0 for name in [None, *self.domain_weights]):
             raise ValueError(f"training setting lambda_nada_consistency needs batch_size >= 3 (each latent ranks at least two others), got {self.batch_size}")
         if self.sds_grad_clip is not None and self.sds_grad_clip <= 0:
@@ -220,7 +227,7 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 # losses, by the method whose losses read them (another method's weight would do nothing). Replay and
 # GAN weights act on the shared base subspace, so they stay per run.
 DOMAIN_LOSS_WEIGHTS_BY_METHOD = {
-    "nada": ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_consistency", "lambda_lowpass_keep", "lambda_smooth_edit"),
+    "nada": ("lambda_nada", "lambda_nada_exclusive", "lambda_nada_image_exclusive", "lambda_nada_negative", "lambda_nada_consistency", "lambda_lowpass_keep", "lambda_smooth_edit"),
     "sds": ("lambda_sds", "lambda_lowpass_keep", "lambda_smooth_edit"),
     "mystyle": ("lambda_mystyle",),
 }
@@ -237,6 +244,7 @@ def check_run_domains(config: ExpansionConfig, domains: list[Domain], resolution
         raise ValueError(f"training setting domain_weights names {strangers}, which this run does not train; trained here: {names}")
     check_domain_weight_methods(config, domains)
     check_exclusive_targets(config, domains)
+    check_negative_prompts(config, domains)
     check_lowpass_keep(config, domains, resolution)
 
 
@@ -263,6 +271,21 @@ def check_exclusive_targets(config: "ExpansionConfig", domains: Sequence[Domain]
             raise ValueError(f"training setting nada_image_exclusive_of names {strangers}, which this run does not train with nada (the hinge compares what NADA domains of one step draw); NADA domains trained here: {nada_names}")
         if config.weight("lambda_nada_image_exclusive", domain) <= 0:
             raise ValueError(f"training setting nada_image_exclusive_of gives targets to domain {domain!r}, whose lambda_nada_image_exclusive is 0 (off); give it a weight (its entry's weights: {{lambda_nada_image_exclusive: 0.5}}) or remove the entry")
+
+
+def check_negative_prompts(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
+    """Refuse ``nada_negative_prompts`` that cannot act: for a domain this run does not train with
+    NADA, with the hinge's weight at 0, or naming the domain's own prompt."""
+    nada = {d.name: d for d in domains if d.method == "nada"}
+    for name, prompts in config.nada_negative_prompts.items():
+        if name not in nada:
+            methods = {d.name: d.method for d in domains}
+            what = f"a {methods[name]} domain" if name in methods else "not trained in this run"
+            raise ValueError(f"negative prompts of domain {name!r}: it is {what}; negative prompts steer NADA domains (trained here: {list(nada)})")
+        if config.weight("lambda_nada_negative", name) <= 0:
+            raise ValueError(f"domain {name!r} has negative prompts but its lambda_nada_negative is 0 (off); give it a weight or remove the negative prompts")
+        if nada[name].prompt in prompts:
+            raise ValueError(f"domain {name!r} lists its own prompt {nada[name].prompt!r} among its negative prompts; a negative prompt names what the domain must not draw")
 
 
 def check_domain_weight_methods(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
@@ -308,6 +331,19 @@ def _checked_exclusive_targets(value: object) -> dict[str, list[str]]:
         if domain in targets:
             raise ValueError(f"training setting nada_image_exclusive_of: domain {domain!r} lists itself; list the domains whose drawings it must not move towards")
         checked[domain] = list(dict.fromkeys(targets))
+    return checked
+
+
+def _checked_negative_prompts(value: object) -> dict[str, list[str]]:
+    """``nada_negative_prompts`` as {domain name: [non-blank prompts]}, or a ValueError saying what is wrong."""
+    usage = "must map a domain name to the texts it must not draw, e.g. {eyepatch: [\"a portrait of a person wearing sunglasses\"]}"
+    if not isinstance(value, dict):
+        raise ValueError(f"training setting nada_negative_prompts {usage}, got {value!r}")
+    checked = {}
+    for domain, prompts in value.items():
+        if not isinstance(domain, str) or not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"training setting nada_negative_prompts: entry {domain!r} {usage} (a non-empty list of non-blank texts), got {prompts!r}")
+        checked[domain] = list(dict.fromkeys(p.strip() for p in prompts))
     return checked
 
 
@@ -667,6 +703,9 @@ class Expander:
                     targets = config.nada_image_exclusive_of.get(domain.name)
                     others = [per_clip for name, per_clip in drawn.items() if name != domain.name and (targets is None or name in targets)]
                     add("loss_nada_image_exclusive", weight("lambda_nada_image_exclusive") * loss_nada_image_exclusive(guidance.clip, own, others, source, domain.prompt))
+                negatives = config.nada_negative_prompts.get(domain.name)
+                if negatives:
+                    add("loss_nada_negative", weight("lambda_nada_negative") * loss_nada_negative(guidance.clip, own, source, domain.prompt, negatives))
             elif domain.method == "sds":
                 # On top of another text domain, the teacher is asked for both prompts at once (composed guidance).
                 prompts = [domain.prompt] + ([group.partner.prompt] if group.partner is not None and group.partner.method in ("nada", "sds") and group.partner.prompt else [])

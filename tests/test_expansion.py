@@ -133,6 +133,13 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({True: 1, "colour": 1}, r"unknown keys \[True, 'colour'\]"),
         ({"domains": [{"name": "me", "method": "mystyle", "images": "photos/me", "prompt": "a zombie"}]}, "prompt would do nothing for a mystyle domain"),
         ({"model": "  "}, "'model' is empty"),  # '' would resolve to the current folder
+        ({"domains": [{"name": "z", "prompt": "x", "negative_prompts": 3}]}, "negative_prompts must be a text or a list of texts"),
+        ({"domains": [{"name": "z", "prompt": "x", "negative_prompts": ["a hat", " "]}]}, "negative_prompts must be a text or a list of texts"),
+        ({"domains": [{"name": "z", "prompt": "x", "negative_prompts": ""}]}, "negative_prompts must be a text or a list of texts"),
+        ({"domains": [{"name": "z", "method": "sds", "prompt": "x", "negative_prompts": "a hat"}]}, "negative_prompts would do nothing for a sds domain"),
+        ({"domains": [{"name": "z", "prompt": "a zombie", "negative_prompts": ["a ghost", "a zombie"]}]}, "lists its own prompt 'a zombie' among its negative prompts"),
+        ({"domains": [{"name": "z", "prompt": "x", "negative_prompts": "a hat", "weights": {"lambda_nada_negative": 0}}]}, "its lambda_nada_negative is 0"),
+        ({"training": {"nada_negative_prompts": {"zombie": ["a hat"]}}}, r"set a domain's negative prompts in its entry \(negative_prompts: "),
     ],
 )
 def test_bad_recipes_are_refused_with_a_clear_message(change, message):
@@ -151,6 +158,16 @@ def test_recipe_numbers_are_read_as_their_settings_types():
     recipe = Recipe.from_dict({**GOOD, "training": {"lambda_gan": 0, "betas": [0, 0.99], "replay_batch_size": None}})
     assert recipe.training.lambda_gan == 0.0 and isinstance(recipe.training.lambda_gan, float)
     assert recipe.training.betas == (0.0, 0.99) and recipe.training.replay_batch_size is None
+
+
+def test_recipe_negative_prompts_become_the_runs_negative_prompts(tmp_path):
+    domains = [{"name": "eyepatch", "prompt": "an eyepatch", "negative_prompts": "sunglasses"}, {"name": "hat", "prompt": "a hat", "negative_prompts": ["a crown", "a cap"]}, {"name": "pop", "prompt": "pop art"}]
+    recipe = Recipe.from_dict({**GOOD, "domains": domains})
+    assert recipe.training.nada_negative_prompts == {"eyepatch": ["sunglasses"], "hat": ["a crown", "a cap"]}
+    # A variant replaces a domain's negative prompts whole, and null (or []) drops them.
+    _write_yaml(tmp_path / "parent.yaml", {**GOOD, "domains": domains})
+    (tmp_path / "variant.yaml").write_text("extends: parent.yaml\ndomains:\n  - {name: eyepatch, negative_prompts: [dark shades]}\n  - {name: hat, negative_prompts: null}\n  - {name: pop, negative_prompts: []}\n")
+    assert Recipe.load(tmp_path / "variant.yaml").training.nada_negative_prompts == {"eyepatch": ["dark shades"]}
 
 
 def test_recipe_domain_weights_override_the_training_weights_for_that_domain():
@@ -393,7 +410,7 @@ def test_add_domain_three_times_keeps_every_domain(parent_dir, tiny_clip_dir, tm
     first = run("add-domain", "a zombie", "--model", parent_dir, "--out", out, "--steps", 2, "--clip", tiny_clip_dir, *GUIDE)
     assert first.exit_code == 0, first.output
     assert "added 'zombie'" in first.output
-    settings = ("--set", "replay_batch_size=3", "--set", "nada_contrast=0", "--set", "lambda_nada_exclusive=0.2")  # any ExpansionConfig field
+    settings = ("--set", "replay_batch_size=3", "--set", "nada_contrast=0", "--set", "lambda_nada_exclusive=0.2", "--negative-prompt", "a photo")  # any ExpansionConfig field
     for prompt in ("a sketch", "a person with glasses"):
         result = run("add-domain", prompt, "--model", out, "--out", out, "--steps", 2, "--clip", tiny_clip_dir, *GUIDE, *settings)
         assert result.exit_code == 0, result.output
@@ -409,6 +426,7 @@ def test_add_domain_three_times_keeps_every_domain(parent_dir, tiny_clip_dir, tm
     assert [r["replayed"] for r in runs] == [[], ["zombie"], ["zombie", "sketch"]]
     assert runs[0]["settings"]["lambda_nada_exclusive"] == 0.0 and runs[2]["settings"]["lambda_nada_exclusive"] == 0.2
     assert runs[2]["settings"]["replay_batch_size"] == 3 and runs[2]["guidance"]["clip"] == [str(tiny_clip_dir)]
+    assert runs[0]["settings"]["nada_negative_prompts"] == {} and runs[2]["settings"]["nada_negative_prompts"] == {"glasses": ["a photo"]}
     info = run("info", out)
     assert info.exit_code == 0 and "training:     3 runs" in info.output and "1 domains, 2 steps, seed 0" in info.output, info.output
 
@@ -498,6 +516,11 @@ def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lp
         (("a ghost", "--set", "source_prompt="), "has an empty value"),
         (("a ghost", "--set", "steps=3"), "use --steps"),
         (("a ghost", "--set", "betas=[0.9"), "cannot read the value"),
+        (("a ghost", "--negative-prompt", "a ghost"), "lists its own prompt 'a ghost' among its negative prompts"),
+        (("a ghost", "--negative-prompt", " "), "a non-empty list of non-blank texts"),
+        (("a ghost", "--negative-prompt", "a hat", "--set", "lambda_nada_negative=0"), "its lambda_nada_negative is 0"),
+        (("a ghost", "--set", "nada_negative_prompts={{ghost: [a hat]}}"), "use --negative-prompt TEXT"),
+        (("--images", "{empty}", "--negative-prompt", "a hat"), "--negative-prompt steers a nada domain"),
         (("a ghost", "--device", "tpu9"), "unknown device 'tpu9'"),
         (("a ghost", "--real-images", "{empty}"), "has no images"),
         (("a ghost", "--real-images", "{unreadable}"), "cannot read image"),
@@ -540,9 +563,11 @@ def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip
         "description": "A tiny model with a zombie and a sketch.",
         "guidance": {"clip": str(tiny_clip_dir), "perceptual": "lpips-alex"},
         "training": {"steps": 2, "batch_size": 2, "base_batch_size": 2},
-        "domains": [{"name": "zombie", "prompt": "a zombie", "weights": {"lambda_nada": 2.0}}, {"name": "sketch", "prompt": "a sketch", "direction": 31}],
+        "domains": [{"name": "zombie", "prompt": "a zombie", "weights": {"lambda_nada": 2.0}, "negative_prompts": "a person with glasses"}, {"name": "sketch", "prompt": "a sketch", "direction": 31}],
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    refused = run("expand", tmp_path / "r.yaml", "--set", "nada_negative_prompts={sketch: [a photo]}", "--out", tmp_path / "other")
+    assert refused.exit_code != 0 and "in its recipe entry (negative_prompts:" in refused.output, refused.output
     result = run("expand", tmp_path / "r.yaml")
     assert result.exit_code == 0, result.output
     model = ExpandedGenerator.from_pretrained(tmp_path / "joint")
@@ -552,6 +577,8 @@ def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip
     assert logged["trained"] == ["zombie", "sketch"] and logged["settings"]["steps"] == 2
     assert logged["settings"]["domain_weights"] == {"zombie": {"lambda_nada": 2.0}}
     assert "per-domain loss weights: zombie `lambda_nada=2.0`" in (tmp_path / "joint" / "README.md").read_text()
+    assert logged["settings"]["nada_negative_prompts"] == {"zombie": ["a person with glasses"]}
+    assert 'negative prompts: zombie "a person with glasses"' in (tmp_path / "joint" / "README.md").read_text()
     registry = json.loads((home / "registry.json").read_text())
     assert "tiny-joint" in registry["models"]
     # The recipe's description, not the parent's, is the new model's: card, config and registry.

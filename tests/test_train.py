@@ -222,6 +222,58 @@ def test_image_exclusive_hinge_compares_the_domains_of_one_step(model, guidance)
     assert alone.step()["loss_nada_image_exclusive"] == 0.0  # no other NADA domain trained in the step
 
 
+def test_negative_prompt_hinge_pays_only_for_moving_towards_what_the_negative_adds(guidance):
+    from expander.losses import loss_nada_negative
+
+    encoder = guidance.clip.encoders[0]
+    negatives = guidance.clip.exclusive_directions(encoder, "a person", "a zombie", ["a person with glasses", "a sketch"])  # (2, D)
+    own = guidance.clip.text_direction(encoder, "a person", "a zombie")  # (D,)
+    assert negatives @ own == pytest.approx(torch.zeros(2), abs=1e-5)  # what the negative shares with the target stays free
+    towards = torch.stack([negatives[0], own, -negatives[0] - negatives[1]])  # (3, D) image directions
+    hinge = loss_nada_negative(guidance.clip, [towards], "a person", "a zombie", ["a person with glasses", "a sketch"])
+    expected = (towards @ negatives.T).relu().sum(-1).mean()
+    assert hinge.item() == pytest.approx(expected.item()) and hinge > 0
+    assert loss_nada_negative(guidance.clip, [towards[1:2]], "a person", "a zombie", ["a person with glasses"]).item() == pytest.approx(0, abs=1e-5)
+    assert loss_nada_negative(guidance.clip, [towards], "a person", "a zombie", []).item() == 0
+    image = towards.clone().requires_grad_(True)
+    loss_nada_negative(guidance.clip, [image], "a person", "a zombie", ["a person with glasses"]).backward()
+    assert image.grad[0].norm() > 0 and image.grad[2].abs().max() == 0  # only rows that move towards it
+
+
+def test_negative_prompts_add_a_term_for_their_domain_and_change_nothing_else(model, guidance):
+    def losses(**settings):  # no step: the model is unchanged between the two
+        torch.manual_seed(0)
+        return Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, **settings)).losses()
+
+    plain = losses()
+    steered = losses(nada_negative_prompts={"zombie": ["a person with glasses"]}, lambda_nada_negative=2.0)
+    assert "loss_nada_negative" not in plain and steered["loss_nada_negative"] >= 0
+    # The hinge draws nothing from the RNG: every other term is the same, so runs without negatives are unchanged.
+    assert {k: v.item() for k, v in plain.items()} == {k: v.item() for k, v in steered.items() if k != "loss_nada_negative"}
+    half = losses(nada_negative_prompts={"zombie": ["a person with glasses"]}, lambda_nada_negative=1.0)
+    assert steered["loss_nada_negative"].item() == pytest.approx(2 * half["loss_nada_negative"].item())
+
+
+@pytest.mark.parametrize("negatives, settings, message", [
+    ({"ghost": ["a person with glasses"]}, {}, "it is not trained in this run"),
+    ({"zombie": ["a zombie"]}, {}, "lists its own prompt 'a zombie'"),
+    ({"zombie": ["a person with glasses"]}, {"domain_weights": {"zombie": {"lambda_nada_negative": 0.0}}}, "its lambda_nada_negative is 0"),
+    ({"zombie": []}, {}, "non-empty list of non-blank texts"),
+    ({"zombie": "a person with glasses"}, {}, "non-empty list of non-blank texts"),
+    (["a person with glasses"], {}, "must map a domain name"),
+])
+def test_negative_prompts_are_checked(model, guidance, negatives, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, **settings, nada_negative_prompts=negatives))
+
+
+def test_negative_prompts_of_an_sds_domain_are_refused(tiny_generator, guidance):
+    model = ExpandedGenerator.from_generator(tiny_generator, alpha=3.0, num_dormant=8)
+    model.add_domain(Domain("ghost", direction=-1, method="sds", prompt="a ghost"))
+    with pytest.raises(ValueError, match="it is a sds domain; negative prompts steer NADA domains"):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, nada_negative_prompts={"ghost": ["a person with glasses"]}))
+
+
 def test_consistency_step_reuses_the_nada_embeddings(model, guidance):
     config = {**SMALL, "batch_size": 3}
     plain = Expander(model, list(model.domains), guidance, ExpansionConfig(**config)).losses()  # no step: the model is unchanged

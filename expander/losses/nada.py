@@ -116,6 +116,33 @@ def loss_nada(
     return total / len(guidance.encoders)
 
 
+def loss_nada_negative(
+    guidance: ClipGuidance,
+    image_directions: Sequence[torch.Tensor],
+    source_prompt: str,
+    target_prompt: str,
+    negative_prompts: Sequence[str],
+) -> torch.Tensor:
+    """``sum_n relu(<image direction, e_n>)``, averaged over the batch and the CLIP ensemble: a hinge
+    against drawing what the user's ``negative_prompts`` describe ("a portrait of a person wearing
+    sunglasses" for an eyepatch domain), the NADA counterpart of a diffusion negative prompt.
+
+    e_n: the direction from the source prompt to negative prompt n, minus its component along this
+    domain's own direction, normalised (``ClipGuidance.exclusive_directions``), so what the target
+    shares with a negative (an eyepatch and sunglasses both darken the eyes' region) is still free and
+    only what the negative adds stops paying. Zero while the domain's images do not move that way.
+
+    image_directions: per CLIP, (N, D) for this domain's images (:func:`nada_image_directions`).
+    """
+    total = image_directions[0].new_zeros(())
+    if not negative_prompts:
+        return total
+    for encoder, image_direction in zip(guidance.encoders, image_directions):
+        negatives = guidance.exclusive_directions(encoder, source_prompt, target_prompt, negative_prompts).to(image_direction.device)  # (C, D)
+        total = total + (image_direction @ negatives.T).relu().sum(-1).mean()
+    return total / len(guidance.encoders)
+
+
 def loss_nada_image_exclusive(
     guidance: ClipGuidance,
     image_directions: Sequence[torch.Tensor],

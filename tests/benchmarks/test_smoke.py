@@ -78,3 +78,14 @@ def test_leak_visibility_smoke(tmp_path, capsys):
     assert target["world_target"] == target["world_own"]  # its own direction is the target's
     assert rows["render beard"]["classifier_target"] < 0.5 and rows["render beard"]["world_own"] > 0.3
     assert (tmp_path / "results.json").exists() and "Leaks into freckles" in capsys.readouterr().out
+
+
+def test_negative_prompts_smoke(tmp_path, capsys):
+    results = load("negative_prompts").main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--pairs", "eyepatch:sunglasses", "glasses:sunglasses"])
+    rows = {r["attribute"]: r for r in results["rows"]}
+    assert set(rows) == {"eyepatch", "glasses"}
+    for row in rows.values():
+        # the negative prompt's hinge is paid by the look-alike, hardly by the attribute itself
+        assert row["world_lookalike_hinge"] > 0.3 > row["world_true_hinge"]
+        assert row["world_true_net"] > row["world_lookalike_net"]
+    assert (tmp_path / "results.json").exists() and "look-alike" in capsys.readouterr().out
