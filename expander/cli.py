@@ -499,8 +499,8 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
         # Either would replace every domain's entries of the recipe at once.
         if "domain_weights" in overrides:
             raise ValueError("set a domain's loss weights in its recipe entry (weights: {lambda_nada: 2.0}), not with --set domain_weights=...")
-        if "nada_negative_prompts" in overrides:
-            raise ValueError("set a domain's negative prompts in its recipe entry (negative_prompts: [\"a portrait of a person wearing sunglasses\"]), not with --set nada_negative_prompts=...")
+        if "negative_prompts" in overrides:
+            raise ValueError("set a domain's negative prompts in its recipe entry (negative_prompts: [\"a portrait of a person wearing sunglasses\"]), not with --set negative_prompts=...")
         if overrides:  # validated like the recipe's own settings
             plan.training = plan.training.with_settings(overrides)
         if show:
@@ -544,7 +544,7 @@ def expand(recipe, steps, out, name, resume, keep_state, force, seed, settings, 
 @click.option("--name", default=None, help="Domain name (default: derived from the prompt or the folder).")
 @click.option("--direction", default=-1, show_default=True, type=int, callback=_direction_index, help="Direction to repurpose; -1 = the most dormant free one.")
 @click.option("--alpha", default=None, type=float, help="Distance of the new subspace (default: the model's alpha).")
-@click.option("--negative-prompt", "negative_prompts", multiple=True, help="nada: what the domain must not draw, e.g. \"a portrait of a person wearing sunglasses\" for an eyepatch (weight: --set lambda_nada_negative=W, default 1.0); repeatable.")
+@click.option("--negative-prompt", "negative_prompts", multiple=True, help="What the domain must not draw (nada, sds), e.g. \"a portrait of a person wearing sunglasses\" for an eyepatch (nada's weight: --set lambda_nada_negative=W, default 1.0); repeatable.")
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(1), help="Training steps.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder (default: the model folder, or $EXPANDER_HOME/models/NAME for registered models).")
 @click.option("--force", is_flag=True, help="Allow a non-dormant direction.")
@@ -584,8 +584,8 @@ def add_domain(prompt, model, method, images, name, direction, alpha, negative_p
         _fail(f"--images is for a mystyle domain (a subject's photos); a {method} domain learns from its PROMPT: leave --images out, or use --method mystyle")
     if method == "mystyle" and prompt:
         _fail(f"a mystyle domain learns from its --images, not from a PROMPT ({prompt!r} would be ignored): leave it out, and name the domain with --name")
-    if negative_prompts and method != "nada":
-        _fail(f"--negative-prompt steers a nada domain; a {method} domain would ignore it: leave it out, or use --method nada")
+    if negative_prompts and method == "mystyle":
+        _fail("--negative-prompt steers a text domain (nada, sds); a mystyle domain learns from its photos and would ignore it: leave it out")
     if name is None:
         name = _slug(prompt or Path(images).name)
         try:
@@ -609,9 +609,9 @@ def add_domain(prompt, model, method, images, name, direction, alpha, negative_p
     domain = Domain(name=name, direction=direction, method=method, prompt=prompt, images=images, alpha=alpha)
     try:
         training_settings = _training_settings(settings)
-        if "nada_negative_prompts" in training_settings:
-            _fail("use --negative-prompt TEXT (repeatable) instead of --set nada_negative_prompts=...")
-        negatives = {"nada_negative_prompts": {name: list(negative_prompts)}} if negative_prompts else {}
+        if "negative_prompts" in training_settings:
+            _fail("use --negative-prompt TEXT (repeatable) instead of --set negative_prompts=...")
+        negatives = {"negative_prompts": {name: list(negative_prompts)}} if negative_prompts else {}
         config = ExpansionConfig.from_dict({"domains_per_step": 1, **training_settings, **negatives, "steps": steps, "seed": seed})
     except (TypeError, ValueError) as err:
         _fail(str(err))

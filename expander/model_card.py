@@ -85,7 +85,7 @@ def _training_section(runs: list[dict[str, Any]]) -> list[str]:
     for index, run in enumerate(runs, 1):
         settings = dict(run.get("settings") or {})
         domain_weights = settings.pop("domain_weights", None) or {}
-        negative_prompts = settings.pop("nada_negative_prompts", None) or {}
+        negative_prompts = settings.pop("negative_prompts", None) or {}
         steps, seed = settings.pop("steps", "?"), settings.pop("seed", "?")
         changed = [f"`{k}={_short(v)}`" for k, v in settings.items() if k not in defaults or defaults[k] != v]
         head = f"{(run.get('date') or '?')[:10]}, expander {run.get('expander_version') or '?'}"  # null = not recorded

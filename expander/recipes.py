@@ -21,10 +21,10 @@ domains:
 ```
 
 A domain's ``weights`` override the ``training`` loss weights for that domain's own adaptation losses
-(``expander.train.DOMAIN_LOSS_WEIGHTS``); they become ``training.domain_weights``. A NADA domain's
-``negative_prompts`` (a text or a list) name what it must not draw, as a diffusion negative prompt
-does (``expander.losses.loss_nada_negative``, weighted by ``lambda_nada_negative``); they become
-``training.nada_negative_prompts``:
+(``expander.train.DOMAIN_LOSS_WEIGHTS``); they become ``training.domain_weights``. A NADA or SDS
+domain's ``negative_prompts`` (a text or a list) name what it must not draw, as a diffusion negative
+prompt does (NADA: ``expander.losses.loss_nada_negative``, weighted by ``lambda_nada_negative``; SDS:
+negation in the guided noise); they become ``training.negative_prompts``:
 
 ```yaml
   - {name: eyepatch, prompt: "a portrait of a person wearing an eyepatch", negative_prompts: ["a portrait of a person wearing sunglasses"]}
@@ -154,13 +154,13 @@ class Recipe:
             if entry.get("negative_prompts") not in (None, []):  # null or [] in a variant: none (drops the parent's)
                 negatives[domains[-1].name] = _negative_prompts(entry["negative_prompts"], f"{where}: domains[{i}]")
         training_data = dict(data.get("training") or {})
-        for key, what, example in (("domain_weights", "loss weights", "weights: {lambda_nada_consistency: 0.3}"), ("nada_negative_prompts", "negative prompts", 'negative_prompts: ["a portrait of a person wearing sunglasses"]')):
+        for key, what, example in (("domain_weights", "loss weights", "weights: {lambda_nada_consistency: 0.3}"), ("negative_prompts", "negative prompts", 'negative_prompts: ["a portrait of a person wearing sunglasses"]')):
             if key in training_data:
                 raise RecipeError(f"{where}: set a domain's {what} in its entry ({example}), not in training.{key}")
         if any(weights.values()):
             training_data["domain_weights"] = {name: own for name, own in weights.items() if own}
         if negatives:
-            training_data["nada_negative_prompts"] = negatives
+            training_data["negative_prompts"] = negatives
         try:
             training = ExpansionConfig.from_dict(training_data)
             check_domain_weight_methods(training, domains)
@@ -343,9 +343,9 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
     if method in ("nada", "sds") and not str(entry.get("prompt") or "").strip():
         raise RecipeError(f"{where}: a {method} domain needs a non-empty 'prompt'")
     # Keys another method would read do nothing here: refused, as another method's loss weights are.
-    inert = [key for key, methods in (("images", ("mystyle",)), ("source_prompt", ("nada",)), ("negative_prompts", ("nada",)), ("prompt", ("nada", "sds"))) if entry.get(key) is not None and method not in methods]
+    inert = [key for key, methods in (("images", ("mystyle",)), ("source_prompt", ("nada",)), ("negative_prompts", ("nada", "sds")), ("prompt", ("nada", "sds"))) if entry.get(key) is not None and method not in methods]
     if inert:
-        raise RecipeError(f"{where}: {', '.join(inert)} would do nothing for a {method} domain (images are a mystyle domain's, source_prompt and negative_prompts a nada domain's, a prompt a nada or sds domain's); remove it, or set the method")
+        raise RecipeError(f"{where}: {', '.join(inert)} would do nothing for a {method} domain (images are a mystyle domain's, source_prompt a nada domain's, negative_prompts a nada or sds domain's, a prompt a nada or sds domain's); remove it, or set the method")
     images = entry.get("images")
     if method == "mystyle":
         if not images:

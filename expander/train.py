@@ -94,12 +94,13 @@ class ExpansionConfig:
     # step, so a hinge aimed at one measured leak (blue skin's mask read as freckles) does not also
     # pull the domain away from the directions it shares with the rest. Unlisted domains: all others.
     nada_image_exclusive_of: dict = field(default_factory=dict)
-    # Negative prompts of NADA domains: {domain name: [prompts]}. A hinge (lambda_nada_negative) against
-    # drawing what a prompt adds to the source beyond the domain's own prompt, e.g. sunglasses for an
-    # eyepatch domain (see loss_nada_negative). Recipes set it with a domain entry's `negative_prompts:`,
-    # add-domain with --negative-prompt.
-    nada_negative_prompts: dict = field(default_factory=dict)
-    lambda_nada_negative: float = 1.0  # acts only on domains with negative prompts
+    # Negative prompts of NADA and SDS domains: {domain name: [prompts]}, what the domain must not draw
+    # (sunglasses for an eyepatch). NADA: a hinge (lambda_nada_negative) against the direction from the
+    # source to each negative beyond the domain's own (see loss_nada_negative); SDS: composable
+    # diffusion's negation in the guided noise (see ScoreDistillation.guided_noise). Recipes set it with
+    # a domain entry's `negative_prompts:`, add-domain with --negative-prompt.
+    negative_prompts: dict = field(default_factory=dict)
+    lambda_nada_negative: float = 1.0  # acts only on NADA domains with negative prompts
     nada_contrast: float = 1.0  # how much of the model's NADA domains' mean text direction each domain's direction drops (0 = off; see ClipGuidance.text_direction)
     # Ridge of the dual basis of the model's NADA text directions (None = off; replaces nada_contrast,
     # which must then be 0): each domain is paid only for what the other domains' directions do not
@@ -177,7 +178,7 @@ class ExpansionConfig:
             raise ValueError(f"training setting nada_consistency_temperature must be > 0 (a softmax temperature over CLIP cosine similarities, e.g. 0.1), got {self.nada_consistency_temperature}")
         self.domain_weights = _checked_domain_weights(self.domain_weights)
         self.nada_image_exclusive_of = _checked_exclusive_targets(self.nada_image_exclusive_of)
-        self.nada_negative_prompts = _checked_negative_prompts(self.nada_negative_prompts)
+        self.negative_prompts = _checked_negative_prompts(self.negative_prompts)
         if self.batch_size < 3 and any(self.weight("lambda_nada_consistency", name) > 0 for name in [None, *self.domain_weights]):
             raise ValueError(f"training setting lambda_nada_consistency needs batch_size >= 3 (each latent ranks at least two others), got {self.batch_size}")
         if self.sds_grad_clip is not None and self.sds_grad_clip <= 0:
@@ -274,18 +275,18 @@ def check_exclusive_targets(config: "ExpansionConfig", domains: Sequence[Domain]
 
 
 def check_negative_prompts(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
-    """Refuse ``nada_negative_prompts`` that cannot act: for a domain this run does not train with
-    NADA, with the hinge's weight at 0, or naming the domain's own prompt."""
-    nada = {d.name: d for d in domains if d.method == "nada"}
-    for name, prompts in config.nada_negative_prompts.items():
-        if name not in nada:
+    """Refuse ``negative_prompts`` that cannot act: for a domain this run does not train with NADA or
+    SDS, for a NADA domain whose hinge weight is 0, or naming the domain's own prompt."""
+    steered = {d.name: d for d in domains if d.method in ("nada", "sds")}
+    for name, prompts in config.negative_prompts.items():
+        if name not in steered:
             methods = {d.name: d.method for d in domains}
             what = f"a {methods[name]} domain" if name in methods else "not trained in this run"
-            raise ValueError(f"negative prompts of domain {name!r}: it is {what}; negative prompts steer NADA domains (trained here: {list(nada)})")
-        if config.weight("lambda_nada_negative", name) <= 0:
+            raise ValueError(f"negative prompts of domain {name!r}: it is {what}; negative prompts steer text domains, nada or sds (trained here: {list(steered)})")
+        if steered[name].method == "nada" and config.weight("lambda_nada_negative", name) <= 0:
             raise ValueError(f"domain {name!r} has negative prompts but its lambda_nada_negative is 0 (off); give it a weight or remove the negative prompts")
-        if nada[name].prompt in prompts:
-            raise ValueError(f"domain {name!r} lists its own prompt {nada[name].prompt!r} among its negative prompts; a negative prompt names what the domain must not draw")
+        if steered[name].prompt in prompts:
+            raise ValueError(f"domain {name!r} lists its own prompt {steered[name].prompt!r} among its negative prompts; a negative prompt names what the domain must not draw")
 
 
 def check_domain_weight_methods(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
@@ -335,14 +336,14 @@ def _checked_exclusive_targets(value: object) -> dict[str, list[str]]:
 
 
 def _checked_negative_prompts(value: object) -> dict[str, list[str]]:
-    """``nada_negative_prompts`` as {domain name: [non-blank prompts]}, or a ValueError saying what is wrong."""
+    """``negative_prompts`` as {domain name: [non-blank prompts]}, or a ValueError saying what is wrong."""
     usage = "must map a domain name to the texts it must not draw, e.g. {eyepatch: [\"a portrait of a person wearing sunglasses\"]}"
     if not isinstance(value, dict):
-        raise ValueError(f"training setting nada_negative_prompts {usage}, got {value!r}")
+        raise ValueError(f"training setting negative_prompts {usage}, got {value!r}")
     checked = {}
     for domain, prompts in value.items():
         if not isinstance(domain, str) or not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError(f"training setting nada_negative_prompts: entry {domain!r} {usage} (a non-empty list of non-blank texts), got {prompts!r}")
+            raise ValueError(f"training setting negative_prompts: entry {domain!r} {usage} (a non-empty list of non-blank texts), got {prompts!r}")
         checked[domain] = list(dict.fromkeys(p.strip() for p in prompts))
     return checked
 
@@ -703,13 +704,14 @@ class Expander:
                     targets = config.nada_image_exclusive_of.get(domain.name)
                     others = [per_clip for name, per_clip in drawn.items() if name != domain.name and (targets is None or name in targets)]
                     add("loss_nada_image_exclusive", weight("lambda_nada_image_exclusive") * loss_nada_image_exclusive(guidance.clip, own, others, source, domain.prompt))
-                negatives = config.nada_negative_prompts.get(domain.name)
+                negatives = config.negative_prompts.get(domain.name)
                 if negatives:
                     add("loss_nada_negative", weight("lambda_nada_negative") * loss_nada_negative(guidance.clip, own, source, domain.prompt, negatives))
             elif domain.method == "sds":
                 # On top of another text domain, the teacher is asked for both prompts at once (composed guidance).
                 prompts = [domain.prompt] + ([group.partner.prompt] if group.partner is not None and group.partner.method in ("nada", "sds") and group.partner.prompt else [])
-                add("loss_sds", weight("lambda_sds") * guidance.teacher.loss(domain_images, references[id(group)], prompts if len(prompts) > 1 else domain.prompt, self.rng))
+                negatives = config.negative_prompts.get(domain.name, ())
+                add("loss_sds", weight("lambda_sds") * guidance.teacher.loss(domain_images, references[id(group)], prompts if len(prompts) > 1 else domain.prompt, self.rng, negatives))
             elif domain.method == "mystyle":
                 add("loss_mystyle", weight("lambda_mystyle") * loss_mystyle(domain_images, group.targets, guidance.perceptual))
             if weight("lambda_lowpass_keep") > 0 and id(group) in references:  # NADA/SDS: edits of a base image
@@ -798,8 +800,9 @@ def _directions_by_domain(groups_and_directions: list[tuple[_Group, list[torch.T
 
 def check_teacher_prompts(trained: list[Domain], domains: list[Domain], guidance: Guidance, config: ExpansionConfig) -> None:
     """Ask the SDS teacher, before the first step, for every prompt the run will condition it on: the
-    SDS domains', and with composition groups their partners' too, which the first step drawing them
-    would otherwise find unknown (a closed-vocabulary teacher such as the world's; see check_prompt)."""
+    SDS domains' and their negative prompts, and with composition groups their partners' too, which
+    the first step drawing them would otherwise find unknown (a closed-vocabulary teacher such as the
+    world's; see check_prompt)."""
     check_prompt = getattr(guidance.teacher, "check_prompt", None)
     sds = [d for d in trained if d.method == "sds"]
     if check_prompt is None or not sds:
@@ -809,6 +812,11 @@ def check_teacher_prompts(trained: list[Domain], domains: list[Domain], guidance
             check_prompt(domain.prompt)
         except ValueError as err:
             raise ValueError(f"SDS domain {domain.name!r}: {err}") from None
+        for negative in config.negative_prompts.get(domain.name, ()):
+            try:
+                check_prompt(negative)
+            except ValueError as err:
+                raise ValueError(f"negative prompt {negative!r} of SDS domain {domain.name!r}: {err}") from None
     if config.compositions_per_step == 0:
         return
     for partner in [d for d in domains if d.method in ("nada", "sds") and d.prompt and d not in sds]:

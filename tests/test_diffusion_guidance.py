@@ -177,7 +177,7 @@ class _RecordingTeacher:
 
     def predict_noise(self, latents_t, t, prompt):
         self.prompts.append(prompt)
-        value = {"a hat": 1.0, "blue skin": 10.0}[prompt]
+        value = {"a hat": 1.0, "blue skin": 10.0, "a crown": 3.0}[prompt]
         return torch.full_like(latents_t, value), torch.full_like(latents_t, 0.5)
 
 
@@ -192,6 +192,22 @@ def test_several_prompts_are_composed_in_the_guided_noise():
     assert teacher.prompts == ["a hat", "blue skin", "a hat", "a hat"]
     with pytest.raises(ValueError, match="at least one prompt"):
         sds.guided_noise(latents, t, [])
+
+
+def test_negative_prompts_are_negated_in_the_guided_noise():
+    teacher = _RecordingTeacher()
+    sds = ScoreDistillation(teacher, SdsConfig(guidance_scale=2.0))
+    latents, t = torch.zeros(2, 3, 4, 4), torch.tensor([10, 20])
+    steered = sds.guided_noise(latents, t, "a hat", ["a crown", "blue skin"])
+    # uncond + scale * ((cond_hat - uncond) - (cond_crown - uncond) - (cond_blue - uncond))
+    assert torch.allclose(steered, torch.full_like(latents, 0.5 + 2.0 * ((1.0 - 0.5) - (3.0 - 0.5) - (10.0 - 0.5))))
+    assert teacher.prompts == ["a hat", "a crown", "blue skin"]
+    assert torch.equal(sds.guided_noise(latents, t, "a hat", []), sds.guided_noise(latents, t, "a hat"))
+    # The SDS loss takes them into the domain's and the directional regularizer's guided noise.
+    teacher.prompts.clear()
+    images = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    sds.loss(images, torch.zeros(2, 3, 4, 4), "a hat", torch.Generator().manual_seed(0), ["a crown"]).backward()
+    assert teacher.prompts == ["a hat", "a crown"] * 2 and torch.isfinite(images.grad).all()
 
 
 def test_sds_refuses_latents_that_are_not_finite(teacher, monkeypatch):

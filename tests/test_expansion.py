@@ -136,10 +136,10 @@ GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zo
         ({"domains": [{"name": "z", "prompt": "x", "negative_prompts": 3}]}, "negative_prompts must be a text or a list of texts"),
         ({"domains": [{"name": "z", "prompt": "x", "negative_prompts": ["a hat", " "]}]}, "negative_prompts must be a text or a list of texts"),
         ({"domains": [{"name": "z", "prompt": "x", "negative_prompts": ""}]}, "negative_prompts must be a text or a list of texts"),
-        ({"domains": [{"name": "z", "method": "sds", "prompt": "x", "negative_prompts": "a hat"}]}, "negative_prompts would do nothing for a sds domain"),
+        ({"domains": [{"name": "z", "method": "mystyle", "images": "photos/me", "negative_prompts": "a hat"}]}, "negative_prompts would do nothing for a mystyle domain"),
         ({"domains": [{"name": "z", "prompt": "a zombie", "negative_prompts": ["a ghost", "a zombie"]}]}, "lists its own prompt 'a zombie' among its negative prompts"),
         ({"domains": [{"name": "z", "prompt": "x", "negative_prompts": "a hat", "weights": {"lambda_nada_negative": 0}}]}, "its lambda_nada_negative is 0"),
-        ({"training": {"nada_negative_prompts": {"zombie": ["a hat"]}}}, r"set a domain's negative prompts in its entry \(negative_prompts: "),
+        ({"training": {"negative_prompts": {"zombie": ["a hat"]}}}, r"set a domain's negative prompts in its entry \(negative_prompts: "),
     ],
 )
 def test_bad_recipes_are_refused_with_a_clear_message(change, message):
@@ -163,11 +163,11 @@ def test_recipe_numbers_are_read_as_their_settings_types():
 def test_recipe_negative_prompts_become_the_runs_negative_prompts(tmp_path):
     domains = [{"name": "eyepatch", "prompt": "an eyepatch", "negative_prompts": "sunglasses"}, {"name": "hat", "prompt": "a hat", "negative_prompts": ["a crown", "a cap"]}, {"name": "pop", "prompt": "pop art"}]
     recipe = Recipe.from_dict({**GOOD, "domains": domains})
-    assert recipe.training.nada_negative_prompts == {"eyepatch": ["sunglasses"], "hat": ["a crown", "a cap"]}
+    assert recipe.training.negative_prompts == {"eyepatch": ["sunglasses"], "hat": ["a crown", "a cap"]}
     # A variant replaces a domain's negative prompts whole, and null (or []) drops them.
     _write_yaml(tmp_path / "parent.yaml", {**GOOD, "domains": domains})
     (tmp_path / "variant.yaml").write_text("extends: parent.yaml\ndomains:\n  - {name: eyepatch, negative_prompts: [dark shades]}\n  - {name: hat, negative_prompts: null}\n  - {name: pop, negative_prompts: []}\n")
-    assert Recipe.load(tmp_path / "variant.yaml").training.nada_negative_prompts == {"eyepatch": ["dark shades"]}
+    assert Recipe.load(tmp_path / "variant.yaml").training.negative_prompts == {"eyepatch": ["dark shades"]}
 
 
 def test_recipe_domain_weights_override_the_training_weights_for_that_domain():
@@ -426,7 +426,7 @@ def test_add_domain_three_times_keeps_every_domain(parent_dir, tiny_clip_dir, tm
     assert [r["replayed"] for r in runs] == [[], ["zombie"], ["zombie", "sketch"]]
     assert runs[0]["settings"]["lambda_nada_exclusive"] == 0.0 and runs[2]["settings"]["lambda_nada_exclusive"] == 0.2
     assert runs[2]["settings"]["replay_batch_size"] == 3 and runs[2]["guidance"]["clip"] == [str(tiny_clip_dir)]
-    assert runs[0]["settings"]["nada_negative_prompts"] == {} and runs[2]["settings"]["nada_negative_prompts"] == {"glasses": ["a photo"]}
+    assert runs[0]["settings"]["negative_prompts"] == {} and runs[2]["settings"]["negative_prompts"] == {"glasses": ["a photo"]}
     info = run("info", out)
     assert info.exit_code == 0 and "training:     3 runs" in info.output and "1 domains, 2 steps, seed 0" in info.output, info.output
 
@@ -519,8 +519,8 @@ def test_add_domain_mystyle_from_a_folder(parent_dir, tmp_path, home, offline_lp
         (("a ghost", "--negative-prompt", "a ghost"), "lists its own prompt 'a ghost' among its negative prompts"),
         (("a ghost", "--negative-prompt", " "), "a non-empty list of non-blank texts"),
         (("a ghost", "--negative-prompt", "a hat", "--set", "lambda_nada_negative=0"), "its lambda_nada_negative is 0"),
-        (("a ghost", "--set", "nada_negative_prompts={{ghost: [a hat]}}"), "use --negative-prompt TEXT"),
-        (("--images", "{empty}", "--negative-prompt", "a hat"), "--negative-prompt steers a nada domain"),
+        (("a ghost", "--set", "negative_prompts={{ghost: [a hat]}}"), "use --negative-prompt TEXT"),
+        (("--images", "{empty}", "--negative-prompt", "a hat"), "--negative-prompt steers a text domain (nada, sds)"),
         (("a ghost", "--device", "tpu9"), "unknown device 'tpu9'"),
         (("a ghost", "--real-images", "{empty}"), "has no images"),
         (("a ghost", "--real-images", "{unreadable}"), "cannot read image"),
@@ -566,7 +566,7 @@ def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip
         "domains": [{"name": "zombie", "prompt": "a zombie", "weights": {"lambda_nada": 2.0}, "negative_prompts": "a person with glasses"}, {"name": "sketch", "prompt": "a sketch", "direction": 31}],
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    refused = run("expand", tmp_path / "r.yaml", "--set", "nada_negative_prompts={sketch: [a photo]}", "--out", tmp_path / "other")
+    refused = run("expand", tmp_path / "r.yaml", "--set", "negative_prompts={sketch: [a photo]}", "--out", tmp_path / "other")
     assert refused.exit_code != 0 and "in its recipe entry (negative_prompts:" in refused.output, refused.output
     result = run("expand", tmp_path / "r.yaml")
     assert result.exit_code == 0, result.output
@@ -577,7 +577,7 @@ def test_expand_recipe_end_to_end_and_registers_the_result(parent_dir, tiny_clip
     assert logged["trained"] == ["zombie", "sketch"] and logged["settings"]["steps"] == 2
     assert logged["settings"]["domain_weights"] == {"zombie": {"lambda_nada": 2.0}}
     assert "per-domain loss weights: zombie `lambda_nada=2.0`" in (tmp_path / "joint" / "README.md").read_text()
-    assert logged["settings"]["nada_negative_prompts"] == {"zombie": ["a person with glasses"]}
+    assert logged["settings"]["negative_prompts"] == {"zombie": ["a person with glasses"]}
     assert 'negative prompts: zombie "a person with glasses"' in (tmp_path / "joint" / "README.md").read_text()
     registry = json.loads((home / "registry.json").read_text())
     assert "tiny-joint" in registry["models"]

@@ -246,11 +246,11 @@ def test_negative_prompts_add_a_term_for_their_domain_and_change_nothing_else(mo
         return Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, **settings)).losses()
 
     plain = losses()
-    steered = losses(nada_negative_prompts={"zombie": ["a person with glasses"]}, lambda_nada_negative=2.0)
+    steered = losses(negative_prompts={"zombie": ["a person with glasses"]}, lambda_nada_negative=2.0)
     assert "loss_nada_negative" not in plain and steered["loss_nada_negative"] >= 0
     # The hinge draws nothing from the RNG: every other term is the same, so runs without negatives are unchanged.
     assert {k: v.item() for k, v in plain.items()} == {k: v.item() for k, v in steered.items() if k != "loss_nada_negative"}
-    half = losses(nada_negative_prompts={"zombie": ["a person with glasses"]}, lambda_nada_negative=1.0)
+    half = losses(negative_prompts={"zombie": ["a person with glasses"]}, lambda_nada_negative=1.0)
     assert steered["loss_nada_negative"].item() == pytest.approx(2 * half["loss_nada_negative"].item())
 
 
@@ -264,14 +264,14 @@ def test_negative_prompts_add_a_term_for_their_domain_and_change_nothing_else(mo
 ])
 def test_negative_prompts_are_checked(model, guidance, negatives, settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, **settings, nada_negative_prompts=negatives))
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, **settings, negative_prompts=negatives))
 
 
-def test_negative_prompts_of_an_sds_domain_are_refused(tiny_generator, guidance):
+def test_negative_prompts_of_a_mystyle_domain_are_refused(tiny_generator, guidance):
     model = ExpandedGenerator.from_generator(tiny_generator, alpha=3.0, num_dormant=8)
-    model.add_domain(Domain("ghost", direction=-1, method="sds", prompt="a ghost"))
-    with pytest.raises(ValueError, match="it is a sds domain; negative prompts steer NADA domains"):
-        Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, nada_negative_prompts={"ghost": ["a person with glasses"]}))
+    model.add_domain(Domain("me", direction=-1, method="mystyle", images="photos/me"))
+    with pytest.raises(ValueError, match=re.escape("it is a mystyle domain; negative prompts steer text domains, nada or sds")):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, negative_prompts={"me": ["a person with glasses"]}))
 
 
 def test_consistency_step_reuses_the_nada_embeddings(model, guidance):
@@ -330,10 +330,11 @@ def test_composition_both_ways_asks_for_both_edits_on_one_render(model, guidance
 def test_sds_composition_groups_ask_the_teacher_for_both_prompts(model, guidance):
     class Teacher:
         def __init__(self):
-            self.prompts = []
+            self.prompts, self.negatives = [], []
 
-        def loss(self, domain_images, base_images, prompt, rng):
+        def loss(self, domain_images, base_images, prompt, rng, negative_prompts=()):
             self.prompts.append(prompt)
+            self.negatives.append(list(negative_prompts))
             return domain_images.mean() * 0
 
     guidance.teacher = Teacher()
@@ -343,7 +344,13 @@ def test_sds_composition_groups_ask_the_teacher_for_both_prompts(model, guidance
     trainer.step()
     # two plain groups with their own prompt, two composition groups with both prompts (own first)
     assert sorted(guidance.teacher.prompts[:2]) == ["a sketch", "a zombie"]
+    assert guidance.teacher.negatives == [[]] * 4
     assert all(sorted(p) == ["a sketch", "a zombie"] and len(p) == 2 for p in guidance.teacher.prompts[2:]) and len(guidance.teacher.prompts) == 4
+    # a domain's negative prompts reach the teacher with each of its groups, and only with its own
+    guidance.teacher = Teacher()
+    Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, compositions_per_step=2, negative_prompts={"zombie": ["a person with glasses"]})).step()
+    for prompt, negatives in zip(guidance.teacher.prompts, guidance.teacher.negatives):
+        assert negatives == (["a person with glasses"] if (prompt if isinstance(prompt, str) else prompt[0]) == "a zombie" else [])
 
 
 def test_composition_both_ways_skips_partners_without_guidance(model, guidance):
@@ -529,7 +536,7 @@ def test_sds_prompts_the_teacher_cannot_take_are_refused_before_training(model, 
             if prompt != "a zombie":
                 raise ValueError(f"the teacher knows no attribute in {prompt!r}")
 
-        def loss(self, domain_images, base_images, prompt, rng):
+        def loss(self, domain_images, base_images, prompt, rng, negative_prompts=()):
             return domain_images.mean() * 0
 
     guidance.teacher = Teacher()
@@ -541,6 +548,8 @@ def test_sds_prompts_the_teacher_cannot_take_are_refused_before_training(model, 
     Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL))
     with pytest.raises(ValueError, match="domain 'sketch' is composed with SDS domains .*set compositions_per_step: 0"):
         Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, compositions_per_step=1))
+    with pytest.raises(ValueError, match="negative prompt 'a hat' of SDS domain 'zombie': the teacher knows no attribute in 'a hat'"):
+        Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, negative_prompts={"zombie": ["a hat"]}))
 
 
 def test_a_seed_torch_would_wrap_is_refused():

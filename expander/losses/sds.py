@@ -69,11 +69,13 @@ class ScoreDistillation:
         self.teacher = teacher
         self.config = config or SdsConfig()
 
-    def guided_noise(self, latents_t: torch.Tensor, t: torch.Tensor, prompt: Union[str, Sequence[str]]) -> torch.Tensor:
+    def guided_noise(self, latents_t: torch.Tensor, t: torch.Tensor, prompt: Union[str, Sequence[str]], negative_prompts: Sequence[str] = ()) -> torch.Tensor:
         """Classifier-free guided noise prediction; several prompts are *composed* (Liu et al. 2022,
-        composable diffusion): ``uncond + scale * sum_k (cond_k - uncond)``, so the sample is pulled
-        towards every prompt at once instead of towards one that names them all (the world teacher
-        has no image carrying two attributes, so it cannot answer a joint prompt)."""
+        composable diffusion): ``uncond + scale * (sum_k (cond_k - uncond) - sum_n (neg_n - uncond))``,
+        so the sample is pulled towards every prompt at once instead of towards one that names them
+        all (the world teacher has no image carrying two attributes, so it cannot answer a joint
+        prompt), and pushed away from each of ``negative_prompts`` (composable diffusion's negation;
+        one teacher call more per negative prompt)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("score distillation needs at least one prompt")
@@ -81,6 +83,8 @@ class ScoreDistillation:
         guidance = cond - uncond
         for other in prompts[1:]:
             guidance = guidance + (self.teacher.predict_noise(latents_t, t, other)[0] - uncond)
+        for negative in negative_prompts:
+            guidance = guidance - (self.teacher.predict_noise(latents_t, t, negative)[0] - uncond)
         return uncond + self.config.guidance_scale * guidance
 
     def check_prompt(self, prompt: str) -> None:
@@ -89,10 +93,11 @@ class ScoreDistillation:
         if check is not None:
             check(prompt)
 
-    def loss(self, domain_images: torch.Tensor, base_images: torch.Tensor, prompt: Union[str, Sequence[str]], rng: torch.Generator) -> torch.Tensor:
+    def loss(self, domain_images: torch.Tensor, base_images: torch.Tensor, prompt: Union[str, Sequence[str]], rng: torch.Generator, negative_prompts: Sequence[str] = ()) -> torch.Tensor:
         """SDS (+ directional regularizer) surrogate for a batch of domain images and their base images.
 
-        ``prompt``: one prompt, or several to compose (see :meth:`guided_noise`).
+        ``prompt``: one prompt, or several to compose; ``negative_prompts``: what to steer away from
+        (see :meth:`guided_noise`). The directional regularizer guides the base image alike.
         """
         config, teacher = self.config, self.teacher
         latents = teacher.encode(domain_images)  # (B, C, h, w), differentiable
@@ -108,12 +113,12 @@ class ScoreDistillation:
         alpha_bar = teacher.alphas_cumprod.to(latents)[t].view(batch, 1, 1, 1)
         with torch.no_grad():
             noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-            eps_domain = self.guided_noise(noisy, t, prompt)
+            eps_domain = self.guided_noise(noisy, t, prompt, negative_prompts)
             grad = (1 - alpha_bar) * (eps_domain - noise)  # w(t) = 1 - alpha_bar_t
             if config.lambda_directional > 0:
                 base_latents = teacher.encode(base_images.detach())
                 base_noisy = alpha_bar.sqrt() * base_latents + (1 - alpha_bar).sqrt() * noise
-                eps_base = self.guided_noise(base_noisy, t, prompt)
+                eps_base = self.guided_noise(base_noisy, t, prompt, negative_prompts)
                 radius = float(latents[0].numel()) ** 0.5  # expected norm of a standard Gaussian
                 unit = lambda e: e / e.flatten(1).norm(dim=1).clamp_min(1e-8).view(batch, 1, 1, 1)  # noqa: E731
                 grad = grad + config.lambda_directional * radius * (unit(eps_domain) - unit(eps_base))
