@@ -637,6 +637,9 @@ def _check_training_run(run: Any, where: str) -> None:
     domain_weights = (run.get("settings") or {}).get("domain_weights")
     if domain_weights is not None and not (isinstance(domain_weights, dict) and all(isinstance(w, dict) for w in domain_weights.values())):
         raise ValueError(f"{where}: settings.domain_weights must map domain names to {{loss weight: value}}, got {str(domain_weights)[:200]}")
+    negative_prompts = (run.get("settings") or {}).get("negative_prompts")
+    if negative_prompts is not None and not (isinstance(negative_prompts, dict) and all(isinstance(p, list) and all(isinstance(t, str) for t in p) for p in negative_prompts.values())):
+        raise ValueError(f"{where}: settings.negative_prompts must map domain names to [texts], got {str(negative_prompts)[:200]}")
 
 
 def _check_keys(expected: dict[str, Optional[torch.Tensor]], tensors: dict[str, torch.Tensor], source: Path) -> None:

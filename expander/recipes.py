@@ -343,7 +343,7 @@ def _domain(entry: Any, where: str, base_dir: Optional[Path]) -> Domain:
     if method in ("nada", "sds") and not str(entry.get("prompt") or "").strip():
         raise RecipeError(f"{where}: a {method} domain needs a non-empty 'prompt'")
     # Keys another method would read do nothing here: refused, as another method's loss weights are.
-    inert = [key for key, methods in (("images", ("mystyle",)), ("source_prompt", ("nada",)), ("negative_prompts", ("nada", "sds")), ("prompt", ("nada", "sds"))) if entry.get(key) is not None and method not in methods]
+    inert = [key for key, methods in (("images", ("mystyle",)), ("source_prompt", ("nada",)), ("negative_prompts", ("nada", "sds")), ("prompt", ("nada", "sds"))) if entry.get(key) not in (None, []) and method not in methods]
     if inert:
         raise RecipeError(f"{where}: {', '.join(inert)} would do nothing for a {method} domain (images are a mystyle domain's, source_prompt a nada domain's, negative_prompts a nada or sds domain's, a prompt a nada or sds domain's); remove it, or set the method")
     images = entry.get("images")

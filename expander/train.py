@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from .checkpoint import ExpandedGenerator
 from .distributed import SynthesisNetwork, gather_generators, restore_rank_rng
 from .domains import MAX_SEED, Domain
+from .guidance.clip import same_text
 from .guidance.perceptual import PerceptualDistance
 from .losses import loss_composed_edits, loss_d_logistic, loss_edit_detail, loss_g_nonsaturating, loss_lowpass_change, loss_mystyle, loss_nada, loss_nada_consistency, loss_nada_image_exclusive, loss_nada_negative, loss_r1, loss_replay, nada_image_directions, nada_image_features
 from .utils.io import load_training_state, read_json, save_training_state, setting_differences
@@ -211,7 +212,7 @@ class ExpansionConfig:
         if unknown:
             close = {name: difflib.get_close_matches(name, cls.__dataclass_fields__, n=1) for name in unknown}
             hints = "; ".join(f"{name}: did you mean {match[0]}?" for name, match in close.items() if match)
-            raise ValueError(f"unknown training settings {unknown}{' (' + hints + ')' if hints else ''}; allowed: {sorted(set(cls.__dataclass_fields__) - {'domain_weights'})} (a domain's loss weights go in its own `weights:`)")
+            raise ValueError(f"unknown training settings {unknown}{' (' + hints + ')' if hints else ''}; allowed: {sorted(set(cls.__dataclass_fields__) - {'domain_weights', 'negative_prompts'})} (a domain's loss weights and negative prompts go in its own entry)")
         return cls(**data)
 
     def with_settings(self, overrides: dict) -> "ExpansionConfig":
@@ -276,7 +277,12 @@ def check_exclusive_targets(config: "ExpansionConfig", domains: Sequence[Domain]
 
 def check_negative_prompts(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
     """Refuse ``negative_prompts`` that cannot act: for a domain this run does not train with NADA or
-    SDS, for a NADA domain whose hinge weight is 0, or naming the domain's own prompt."""
+    SDS, for a NADA domain whose hinge weight is 0, or naming the domain's own prompt (up to capitals
+    and spacing, which CLIP tokenizers ignore: the hinge would then work against the domain itself);
+    and a domain's own ``lambda_nada_negative`` without negative prompts (it would do nothing)."""
+    idle = sorted(name for name, weights in config.domain_weights.items() if "lambda_nada_negative" in weights and name not in config.negative_prompts)
+    if idle:
+        raise ValueError(f"lambda_nada_negative of domains {idle} does nothing: they have no negative prompts; give them negative_prompts or remove the weight")
     steered = {d.name: d for d in domains if d.method in ("nada", "sds")}
     for name, prompts in config.negative_prompts.items():
         if name not in steered:
@@ -285,8 +291,9 @@ def check_negative_prompts(config: "ExpansionConfig", domains: Sequence[Domain])
             raise ValueError(f"negative prompts of domain {name!r}: it is {what}; negative prompts steer text domains, nada or sds (trained here: {list(steered)})")
         if steered[name].method == "nada" and config.weight("lambda_nada_negative", name) <= 0:
             raise ValueError(f"domain {name!r} has negative prompts but its lambda_nada_negative is 0 (off); give it a weight or remove the negative prompts")
-        if steered[name].prompt in prompts:
-            raise ValueError(f"domain {name!r} lists its own prompt {steered[name].prompt!r} among its negative prompts; a negative prompt names what the domain must not draw")
+        own = [p for p in prompts if same_text(p, steered[name].prompt or "")]
+        if own:
+            raise ValueError(f"domain {name!r} lists its own prompt {steered[name].prompt!r} among its negative prompts (as {own[0]!r}); a negative prompt names what the domain must not draw")
 
 
 def check_domain_weight_methods(config: "ExpansionConfig", domains: Sequence[Domain]) -> None:
@@ -441,7 +448,10 @@ def check_resumable(folder: str | Path, config: ExpansionConfig, domains: dict[s
     now = json.loads(json.dumps({"config": asdict(config), "domains": domains, "run": run}, default=str))
     # domains and run: absent in states saved before this check
     saved_config, saved_domains, saved_run = info.get("config", {}), info.get("domains"), info.get("run", now["run"])
-    differences = setting_differences(saved_config, now["config"], RESUMABLE_CHANGES)
+    # A setting the saved run did not have yet ran as its default does (a new setting starts as the old
+    # behaviour): a resume that sets it otherwise, e.g. negative prompts added, is another training.
+    defaults = json.loads(json.dumps(asdict(ExpansionConfig()), default=str))
+    differences = setting_differences({**defaults, **saved_config}, now["config"], RESUMABLE_CHANGES)
     differences += [f"{name}: {saved_run.get(name)!r} in the state, {now['run'].get(name)!r} now" for name in sorted(set(saved_run) | set(now["run"])) if saved_run.get(name) != now["run"].get(name)]
     if saved_domains is not None:
         for kind in ("trained", "replayed"):
@@ -710,7 +720,8 @@ class Expander:
             elif domain.method == "sds":
                 # On top of another text domain, the teacher is asked for both prompts at once (composed guidance).
                 prompts = [domain.prompt] + ([group.partner.prompt] if group.partner is not None and group.partner.method in ("nada", "sds") and group.partner.prompt else [])
-                negatives = config.negative_prompts.get(domain.name, ())
+                # A composed group asks for its partner's prompt: a negative naming it would cancel that.
+                negatives = [n for n in config.negative_prompts.get(domain.name, ()) if not any(same_text(n, p) for p in prompts)]
                 add("loss_sds", weight("lambda_sds") * guidance.teacher.loss(domain_images, references[id(group)], prompts if len(prompts) > 1 else domain.prompt, self.rng, negatives))
             elif domain.method == "mystyle":
                 add("loss_mystyle", weight("lambda_mystyle") * loss_mystyle(domain_images, group.targets, guidance.perceptual))

@@ -168,6 +168,8 @@ def test_recipe_negative_prompts_become_the_runs_negative_prompts(tmp_path):
     _write_yaml(tmp_path / "parent.yaml", {**GOOD, "domains": domains})
     (tmp_path / "variant.yaml").write_text("extends: parent.yaml\ndomains:\n  - {name: eyepatch, negative_prompts: [dark shades]}\n  - {name: hat, negative_prompts: null}\n  - {name: pop, negative_prompts: []}\n")
     assert Recipe.load(tmp_path / "variant.yaml").training.negative_prompts == {"eyepatch": ["dark shades"]}
+    mystyle = Recipe.from_dict({**GOOD, "domains": [{"name": "me", "method": "mystyle", "images": "photos/me", "negative_prompts": []}]})  # [] is none
+    assert mystyle.training.negative_prompts == {}
 
 
 def test_recipe_domain_weights_override_the_training_weights_for_that_domain():

@@ -157,6 +157,13 @@ def test_resume_refuses_a_state_of_another_run(model, guidance, tmp_path):
     two_processes = fresh()
     with pytest.raises(ValueError, match=r"processes: 2 in the state, 1 now"):
         expand(two_processes, list(two_processes.domains), guidance, ExpansionConfig(**SMALL), state_dir=tmp_path / "state", resume=True, progress=False)
+    # A state saved before a setting existed ran as its default: setting it otherwise is another run.
+    info = json.loads(saved_info)
+    del info["info"]["config"]["negative_prompts"], info["info"]["config"]["lambda_nada_negative"]
+    state_json.write_text(json.dumps(info))
+    steered = fresh()
+    with pytest.raises(ValueError, match=r"negative_prompts: \{\} in the state, \{'zombie': \['a sketch'\]\} now"):
+        expand(steered, list(steered.domains), guidance, ExpansionConfig(**SMALL, negative_prompts={"zombie": ["a sketch"]}), state_dir=tmp_path / "state", resume=True, progress=False)
     state_json.write_text(saved_info)
     assert (tmp_path / "state" / "state.safetensors").read_bytes() == state  # a refused resume leaves the state as it was
     # Steps and the checkpoint interval may change: continuing for more steps is what --steps is for.
@@ -257,6 +264,8 @@ def test_negative_prompts_add_a_term_for_their_domain_and_change_nothing_else(mo
 @pytest.mark.parametrize("negatives, settings, message", [
     ({"ghost": ["a person with glasses"]}, {}, "it is not trained in this run"),
     ({"zombie": ["a zombie"]}, {}, "lists its own prompt 'a zombie'"),
+    ({"zombie": ["A  Zombie "]}, {}, "lists its own prompt 'a zombie' among its negative prompts (as 'A  Zombie')"),
+    ({"sketch": ["a zombie"]}, {"domain_weights": {"zombie": {"lambda_nada_negative": 2.0}}}, "lambda_nada_negative of domains ['zombie'] does nothing: they have no negative prompts"),
     ({"zombie": ["a person with glasses"]}, {"domain_weights": {"zombie": {"lambda_nada_negative": 0.0}}}, "its lambda_nada_negative is 0"),
     ({"zombie": []}, {}, "non-empty list of non-blank texts"),
     ({"zombie": "a person with glasses"}, {}, "non-empty list of non-blank texts"),
@@ -265,6 +274,33 @@ def test_negative_prompts_add_a_term_for_their_domain_and_change_nothing_else(mo
 def test_negative_prompts_are_checked(model, guidance, negatives, settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Expander(model, list(model.domains), guidance, ExpansionConfig(**SMALL, **settings, negative_prompts=negatives))
+
+
+def test_exclusive_directions_of_the_own_text_in_other_capitals_are_zero(guidance):
+    encoder = guidance.clip.encoders[0]
+    rows = guidance.clip.exclusive_directions(encoder, "a person", "a zombie", ["A  ZOMBIE", "a sketch"])  # (2, D)
+    assert torch.equal(rows[0], torch.zeros_like(rows[0]))  # rounding error is not blown up into a direction
+    assert rows[1].norm().item() == pytest.approx(1.0)
+
+
+def test_sds_composed_groups_drop_a_negative_that_names_the_partner(model, guidance):
+    class Teacher:
+        def __init__(self):
+            self.calls = []
+
+        def loss(self, domain_images, base_images, prompt, rng, negative_prompts=()):
+            self.calls.append((prompt, list(negative_prompts)))
+            return domain_images.mean() * 0
+
+    guidance.teacher = Teacher()
+    for domain in model.domains:
+        domain.method = "sds"
+    config = ExpansionConfig(**SMALL, compositions_per_step=2, negative_prompts={"zombie": ["A sketch", "a person with glasses"]})
+    Expander(model, list(model.domains), guidance, config).step()
+    zombie = [(prompt, negatives) for prompt, negatives in guidance.teacher.calls if (prompt if isinstance(prompt, str) else prompt[0]) == "a zombie"]
+    assert ("a zombie", ["A sketch", "a person with glasses"]) in zombie  # alone: both negatives
+    composed = [negatives for prompt, negatives in zombie if not isinstance(prompt, str)]
+    assert composed and all(negatives == ["a person with glasses"] for negatives in composed)  # composed with the sketch: not "a sketch"
 
 
 def test_negative_prompts_of_a_mystyle_domain_are_refused(tiny_generator, guidance):

@@ -257,7 +257,9 @@ class ClipGuidance:
         Each of ``others``' raw directions with its component along this domain's raw direction
         removed. A domain image moving along one of them draws another domain's attribute that the
         target text does not ask for (in the world, clown-nose, eyepatch and sketch domains drew
-        glasses: their text directions share a glasses-like component).
+        glasses: their text directions share a glasses-like component). A prompt whose direction is
+        the target's own (the same text in other capitals) leaves only rounding error, which
+        normalising would blow up to a random unit row: such rows are zero (nothing to exclude).
         """
         others = _other_prompts(others, target)
         key = ("exclusive", id(encoder), source, target, others)
@@ -266,14 +268,26 @@ class ClipGuidance:
             if not others:
                 self._directions[key] = own.new_zeros(0, own.shape[-1])  # (0, D): nothing to exclude
                 return self._directions[key]
-            rows = torch.stack([self._raw_direction(encoder, source, prompt) for prompt in others])  # (C, D)
-            self._directions[key] = F.normalize(rows - (rows @ own)[:, None] * own, dim=-1)
+            rows = torch.stack([self._raw_direction(encoder, source, prompt) for prompt in others])  # (C, D), unit rows
+            beyond = rows - (rows @ own)[:, None] * own  # (C, D)
+            norms = beyond.norm(dim=-1, keepdim=True)  # (C, 1)
+            self._directions[key] = torch.where(norms > SAME_DIRECTION_TOLERANCE, beyond / norms.clamp_min(SAME_DIRECTION_TOLERANCE), torch.zeros_like(beyond))
         return self._directions[key]
 
     def _raw_direction(self, encoder: ClipEncoder, source: str, target: str) -> torch.Tensor:
         target_emb = encoder.encode_text([t.format(target) for t in self.templates]).mean(0)
         source_emb = encoder.encode_text([t.format(source) for t in self.templates]).mean(0)
         return F.normalize(target_emb - source_emb, dim=-1)
+
+
+# Below this norm, what a unit text direction has beyond the target's is rounding error (the same text
+# in other capitals or spacing gives the same tokens, about 1e-7), not a direction to exclude.
+SAME_DIRECTION_TOLERANCE = 1e-3
+
+
+def same_text(a: str, b: str) -> bool:
+    """Whether two prompts are one text to a CLIP tokenizer: equal up to capitals and spacing."""
+    return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
 
 
 def _other_prompts(prompts: Sequence[str], own: str) -> tuple[str, ...]:

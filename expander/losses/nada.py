@@ -128,9 +128,12 @@ def loss_nada_negative(
     sunglasses" for an eyepatch domain), the NADA counterpart of a diffusion negative prompt.
 
     e_n: the direction from the source prompt to negative prompt n, minus its component along this
-    domain's own direction, normalised (``ClipGuidance.exclusive_directions``), so what the target
-    shares with a negative (an eyepatch and sunglasses both darken the eyes' region) is still free and
-    only what the negative adds stops paying. Zero while the domain's images do not move that way.
+    domain's own (plain) text direction, normalised (``ClipGuidance.exclusive_directions``), so what
+    the target's text shares with a negative (an eyepatch and sunglasses both darken the eyes'
+    region) is still free and only what the negative adds stops paying. Zero while the domain's
+    images do not move that way. With ``nada_dual_ridge`` or ``nada_contrast``, the direction
+    :func:`loss_nada` rewards is not the plain one and may hold part of e_n; the hinge then trades
+    against that part (benchmarks/negative_prompts.py measures both on renders).
 
     image_directions: per CLIP, (N, D) for this domain's images (:func:`nada_image_directions`).
     """
