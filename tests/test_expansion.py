@@ -52,9 +52,11 @@ def test_world_recipe_prompts_are_in_the_world_clip_vocabulary():
 
     _, tokenizer = load_world_clip()
     for path in RECIPES.glob("world-*.yaml"):
-        for domain in Recipe.load(path).domains:
-            if domain.prompt:
-                assert out_of_vocabulary(tokenizer, domain.prompt) == [], (path.name, domain.prompt)
+        recipe = Recipe.load(path)
+        for domain in recipe.domains:
+            for prompt in [domain.prompt, *recipe.training.negative_prompts.get(domain.name, ())]:
+                if prompt:
+                    assert out_of_vocabulary(tokenizer, prompt) == [], (path.name, prompt)
 
 
 GOOD = {"model": "m", "out": "o", "domains": [{"name": "zombie", "prompt": "a zombie"}]}
