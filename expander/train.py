@@ -329,29 +329,29 @@ def _checked_domain_weights(value: object) -> dict[str, dict[str, float]]:
 
 def _checked_exclusive_targets(value: object) -> dict[str, list[str]]:
     """``nada_image_exclusive_of`` as {domain name: [other domain names]}, or a ValueError saying what is wrong."""
-    usage = "must map a domain name to the list of domains its image hinge acts against, e.g. {blue_skin: [freckles]}"
-    if not isinstance(value, dict):
-        raise ValueError(f"training setting nada_image_exclusive_of {usage}, got {value!r}")
-    checked = {}
-    for domain, targets in value.items():
-        if not isinstance(domain, str) or not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
-            raise ValueError(f"training setting nada_image_exclusive_of: entry {domain!r} {usage} (a non-empty list), got {targets!r}")
+    checked = _checked_texts_by_domain("nada_image_exclusive_of", value, "the list of domains its image hinge acts against, e.g. {blue_skin: [freckles]}")
+    for domain, targets in checked.items():
         if domain in targets:
             raise ValueError(f"training setting nada_image_exclusive_of: domain {domain!r} lists itself; list the domains whose drawings it must not move towards")
-        checked[domain] = list(dict.fromkeys(targets))
     return checked
 
 
 def _checked_negative_prompts(value: object) -> dict[str, list[str]]:
     """``negative_prompts`` as {domain name: [non-blank prompts]}, or a ValueError saying what is wrong."""
-    usage = "must map a domain name to the texts it must not draw, e.g. {eyepatch: [\"a portrait of a person wearing sunglasses\"]}"
+    checked = _checked_texts_by_domain("negative_prompts", value, "the texts it must not draw, e.g. {eyepatch: [\"a portrait of a person wearing sunglasses\"]}")
+    return {domain: list(dict.fromkeys(p.strip() for p in prompts)) for domain, prompts in checked.items()}
+
+
+def _checked_texts_by_domain(setting: str, value: object, what: str) -> dict[str, list[str]]:
+    """``value`` as {domain name: [non-blank texts, first of repeats]}, or a ValueError naming ``setting``."""
+    usage = f"must map a domain name to {what}"
     if not isinstance(value, dict):
-        raise ValueError(f"training setting negative_prompts {usage}, got {value!r}")
+        raise ValueError(f"training setting {setting} {usage}, got {value!r}")
     checked = {}
-    for domain, prompts in value.items():
-        if not isinstance(domain, str) or not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError(f"training setting negative_prompts: entry {domain!r} {usage} (a non-empty list of non-blank texts), got {prompts!r}")
-        checked[domain] = list(dict.fromkeys(p.strip() for p in prompts))
+    for domain, texts in value.items():
+        if not isinstance(domain, str) or not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError(f"training setting {setting}: entry {domain!r} {usage} (a non-empty list of non-blank texts), got {texts!r}")
+        checked[domain] = list(dict.fromkeys(texts))
     return checked
 
 
