@@ -49,6 +49,8 @@ DUAL_RIDGE = 0.3
 def measure(n: int, seed: int, pairs: Sequence[tuple[str, str]]) -> list[dict]:
     # As build_guidance makes it for world models: the projection loss, so directions are not normalised.
     guidance = ClipGuidance([ClipEncoder.from_pretrained(str(WORLD_CLIPS[name])) for name in WORLD_CLIPS], templates=WORLD_TEMPLATES, direction_loss="projection")
+    # One guidance per CLIP as well, for its own hinge; built once, so its text directions are encoded once.
+    singles = [ClipGuidance([encoder], templates=WORLD_TEMPLATES, direction_loss="projection") for encoder in guidance.encoders]
     factors = sample_factors(n, seed)
     source = render(factors)
     rows = []
@@ -58,15 +60,15 @@ def measure(n: int, seed: int, pairs: Sequence[tuple[str, str]]) -> list[dict]:
         for attribute, lookalike in pairs:
             prompt, negative = common.PROMPTS[attribute], common.PROMPTS[lookalike]
             row = {"attribute": attribute, "negative": lookalike}
-            for name, encoder, features in zip(WORLD_CLIPS, guidance.encoders, source_features):
+            others = [common.PROMPTS[d] for d in RECIPE_DOMAINS if d != attribute]
+            for name, encoder, single, features in zip(WORLD_CLIPS, guidance.encoders, singles, source_features):
                 text = guidance.text_direction(encoder, common.SOURCE_PROMPT, prompt)  # (D,)
-                others = [common.PROMPTS[d] for d in RECIPE_DOMAINS if d != attribute]
                 dual = guidance.text_direction(encoder, common.SOURCE_PROMPT, prompt, others, 0.0, DUAL_RIDGE)  # (D,)
                 row[f"{name}_text_cosine"] = float(text @ guidance.text_direction(encoder, common.SOURCE_PROMPT, negative))
                 for kind, drawn in (("true", attribute), ("lookalike", lookalike)):
                     direction = encoder.encode_images(renders[drawn]) - features  # (N, D)
                     own, own_dual = float((direction @ text).mean()), float((direction @ dual).mean())
-                    hinge = float(loss_nada_negative(ClipGuidance([encoder], templates=WORLD_TEMPLATES, direction_loss="projection"), [direction], common.SOURCE_PROMPT, prompt, [negative]))
+                    hinge = float(loss_nada_negative(single, [direction], common.SOURCE_PROMPT, prompt, [negative]))
                     row[f"{name}_{kind}_own"], row[f"{name}_{kind}_dual"], row[f"{name}_{kind}_hinge"] = own, own_dual, hinge
                     row[f"{name}_{kind}_net"] = LAMBDA_NADA * own_dual - LAMBDA_NEGATIVE * hinge
             rows.append(row)
